@@ -1,0 +1,1 @@
+"""graph_prune: structured channel pruning of deployed CNN graphs."""

@@ -1,0 +1,342 @@
+"""TensorFlow adapter: the only place (with tf_run) that imports TensorFlow.
+
+Reads a frozen GraphDef (.pb binary, .pbtxt text) or a SavedModel signature
+(frozen on load), normalises it with grappler's own constant folding, builds
+the graph view, writes constant edits back into a copy of the GraphDef, and
+writes the result atomically in the input's format.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+from typing import Optional, Sequence
+
+import numpy as np
+
+from graph_prune import errors
+from graph_prune.graph import view
+from graph_prune.rewrite import slicing
+
+# Quiet TensorFlow's C++ start-up chatter before it is imported.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import tensorflow as tf  # pylint: disable=g-import-not-at-top
+from google.protobuf import message as pb_message  # pylint: disable=g-import-not-at-top
+from google.protobuf import text_format  # pylint: disable=g-import-not-at-top
+from tensorflow.core.protobuf import config_pb2  # pylint: disable=g-import-not-at-top
+from tensorflow.python.framework import convert_to_constants  # pylint: disable=g-import-not-at-top
+from tensorflow.python.grappler import tf_optimizer  # pylint: disable=g-import-not-at-top
+
+GRAPHDEF = "graphdef"
+GRAPHDEF_TEXT = "graphdef_text"
+SAVED_MODEL = "saved_model"
+
+
+@dataclasses.dataclass(frozen=True)
+class Signature:
+  """A SavedModel signature: its key, and key -> tensor name for inputs and outputs."""
+  name: str
+  inputs: tuple[tuple[str, str], ...]
+  outputs: tuple[tuple[str, str], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class TFModel:
+  kind: str
+  graph_def: tf.compat.v1.GraphDef
+  inputs: tuple[str, ...]
+  outputs: tuple[str, ...]
+  signature: Optional[Signature] = None
+
+
+def tensor_name(name: str) -> str:
+  name = name.lstrip("^")
+  return name if ":" in name else name + ":0"
+
+
+def _node_name(tensor: str) -> str:
+  return tensor.lstrip("^").split(":")[0]
+
+
+def _parse_graph_def(path: str) -> tuple[tf.compat.v1.GraphDef, str]:
+  with open(path, "rb") as f:
+    data = f.read()
+  gd = tf.compat.v1.GraphDef()
+  kind = GRAPHDEF
+  try:
+    if path.endswith(".pbtxt"):
+      text_format.Parse(data.decode("utf-8"), gd)
+      kind = GRAPHDEF_TEXT
+    else:
+      gd.ParseFromString(data)
+  except (pb_message.DecodeError, text_format.ParseError, UnicodeDecodeError, RuntimeWarning) as e:
+    raise errors.InputError(f"'{path}' is not a TensorFlow GraphDef ({str(e).splitlines()[0]}); "
+                            "give a frozen .pb/.pbtxt or a SavedModel directory") from None
+  if not gd.node:
+    raise errors.InputError(f"'{path}' holds no graph nodes; give a frozen .pb/.pbtxt or a "
+                            "SavedModel directory")
+  try:
+    with tf.Graph().as_default():
+      tf.compat.v1.import_graph_def(gd, name="")
+  except (ValueError, tf.errors.OpError) as e:
+    raise errors.InputError(f"'{path}' is not a valid TensorFlow graph "
+                            f"({str(e).splitlines()[0][:200]})") from None
+  return gd, kind
+
+
+def _default_io(gd: tf.compat.v1.GraphDef) -> tuple[list[str], list[str]]:
+  consumed = set()
+  for n in gd.node:
+    for i in n.input:
+      consumed.add(_node_name(i))
+  inputs = [tensor_name(n.name) for n in gd.node if n.op == "Placeholder"]
+  skip = {"Const", "NoOp", "Placeholder", "Assert", "SaveV2", "RestoreV2"}
+  outputs = [tensor_name(n.name) for n in gd.node if n.name not in consumed and n.op not in skip]
+  return inputs, outputs
+
+
+def _check_names(gd, tensors: Sequence[str], what: str) -> None:
+  names = {n.name for n in gd.node}
+  for t in tensors:
+    if _node_name(t) not in names:
+      raise errors.UsageError(f"{what} '{t}' is not a node of the graph; check --{what}s")
+
+
+def load(path: str, signature: Optional[str] = None, inputs: Sequence[str] = (),
+         outputs: Sequence[str] = ()) -> TFModel:
+  """Reads a GraphDef file or a SavedModel directory; never modifies it."""
+  if not os.path.exists(path):
+    raise errors.InputError(f"input '{path}' does not exist; give a .pb/.pbtxt GraphDef or a "
+                            "SavedModel directory")
+  if os.path.isdir(path):
+    if not (os.path.exists(os.path.join(path, "saved_model.pb")) or
+            os.path.exists(os.path.join(path, "saved_model.pbtxt"))):
+      raise errors.InputError(f"directory '{path}' has no saved_model.pb; give a SavedModel "
+                              "directory or a .pb file")
+    return _load_saved_model(path, signature or "serving_default")
+  if signature:
+    raise errors.UsageError("--signature applies to SavedModel directories only")
+  gd, kind = _parse_graph_def(path)
+  found_in, found_out = _default_io(gd)
+  ins = tuple(tensor_name(t) for t in inputs) or tuple(found_in)
+  outs = tuple(tensor_name(t) for t in outputs) or tuple(found_out)
+  _check_names(gd, ins, "input")
+  _check_names(gd, outs, "output")
+  if not ins or not outs:
+    raise errors.InputError(f"'{path}' has no {'inputs' if not ins else 'outputs'} to find; "
+                            "name them with --inputs/--outputs")
+  return TFModel(kind, gd, ins, outs)
+
+
+def _load_saved_model(path: str, signature: str) -> TFModel:
+  try:
+    loaded = tf.saved_model.load(path)
+  except Exception as e:  # TensorFlow raises many types for a bad SavedModel.
+    raise errors.InputError(f"'{path}' is not a readable SavedModel "
+                            f"({str(e).splitlines()[0][:200]})") from None
+  sigs = dict(loaded.signatures)
+  if signature not in sigs:
+    raise errors.UsageError(f"SavedModel '{path}' has no signature '{signature}'; it has: "
+                            f"{', '.join(sorted(sigs)) or 'none'}")
+  fn = sigs[signature]
+  frozen = convert_to_constants.convert_variables_to_constants_v2(fn)
+  gd = frozen.graph.as_graph_def()
+  specs = fn.structured_input_signature[1]
+  placeholders = {t.op.name: t.name for t in frozen.inputs}
+  ins = []
+  for key in sorted(specs):
+    name = specs[key].name or key
+    tensor = placeholders.get(name) or placeholders.get(key)
+    if tensor is None:
+      raise errors.InputError(f"signature input '{key}' of '{path}' has no placeholder")
+    ins.append((key, tensor))
+  outs = [(key, t.name) for key, t in sorted(frozen.structured_outputs.items())]
+  sig = Signature(signature, tuple(ins), tuple(outs))
+  return TFModel(SAVED_MODEL, gd, tuple(t for _, t in ins), tuple(t for _, t in outs), sig)
+
+
+def normalise(model: TFModel) -> TFModel:
+  """Grappler constant folding: Identity chains, decomposed batch-norm, Reshape(Const)
+  become per-channel constants the analysis can slice."""
+  graph = tf.Graph()
+  with graph.as_default():
+    tf.compat.v1.import_graph_def(model.graph_def, name="")
+  meta = tf.compat.v1.train.export_meta_graph(graph_def=model.graph_def, graph=graph)
+  fetch = meta.collection_def["train_op"]
+  for t in model.outputs:
+    fetch.node_list.value.append(_node_name(t))
+  config = config_pb2.ConfigProto()
+  rewrite = config.graph_options.rewrite_options
+  rewrite.optimizers.extend(["constfold", "dependency"])
+  rewrite.min_graph_nodes = -1
+  rewrite.meta_optimizer_iterations = 2  # rewriter_config ONE=1, TWO=2
+  out = tf_optimizer.OptimizeGraph(config, meta)
+  names = {n.name for n in out.node}
+  for t in model.inputs + model.outputs:
+    if _node_name(t) not in names:
+      raise errors.InputError(f"normalisation removed '{t}'; is it connected to the outputs?")
+  return dataclasses.replace(model, graph_def=out)
+
+
+def _attrs(node_def) -> dict:
+  out = {}
+  for key, v in node_def.attr.items():
+    kind = v.WhichOneof("value")
+    if kind == "s":
+      out[key] = v.s.decode("utf-8", "replace")
+    elif kind in ("i", "f", "b"):
+      out[key] = getattr(v, kind)
+    elif kind == "list" and (v.list.i or not v.list.ListFields()):
+      out[key] = tuple(v.list.i)
+    elif kind == "type":
+      out[key] = tf.dtypes.as_dtype(v.type).name
+  return out
+
+
+def to_view(graph_def: tf.compat.v1.GraphDef, inputs: Sequence[str],
+            outputs: Sequence[str]) -> view.GraphView:
+  graph = tf.Graph()
+  with graph.as_default():
+    tf.compat.v1.import_graph_def(graph_def, name="")
+  node_defs = {n.name: n for n in graph_def.node}
+  ops = graph.get_operations()
+  nodes, constants, shapes, dtypes = [], {}, {}, {}
+  layout = "NHWC"
+  for op in ops:
+    attrs = _attrs(node_defs[op.name])
+    if attrs.get("data_format", "").startswith("NC"):
+      layout = "NCHW"
+    nodes.append(view.Node(op.name, op.type, tuple(t.name for t in op.inputs),
+                           tuple(t.name for t in op.outputs), attrs))
+    for t in op.outputs:
+      shapes[t.name] = None if t.shape.rank is None else tuple(t.shape.as_list())
+      if t.dtype.is_numpy_compatible:
+        dtypes[t.name] = t.dtype.as_numpy_dtype.__name__
+    if op.type == "Const":
+      constants[op.outputs[0].name] = tf.make_ndarray(op.get_attr("value"))
+  return view.GraphView(_topological(nodes), constants, shapes, inputs, outputs, layout, dtypes)
+
+
+def _topological(nodes: list[view.Node]) -> list[view.Node]:
+  producer = {t: n.name for n in nodes for t in n.outputs}
+  pending = {n.name: sum(1 for t in n.inputs if t in producer) for n in nodes}
+  readers: dict[str, list[str]] = {}
+  for n in nodes:
+    for t in n.inputs:
+      if t in producer:
+        readers.setdefault(producer[t], []).append(n.name)
+  by_name = {n.name: n for n in nodes}
+  ready = [n.name for n in nodes if pending[n.name] == 0]
+  order = []
+  while ready:
+    name = ready.pop()
+    order.append(by_name[name])
+    for r in reversed(readers.get(name, ())):
+      pending[r] -= 1
+      if pending[r] == 0:
+        ready.append(r)
+  if len(order) != len(nodes):
+    raise errors.InputError("the graph has a cycle (control flow?); only acyclic inference "
+                            "graphs can be pruned")
+  return order
+
+
+def apply_edits(graph_def: tf.compat.v1.GraphDef, edits: slicing.Edits) -> tf.compat.v1.GraphDef:
+  """Returns a copy of graph_def with the edits applied; graph_def is not changed."""
+  out = tf.compat.v1.GraphDef()
+  out.CopyFrom(graph_def)
+  if edits.empty:
+    return out
+  by_name = {n.name: n for n in out.node}
+  for tensor, value in edits.constants.items():
+    node = by_name[_node_name(tensor)]
+    dtype = tf.dtypes.as_dtype(node.attr["dtype"].type)
+    node.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(np.asarray(value), dtype=dtype))
+  for new_name, (src, value) in edits.new_constants.items():
+    src_node = by_name[_node_name(src)]
+    node = out.node.add()
+    node.CopyFrom(src_node)
+    node.name = new_name
+    dtype = tf.dtypes.as_dtype(node.attr["dtype"].type)
+    node.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(np.asarray(value), dtype=dtype))
+  for consumer, index, new_name in edits.rewires:
+    by_name[consumer].input[index] = new_name
+  # Recorded shapes would be stale after slicing.
+  for node in out.node:
+    if "_output_shapes" in node.attr:
+      del node.attr["_output_shapes"]
+  return out
+
+
+def write(model: TFModel, graph_def: tf.compat.v1.GraphDef, path: str) -> None:
+  """Writes graph_def in the model's own format, atomically (temp file, then rename)."""
+  parent = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(parent):
+    raise errors.UsageError(f"output directory '{parent}' does not exist")
+  if model.kind == SAVED_MODEL:
+    tmp = tempfile.mkdtemp(prefix=".gp_tmp_", dir=parent)
+    try:
+      _save_saved_model(model.signature, graph_def, tmp)
+      _replace_dir(tmp, path)
+    finally:
+      shutil.rmtree(tmp, ignore_errors=True)
+    return
+  data = (text_format.MessageToString(graph_def).encode("utf-8") if model.kind == GRAPHDEF_TEXT
+          else graph_def.SerializeToString(deterministic=True))
+  fd, tmp = tempfile.mkstemp(prefix=".gp_tmp_", dir=parent)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def _replace_dir(src: str, dst: str) -> None:
+  if os.path.isdir(dst):
+    old = dst + ".gp_old"
+    os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+  else:
+    if os.path.exists(dst):
+      os.remove(dst)
+    os.replace(src, dst)
+
+
+def _save_saved_model(sig: Signature, graph_def, path: str) -> None:
+  def _import():
+    tf.compat.v1.import_graph_def(graph_def, name="")
+  wrapped = tf.compat.v1.wrap_function(_import, [])
+  g = wrapped.graph
+  feeds = [g.as_graph_element(t) for _, t in sig.inputs]
+  fetches = {key: g.as_graph_element(t) for key, t in sig.outputs}
+  pruned = wrapped.prune(feeds=feeds, fetches=fetches)
+  specs = [tf.TensorSpec(f.shape, f.dtype, name=key) for (key, _), f in zip(sig.inputs, feeds)]
+
+  module = tf.Module()
+  module.pruned = pruned
+  serve = tf.function(lambda *args: pruned(*args), input_signature=specs)
+  tf.saved_model.save(module, path, signatures={sig.name: serve.get_concrete_function()})
+
+
+class Runner:
+  """Runs a GraphDef in a session of its own: feeds in input order, fetches outputs."""
+
+  def __init__(self, graph_def: tf.compat.v1.GraphDef, inputs: Sequence[str],
+               outputs: Sequence[str]):
+    self._graph = tf.Graph()
+    with self._graph.as_default():
+      tf.compat.v1.import_graph_def(graph_def, name="")
+    self._inputs = [self._graph.get_tensor_by_name(t) for t in inputs]
+    self._outputs = [self._graph.get_tensor_by_name(t) for t in outputs]
+    self._session = tf.compat.v1.Session(graph=self._graph)
+
+  def __call__(self, feeds: Sequence[np.ndarray]) -> list[np.ndarray]:
+    return self._session.run(self._outputs, dict(zip(self._inputs, feeds)))
+
+  def close(self) -> None:
+    self._session.close()

@@ -1,0 +1,65 @@
+"""How many units each group keeps, and which: the plan."""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import math
+
+import numpy as np
+
+from graph_prune import errors
+from graph_prune import plan as plan_lib
+from graph_prune.analysis import groups as groups_lib
+from graph_prune.criteria import importance
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  ratio: float                                   # fraction of each group removed
+  round_to: int = 1                              # kept count is a multiple of this
+  overrides: tuple[tuple[str, float], ...] = ()  # (node-name glob, ratio); first match wins
+  exclude: tuple[str, ...] = ()                  # node-name globs whose groups stay whole
+
+  def __post_init__(self):
+    for r in [self.ratio] + [r for _, r in self.overrides]:
+      if not 0.0 <= r < 1.0:
+        raise errors.UsageError(f"ratio {r} is outside [0, 1); give the fraction of channels "
+                                "to remove, e.g. 0.5")
+    if self.round_to < 1:
+      raise errors.UsageError(f"round_to must be at least 1, got {self.round_to}")
+
+
+def _matches(pattern: str, names) -> bool:
+  return any(fnmatch.fnmatchcase(n, pattern) for n in names)
+
+
+def kept_count(channels: int, ratio: float, round_to: int) -> int:
+  """Channels kept: never below one, rounded up to a multiple of round_to."""
+  keep = channels - math.floor(ratio * channels + 1e-9)
+  keep = max(1, keep)
+  keep = math.ceil(keep / round_to) * round_to
+  return min(channels, keep)
+
+
+def excluded_by(spec: Spec, group: groups_lib.ChannelGroup):
+  for pat in spec.exclude:
+    if _matches(pat, group.sources):
+      return pat
+  return None
+
+
+def allocate(analysis: groups_lib.Analysis, scores: importance.Scores, spec: Spec,
+             criterion: str) -> plan_lib.Plan:
+  out = []
+  for g in analysis.groups:
+    if not g.prunable or excluded_by(spec, g):
+      continue
+    ratio = next((r for pat, r in spec.overrides if _matches(pat, g.sources)), spec.ratio)
+    keep_n = kept_count(g.channels, ratio, spec.round_to)
+    s = scores.per_group[g.id]
+    # Highest scores are kept; ties go to the lower index (stable), so plans are deterministic.
+    order = np.argsort(-s, kind="stable")
+    keep = tuple(sorted(order[:keep_n].tolist()))
+    out.append(plan_lib.GroupPlan(g.id, g.sources, g.channels, keep, scores.used[g.id]))
+  return plan_lib.Plan(tuple(out), criterion, spec.ratio, spec.round_to)

@@ -1,0 +1,25 @@
+"""The package's error types: one base class, a few specific ones.
+
+Every message is one line that names the problem and says what to do; the CLI
+prints it and exits with code 2.
+"""
+
+
+class GraphPruneError(Exception):
+  """Base class of every error graph_prune raises on purpose."""
+
+
+class InputError(GraphPruneError):
+  """The input path or file is missing, unreadable or not a model."""
+
+
+class UsageError(GraphPruneError):
+  """A flag or argument asks for something impossible."""
+
+
+class NothingToPruneError(GraphPruneError):
+  """The model has no channel group that may be pruned."""
+
+
+class VerificationError(GraphPruneError):
+  """The pruned model does not match the masked original."""

@@ -1,0 +1,156 @@
+"""The pipeline: load -> normalise -> analyse -> score -> plan -> rewrite -> verify -> export.
+
+The one module that chains the stages; the CLIs only turn flags into a call of
+`prune`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import time
+from typing import Any, Optional
+
+from graph_prune import errors
+from graph_prune import plan as plan_lib
+from graph_prune.adapters import tf_model
+from graph_prune.analysis import cost as cost_lib
+from graph_prune.analysis import groups as groups_lib
+from graph_prune.criteria import allocation
+from graph_prune.criteria import importance
+from graph_prune.report import build as build_report
+from graph_prune.rewrite import slicing
+from graph_prune.rules import tf_rules
+from graph_prune.verify import oracle
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  ratio: float = 0.5
+  criterion: str = "l1"
+  round_to: int = 1
+  overrides: tuple[tuple[str, float], ...] = ()
+  exclude: tuple[str, ...] = ()
+  seed: int = 0
+  plan_in: Optional[str] = None
+  plan_out: Optional[str] = None
+  report: Optional[str] = None
+  verify: bool = True
+  tolerance: float = 1e-4
+  signature: Optional[str] = None
+  inputs: tuple[str, ...] = ()
+  outputs: tuple[str, ...] = ()
+  overwrite: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+  """A model read and normalised, with its channel analysis."""
+  model: tf_model.TFModel
+  graph: Any
+  analysis: groups_lib.Analysis
+
+
+def _check_paths(in_path: str, out_path: str, options: Options) -> None:
+  if os.path.abspath(in_path) == os.path.abspath(out_path):
+    raise errors.UsageError("--out is the input path; the input is never overwritten")
+  for path, what in ((out_path, "--out"), (options.plan_out, "--plan_out"),
+                     (options.report, "--report")):
+    if path and os.path.exists(path) and not options.overwrite:
+      raise errors.UsageError(f"{what} '{path}' exists; pass --overwrite to replace it")
+  if options.plan_in and not os.path.isfile(options.plan_in):
+    raise errors.InputError(f"--plan_in '{options.plan_in}' does not exist")
+  if in_path.endswith(".onnx"):
+    raise errors.UsageError("ONNX input is not supported yet; give a TensorFlow .pb/.pbtxt or "
+                            "SavedModel")
+
+
+def prepare(in_path: str, options: Options = Options()) -> Prepared:
+  model = tf_model.load(in_path, options.signature, options.inputs, options.outputs)
+  model = tf_model.normalise(model)
+  graph = tf_model.to_view(model.graph_def, model.inputs, model.outputs)
+  return Prepared(model, graph, groups_lib.analyse(graph, tf_rules.RULES))
+
+
+def spec_of(options: Options) -> allocation.Spec:
+  return allocation.Spec(options.ratio, options.round_to, options.overrides, options.exclude)
+
+
+def make_plan(prepared: Prepared, options: Options) -> plan_lib.Plan:
+  analysis = prepared.analysis
+  if options.plan_in:
+    with open(options.plan_in, encoding="utf-8") as f:
+      return plan_lib.rebind(plan_lib.Plan.from_json(f.read()), analysis)
+  spec = spec_of(options)
+  if not any(g.prunable for g in analysis.groups):
+    reasons = sorted({r for g in analysis.groups for r in g.blocked[:1]})[:3]
+    raise errors.NothingToPruneError(
+        "nothing prunable: every channel group is left whole"
+        + (f" ({'; '.join(reasons)})" if reasons else " (no convolution or dense layer found)"))
+  scores = importance.score(analysis, options.criterion, options.seed)
+  return allocation.allocate(analysis, scores, spec, options.criterion)
+
+
+def _write_text(path: str, text: str) -> None:
+  fd, tmp = tempfile.mkstemp(prefix=".gp_tmp_", dir=os.path.dirname(os.path.abspath(path)))
+  with os.fdopen(fd, "w", encoding="utf-8") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def prune(in_path: str, out_path: str, options: Options = Options()) -> dict[str, Any]:
+  """Prunes the model at in_path into out_path (same format) and returns the report.
+
+  Raises a GraphPruneError subclass on bad input, impossible requests or a
+  failed verification; nothing is written then.
+  """
+  _check_paths(in_path, out_path, options)
+  if options.criterion not in importance.CRITERIA:
+    raise errors.UsageError(f"unknown criterion '{options.criterion}'; choose one of "
+                            f"{', '.join(importance.CRITERIA)}")
+  spec = spec_of(options)  # validates ratio and round_to before any work
+  timings = {}
+  t0 = time.perf_counter()
+  prepared = prepare(in_path, options)
+  t1 = time.perf_counter()
+  plan = make_plan(prepared, options)
+  edits = slicing.build_edits(prepared.analysis, plan, slicing.SLICE)
+  pruned_gd = tf_model.apply_edits(prepared.model.graph_def, edits)
+  t2 = time.perf_counter()
+  # Re-reading the pruned graph runs TensorFlow's shape inference: it validates the rewrite.
+  try:
+    pruned_view = tf_model.to_view(pruned_gd, prepared.model.inputs, prepared.model.outputs)
+  except ValueError as e:
+    raise errors.VerificationError(f"the pruned graph is invalid ({str(e).splitlines()[0][:300]}); "
+                                   "please report this model") from None
+  verification = None
+  if options.verify:
+    masked_gd = tf_model.apply_edits(
+        prepared.model.graph_def, slicing.build_edits(prepared.analysis, plan, slicing.MASK))
+    runners = [tf_model.Runner(gd, prepared.model.inputs, prepared.model.outputs)
+               for gd in (prepared.model.graph_def, masked_gd, pruned_gd)]
+    try:
+      inputs = oracle.random_inputs(prepared.graph, options.seed)
+      verification = oracle.verify(*runners, inputs, options.tolerance, options.seed)
+    finally:
+      for r in runners:
+        r.close()
+    if not verification.passed:
+      raise errors.VerificationError(
+          f"verification failed: pruned differs from the masked original by "
+          f"{verification.max_rel_diff:.3g} (relative; tolerance {options.tolerance:g}); "
+          "nothing written")
+  t3 = time.perf_counter()
+  timings.update(load_s=t1 - t0, plan_and_rewrite_s=t2 - t1, verify_s=t3 - t2)
+  excluded = {g.id: allocation.excluded_by(spec, g) for g in prepared.analysis.groups}
+  doc = build_report(in_path, out_path, prepared.analysis, plan,
+                     cost_lib.measure(prepared.graph), cost_lib.measure(pruned_view),
+                     verification, {k: v for k, v in excluded.items() if v}, timings)
+  tf_model.write(prepared.model, pruned_gd, out_path)
+  if options.plan_out:
+    _write_text(options.plan_out, plan.to_json())
+  if options.report:
+    _write_text(options.report, json.dumps(doc, indent=1, sort_keys=True) + "\n")
+  return doc

@@ -1,0 +1,79 @@
+"""The pruning report: a JSON-ready dict, and its text table for stdout."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+from graph_prune import plan as plan_lib
+from graph_prune.analysis import cost as cost_lib
+from graph_prune.analysis import groups as groups_lib
+from graph_prune.verify import oracle
+
+_MAX_REASONS = 5
+
+
+def build(in_path: str, out_path: str, analysis: groups_lib.Analysis, plan: plan_lib.Plan,
+          before: cost_lib.Cost, after: cost_lib.Cost,
+          verification: Optional[oracle.Verification], excluded: dict[int, str],
+          timings: dict[str, float]) -> dict[str, Any]:
+  planned = {g.group: g for g in plan.groups}
+  groups, skipped = [], []
+  for g in analysis.groups:
+    if g.id in planned:
+      gp = planned[g.id]
+      groups.append({"id": g.id, "sources": list(g.sources), "members": len(g.members),
+                     "channels_before": g.channels, "channels_after": len(gp.keep),
+                     "criterion": gp.criterion})
+    else:
+      reasons = list(g.blocked[:_MAX_REASONS]) if g.blocked else [
+          f"excluded by --exclude={excluded[g.id]}" if g.id in excluded else "not in the plan"]
+      skipped.append({"id": g.id, "sources": list(g.sources), "channels": g.channels,
+                      "reasons": reasons, "more_reasons": max(0, len(g.blocked) - _MAX_REASONS)})
+  doc = {
+      "input": in_path, "output": out_path, "criterion": plan.criterion, "ratio": plan.ratio,
+      "round_to": plan.round_to,
+      "params_before": before.params, "params_after": after.params,
+      "flops_before": before.flops, "flops_after": after.flops,
+      "const_bytes_before": before.const_bytes, "const_bytes_after": after.const_bytes,
+      "groups_total": len(analysis.groups), "groups_pruned": len(groups),
+      "groups": groups, "skipped": skipped, "timings_s": timings,
+      "verify": dataclasses.asdict(verification) if verification else None,
+  }
+  return doc
+
+
+def _pct(before: int, after: int) -> str:
+  return f"{100.0 * (before - after) / before:5.1f}%" if before else "  n/a"
+
+
+def text(doc: dict[str, Any]) -> str:
+  lines = [f"graph_prune: {doc['input']} -> {doc['output']}  "
+           f"(criterion {doc['criterion'] or 'plan'}, ratio {doc['ratio']}, "
+           f"round_to {doc['round_to']})", ""]
+  lines.append(f"{'':14}{'before':>16}{'after':>16}{'removed':>10}")
+  for key, label in (("params", "parameters"), ("flops", "FLOPs"), ("const_bytes", "bytes")):
+    b, a = doc[f"{key}_before"], doc[f"{key}_after"]
+    lines.append(f"{label:14}{b:>16,}{a:>16,}{_pct(b, a):>10}")
+  lines.append("")
+  lines.append(f"groups: {doc['groups_pruned']} pruned, {len(doc['skipped'])} left whole, "
+               f"of {doc['groups_total']}")
+  for g in doc["groups"]:
+    lines.append(f"  pruned  #{g['id']:<4} {g['channels_before']:>5} -> {g['channels_after']:<5}"
+                 f" {g['criterion']:8} {g['sources'][0]}"
+                 + (f" (+{len(g['sources']) - 1} coupled)" if len(g['sources']) > 1 else ""))
+  for g in doc["skipped"]:
+    lines.append(f"  whole   #{g['id']:<4} {g['channels']:>5}          {g['sources'][0]}: "
+                 f"{g['reasons'][0]}" + (f" (+{len(g['reasons']) - 1 + g['more_reasons']} more)"
+                                         if len(g['reasons']) > 1 else ""))
+  v = doc["verify"]
+  lines.append("")
+  if v is None:
+    lines.append("verification: skipped (--noverify)")
+  else:
+    lines.append(f"verification: {'PASSED' if v['passed'] else 'FAILED'}  max abs diff "
+                 f"{v['max_abs_diff']:.3g}, max rel diff {v['max_rel_diff']:.3g} "
+                 f"(tolerance {v['tolerance']:.0e}, {v['samples']} seeded samples)")
+    lines.append(f"  pruning moved the outputs by at most {v['effect_max_abs']:.3g} "
+                 f"(rel {v['effect_max_rel']:.3g}) against the unpruned model")
+  return "\n".join(lines)

@@ -1,0 +1,111 @@
+"""Turns a plan into constant edits, framework-neutral.
+
+Two modes share one mechanism:
+  slice: cut removed channels out of every constant the analysis recorded and
+         fix shape constants: the pruned model;
+  mask:  zero the removed channels in producer and consumer weights only: the
+         oracle. The masked original computes exactly what the pruned model
+         computes, because every removed channel is cut at every consumer.
+A constant shared by several consumers that need different values is copied
+per consumer, and that consumer is re-wired to its copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+import numpy as np
+
+from graph_prune import plan as plan_lib
+from graph_prune.analysis import groups as groups_lib
+from graph_prune.rules import base
+
+SLICE = "slice"
+MASK = "mask"
+
+
+@dataclasses.dataclass(frozen=True)
+class Edits:
+  constants: Mapping[str, np.ndarray]                 # const tensor -> new value
+  new_constants: Mapping[str, tuple[str, np.ndarray]]  # new name -> (copied const, value)
+  rewires: tuple[tuple[str, int, str], ...]            # (node, input index, new name)
+
+  @property
+  def empty(self) -> bool:
+    return not (self.constants or self.new_constants or self.rewires)
+
+
+def _apply(value: np.ndarray, ops, mode: str) -> np.ndarray:
+  out = value
+  for axis, keep in sorted(ops.items()):
+    if keep.all():
+      continue
+    if len(keep) != out.shape[axis]:
+      raise AssertionError(f"mask of {len(keep)} does not fit axis {axis} of {out.shape}")
+    if mode == SLICE:
+      out = np.compress(keep, out, axis=axis)
+    else:
+      out = out.copy()
+      index = [slice(None)] * out.ndim
+      index[axis] = ~keep
+      out[tuple(index)] = 0
+  return out
+
+
+def build_edits(analysis: groups_lib.Analysis, plan: plan_lib.Plan, mode: str) -> Edits:
+  graph = analysis.graph
+  removed = analysis.removed_elements(plan.removed_units())
+  keep_cache: dict[str, np.ndarray] = {}
+
+  def keep(tensor: str) -> np.ndarray:
+    if tensor not in keep_cache:
+      keep_cache[tensor] = ~removed[analysis.dims[tensor].units]
+    return keep_cache[tensor]
+
+  # const -> consumer -> {axis: keep mask}
+  wanted: dict[str, dict[str, dict[int, np.ndarray]]] = {}
+  for sl in analysis.slices:
+    if mode == MASK and sl.role not in (base.SOURCE, base.SINK):
+      continue
+    ops = wanted.setdefault(sl.const, {}).setdefault(sl.consumer, {})
+    mask = keep(sl.by)
+    if sl.axis in ops and not np.array_equal(ops[sl.axis], mask):
+      raise AssertionError(f"{sl.consumer} cuts {sl.const} axis {sl.axis} two ways")
+    ops[sl.axis] = mask
+  entries: dict[str, dict[str, list[tuple[int, int]]]] = {}
+  if mode == SLICE:
+    for se in analysis.shape_entries:
+      entries.setdefault(se.const, {}).setdefault(se.consumer, []).append(
+          (se.position, int(keep(se.by).sum())))
+      wanted.setdefault(se.const, {}).setdefault(se.consumer, {})
+
+  constants, new_constants, rewires = {}, {}, []
+  for const, per_consumer in wanted.items():
+    original = graph.constants[const]
+    values = {}
+    for consumer, ops in per_consumer.items():
+      v = _apply(original, ops, mode)
+      for position, count in entries.get(const, {}).get(consumer, ()):
+        v = v.copy()
+        v.reshape(-1)[position] = count
+      values[consumer] = v
+    readers = {n.name for n, _ in graph.consumers(const)}
+    for name in readers - set(values):
+      values[name] = original
+    distinct = list(values.values())
+    if all(v.shape == distinct[0].shape and np.array_equal(v, distinct[0]) for v in distinct):
+      if not (distinct[0].shape == original.shape and np.array_equal(distinct[0], original)):
+        constants[const] = distinct[0]
+      continue
+    for consumer in sorted(values):
+      v = values[consumer]
+      if v.shape == original.shape and np.array_equal(v, original):
+        continue
+      new_name = f"{const.split(':')[0]}/gp_copy/{consumer}"
+      new_constants[new_name] = (const, v)
+      node = graph.node(consumer)
+      for i, t in enumerate(node.inputs):
+        if t == const:
+          rewires.append((consumer, i, new_name))
+  return Edits(constants, new_constants, tuple(rewires))

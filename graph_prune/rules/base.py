@@ -1,0 +1,134 @@
+"""What a channel rule sees and says.
+
+A rule describes how channels flow through one op kind: which output axis
+carries which input channels, which constants are sliced along which axis, and
+when pruning through the op is impossible (then it blocks, with a reason).
+Channels are tracked as arrays of element ids: position i of a tensor's channel
+axis carries element `units[i]`. Rules never mutate the graph; the analysis
+records what they say.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional, Protocol
+
+import numpy as np
+
+from graph_prune.graph import view
+
+# Roles of a sliced constant. Weights of producers ("source") and consumers
+# ("sink") are what the verification oracle zeroes; "param" constants (biases,
+# batch-norm parameters, per-channel scales) are only sliced.
+SOURCE = "source"
+SINK = "sink"
+PARAM = "param"
+SCALE = "scale"  # a per-channel multiplier (batch-norm gamma); sliced like PARAM.
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelDim:
+  """The channel axis of a tensor and the element carried at each position."""
+  axis: int
+  units: np.ndarray  # int64, one element id per position along `axis`.
+
+  def __len__(self) -> int:
+    return len(self.units)
+
+
+class RuleContext(Protocol):
+  """The analysis state a rule may read and extend."""
+  node: view.Node
+  graph: view.GraphView
+
+  def dim(self, tensor: str) -> Optional[ChannelDim]: ...
+  def set_dim(self, tensor: str, dim: ChannelDim) -> None: ...
+  def new_source(self, tensor: str, axis: int, count: int,
+                 weight: str, weight_axis: int) -> ChannelDim: ...
+  def new_fixed(self, count: int, reason: str) -> np.ndarray: ...
+  def couple(self, a: np.ndarray, b: np.ndarray) -> None: ...
+  def block(self, units: np.ndarray, reason: str) -> None: ...
+  def slice_const(self, const: str, axis: int, by: str, role: str) -> None: ...
+  def set_shape_entry(self, const: str, position: int, by: str, reader: str) -> None: ...
+
+
+Rule = Callable[[RuleContext], None]
+
+
+def block_inputs(ctx: RuleContext, reason: str) -> None:
+  """Blocks every channel that reaches the node's inputs."""
+  for t in ctx.node.inputs:
+    d = ctx.dim(t)
+    if d is not None:
+      ctx.block(d.units, reason)
+
+
+def describe(node: view.Node) -> str:
+  return f"{node.op} '{node.name}'"
+
+
+def pass_through(ctx: RuleContext, src: str, dst: str, axis: Optional[int] = None) -> None:
+  """dst carries src's channels unchanged (at `axis`, default the same axis)."""
+  d = ctx.dim(src)
+  if d is not None:
+    ctx.set_dim(dst, ChannelDim(d.axis if axis is None else axis, d.units))
+
+
+def elementwise(ctx: RuleContext, operands: list[str], out: str) -> None:
+  """Broadcasting elementwise op over any mix of computed and constant operands.
+
+  Computed operands that carry channels at the same (right-aligned) axis are
+  coupled; per-channel constants are sliced; anything that would mix channels
+  or whose shape is unknown blocks.
+  """
+  node, graph = ctx.node, ctx.graph
+  out_rank = graph.rank(out)
+  if out_rank is None:
+    ranks = [graph.rank(t) for t in operands]
+    out_rank = None if any(r is None for r in ranks) else max(ranks)
+  dims = [(t, ctx.dim(t)) for t in operands if ctx.dim(t) is not None]
+  if not dims:
+    return
+  if out_rank is None:
+    for _, d in dims:
+      ctx.block(d.units, f"{describe(node)}: operand ranks unknown")
+    return
+  positions = {d.axis + out_rank - graph.rank(t) for t, d in dims}
+  sizes = {len(d) for _, d in dims}
+  if len(positions) != 1 or len(sizes) != 1:
+    for _, d in dims:
+      ctx.block(d.units, f"{describe(node)}: operands carry channels on different axes")
+    return
+  pos, size = positions.pop(), sizes.pop()
+  first = dims[0][1]
+  for _, d in dims[1:]:
+    ctx.couple(first.units, d.units)
+  for t in operands:
+    if ctx.dim(t) is not None:
+      continue
+    shape = graph.shape(t)
+    if shape is None:
+      ctx.block(first.units, f"{describe(node)}: operand '{t}' has unknown shape")
+      return
+    a = pos - (out_rank - len(shape))
+    if a < 0 or shape[a] == 1:
+      continue  # broadcasts over channels: nothing to slice
+    if graph.is_const(t) and shape[a] == size:
+      role = SCALE if node.op in ("Mul",) else PARAM
+      ctx.slice_const(t, a, out, role)
+      continue
+    why = ("a constant whose size does not match the channels" if graph.is_const(t)
+           else f"computed operand '{t}' with no tracked channels")
+    ctx.block(first.units, f"{describe(node)}: {why}")
+    return
+  ctx.set_dim(out, ChannelDim(pos, first.units))
+
+
+def normalise_axis(axis: int, rank: int) -> int:
+  return axis + rank if axis < 0 else axis
+
+
+def const_ints(ctx: RuleContext, tensor: str) -> Optional[list[int]]:
+  if not ctx.graph.is_const(tensor):
+    return None
+  return [int(v) for v in np.asarray(ctx.graph.constants[tensor]).reshape(-1)]

@@ -1,0 +1,400 @@
+"""Channel rules for TensorFlow op types, one small function per op kind.
+
+Layouts come from each node's `data_format` attribute (NHWC default); weights
+are HWIO (Conv2D), HWCM (DepthwiseConv2dNative) and [in, out] (MatMul).
+Adding an op is adding a rule here; an op without a rule blocks its channels.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+
+from graph_prune.rules import base
+from graph_prune.rules.base import ChannelDim, RuleContext, describe
+
+RULES: dict[str, base.Rule] = {}
+
+
+def _rule(*ops: str):
+  def register(fn):
+    for op in ops:
+      RULES[op] = fn
+    return fn
+  return register
+
+
+def _out(ctx: RuleContext, i: int = 0) -> str:
+  return ctx.node.outputs[i]
+
+
+def _channel_axis(ctx: RuleContext, rank: int = 4) -> int:
+  fmt = ctx.node.attrs.get("data_format", "NHWC")
+  return 1 if fmt.startswith("NC") else rank - 1
+
+
+@_rule("Conv2D")
+def conv2d(ctx: RuleContext) -> None:
+  x, w = ctx.node.inputs[:2]
+  axis = _channel_axis(ctx)
+  if not ctx.graph.is_const(w):
+    base.block_inputs(ctx, f"{describe(ctx.node)}: filter is not a constant")
+    return
+  kh, kw, cin, cout = ctx.graph.constants[w].shape
+  xshape = ctx.graph.shape(x)
+  groups = 1
+  if xshape is not None and xshape[axis] is not None:
+    groups = xshape[axis] // cin
+  d = ctx.dim(x)
+  if groups != 1:
+    reason = (f"{describe(ctx.node)}: grouped convolution ({groups} groups) needs "
+              "channels removed evenly per group; left whole")
+    if d is not None:
+      ctx.block(d.units, reason)
+    ctx.block(ctx.new_fixed(cout, reason), reason)
+    return
+  if d is not None:
+    ctx.slice_const(w, 2, x, base.SINK)
+  ctx.new_source(_out(ctx), axis, cout, w, 3)
+
+
+@_rule("DepthwiseConv2dNative")
+def depthwise(ctx: RuleContext) -> None:
+  x, w = ctx.node.inputs[:2]
+  if not ctx.graph.is_const(w):
+    base.block_inputs(ctx, f"{describe(ctx.node)}: filter is not a constant")
+    return
+  d = ctx.dim(x)
+  if d is None:
+    return
+  multiplier = ctx.graph.constants[w].shape[3]
+  ctx.slice_const(w, 2, x, base.SINK)
+  # Output channel c*M + m comes from input channel c.
+  ctx.set_dim(_out(ctx), ChannelDim(_channel_axis(ctx), np.repeat(d.units, multiplier)))
+
+
+@_rule("MatMul")
+def matmul(ctx: RuleContext) -> None:
+  a, b = ctx.node.inputs[:2]
+  attrs = ctx.node.attrs
+  if attrs.get("transpose_a") or not ctx.graph.is_const(b) or ctx.graph.is_const(a):
+    base.block_inputs(ctx, f"{describe(ctx.node)}: only x @ constant weights is supported")
+    return
+  in_axis, out_axis = (1, 0) if attrs.get("transpose_b") else (0, 1)
+  if ctx.dim(a) is not None:
+    ctx.slice_const(b, in_axis, a, base.SINK)
+  ctx.new_source(_out(ctx), 1, ctx.graph.constants[b].shape[out_axis], b, out_axis)
+
+
+@_rule("BiasAdd")
+def bias_add(ctx: RuleContext) -> None:
+  x, b = ctx.node.inputs[:2]
+  d = ctx.dim(x)
+  if d is None:
+    return
+  if not ctx.graph.is_const(b):
+    base.block_inputs(ctx, f"{describe(ctx.node)}: bias is not a constant")
+    return
+  ctx.slice_const(b, 0, _out(ctx), base.PARAM)
+  ctx.set_dim(_out(ctx), d)
+
+
+@_rule("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3")
+def fused_batch_norm(ctx: RuleContext) -> None:
+  x = ctx.node.inputs[0]
+  d = ctx.dim(x)
+  if d is None:
+    return
+  params = ctx.node.inputs[1:5]
+  if d.axis != _channel_axis(ctx, ctx.graph.rank(x) or 4):
+    ctx.block(d.units, f"{describe(ctx.node)}: normalises an axis other than the channels")
+    return
+  if not all(ctx.graph.is_const(p) and ctx.graph.shape(p) == (len(d),) for p in params):
+    ctx.block(d.units, f"{describe(ctx.node)}: parameters are not per-channel constants")
+    return
+  if ctx.node.attrs.get("is_training"):
+    ctx.block(d.units, f"{describe(ctx.node)}: batch-norm in training mode")
+    return
+  for role, p in zip((base.SCALE, base.PARAM, base.PARAM, base.PARAM), params):
+    ctx.slice_const(p, 0, _out(ctx), role)
+  ctx.set_dim(_out(ctx), d)
+
+
+_UNARY = ("Relu", "Relu6", "Elu", "Selu", "Sigmoid", "Tanh", "LeakyRelu", "Softplus",
+          "Softsign", "Erf", "Erfc", "Neg", "Abs", "Square", "Sqrt", "Rsqrt", "Exp", "Log",
+          "Log1p", "Identity", "Cast", "StopGradient", "Floor", "Ceil", "Round", "Sign",
+          "Reciprocal", "Inv", "PreventGradient", "Snapshot", "CheckNumerics")
+
+
+@_rule(*_UNARY)
+def unary(ctx: RuleContext) -> None:
+  base.pass_through(ctx, ctx.node.inputs[0], _out(ctx))
+
+
+@_rule("Add", "AddV2", "Sub", "Mul", "RealDiv", "Div", "DivNoNan", "Maximum", "Minimum",
+       "SquaredDifference", "Pow", "AddN", "ClipByValue")
+def binary(ctx: RuleContext) -> None:
+  base.elementwise(ctx, list(ctx.node.inputs), _out(ctx))
+
+
+@_rule("Pad", "PadV2", "MirrorPad")
+def pad(ctx: RuleContext) -> None:
+  x, paddings = ctx.node.inputs[:2]
+  d = ctx.dim(x)
+  if d is None:
+    return
+  if not ctx.graph.is_const(paddings):
+    ctx.block(d.units, f"{describe(ctx.node)}: paddings are not constant")
+    return
+  if np.any(ctx.graph.constants[paddings][d.axis] != 0):
+    ctx.block(d.units, f"{describe(ctx.node)}: pads the channel axis")
+    return
+  ctx.set_dim(_out(ctx), d)
+
+
+@_rule("MaxPool", "AvgPool", "MaxPoolV2")
+def pool(ctx: RuleContext) -> None:
+  d = ctx.dim(ctx.node.inputs[0])
+  if d is None:
+    return
+  ksize = ctx.node.attrs.get("ksize") or [1, 1, 1, 1]
+  strides = ctx.node.attrs.get("strides") or [1, 1, 1, 1]
+  if len(ksize) > d.axis and (ksize[d.axis] != 1 or strides[d.axis] != 1):
+    ctx.block(d.units, f"{describe(ctx.node)}: pools across channels")
+    return
+  ctx.set_dim(_out(ctx), d)
+
+
+@_rule("Mean", "Max", "Min", "Sum", "Prod")
+def reduce(ctx: RuleContext) -> None:
+  x, axes_t = ctx.node.inputs[:2]
+  d = ctx.dim(x)
+  if d is None:
+    return
+  rank = ctx.graph.rank(x)
+  axes = base.const_ints(ctx, axes_t)
+  if axes is None or rank is None:
+    ctx.block(d.units, f"{describe(ctx.node)}: reduction axes or rank unknown")
+    return
+  axes = {base.normalise_axis(a, rank) for a in axes}
+  if d.axis in axes:
+    ctx.block(d.units, f"{describe(ctx.node)}: reduces over the channel axis")
+    return
+  keep = ctx.node.attrs.get("keep_dims", False)
+  axis = d.axis if keep else d.axis - sum(1 for a in axes if a < d.axis)
+  ctx.set_dim(_out(ctx), ChannelDim(axis, d.units))
+
+
+@_rule("ConcatV2")
+def concat(ctx: RuleContext) -> None:
+  *values, axis_t = ctx.node.inputs
+  dims = [ctx.dim(v) for v in values]
+  if all(d is None for d in dims):
+    return
+  rank = ctx.graph.rank(values[0])
+  axis = base.const_ints(ctx, axis_t)
+  reason_all = None
+  if axis is None or rank is None:
+    reason_all = "concat axis or rank unknown"
+  else:
+    axis = base.normalise_axis(axis[0], rank)
+  if reason_all is None and any(d is not None and d.axis != axis for d in dims):
+    # Concat along another axis: channels of all operands line up, like an add.
+    base.elementwise(ctx, [v for v in values if ctx.dim(v) is not None], _out(ctx))
+    return
+  pieces = []
+  for v, d in zip(values, dims):
+    if d is not None:
+      pieces.append(d.units)
+      continue
+    shape = ctx.graph.shape(v)
+    if shape is None or shape[axis] is None:
+      reason_all = f"operand '{v}' has unknown channel count"
+      break
+    pieces.append(ctx.new_fixed(
+        shape[axis], f"{describe(ctx.node)}: concatenated with '{v}', whose channels "
+        "can't be pruned"))
+  if reason_all is not None:
+    base.block_inputs(ctx, f"{describe(ctx.node)}: {reason_all}")
+    return
+  # The same tensor twice keeps two index ranges that share their elements.
+  ctx.set_dim(_out(ctx), ChannelDim(axis, np.concatenate(pieces)))
+
+
+@_rule("Squeeze")
+def squeeze(ctx: RuleContext) -> None:
+  x = ctx.node.inputs[0]
+  d = ctx.dim(x)
+  if d is None:
+    return
+  shape = ctx.graph.shape(x)
+  dims = list(ctx.node.attrs.get("squeeze_dims") or ())
+  if not dims:
+    if shape is None or any(s is None for s in shape):
+      ctx.block(d.units, f"{describe(ctx.node)}: squeezed axes unknown")
+      return
+    dims = [i for i, s in enumerate(shape) if s == 1]
+  dims = [base.normalise_axis(a, len(shape)) for a in dims]
+  if d.axis in dims:
+    ctx.block(d.units, f"{describe(ctx.node)}: squeezes the channel axis")
+    return
+  ctx.set_dim(_out(ctx), ChannelDim(d.axis - sum(1 for a in dims if a < d.axis), d.units))
+
+
+@_rule("ExpandDims")
+def expand_dims(ctx: RuleContext) -> None:
+  x, axis_t = ctx.node.inputs[:2]
+  d = ctx.dim(x)
+  if d is None:
+    return
+  axis = base.const_ints(ctx, axis_t)
+  rank = ctx.graph.rank(x)
+  if axis is None or rank is None:
+    ctx.block(d.units, f"{describe(ctx.node)}: axis or rank unknown")
+    return
+  a = base.normalise_axis(axis[0], rank + 1)
+  ctx.set_dim(_out(ctx), ChannelDim(d.axis + 1 if a <= d.axis else d.axis, d.units))
+
+
+@_rule("Transpose")
+def transpose(ctx: RuleContext) -> None:
+  x, perm_t = ctx.node.inputs[:2]
+  d = ctx.dim(x)
+  if d is None:
+    return
+  perm = base.const_ints(ctx, perm_t)
+  if perm is None:
+    ctx.block(d.units, f"{describe(ctx.node)}: permutation is not constant")
+    return
+  ctx.set_dim(_out(ctx), ChannelDim(perm.index(d.axis), d.units))
+
+
+@_rule("Softmax", "LogSoftmax")
+def softmax(ctx: RuleContext) -> None:
+  x = ctx.node.inputs[0]
+  d = ctx.dim(x)
+  if d is None:
+    return
+  if d.axis == (ctx.graph.rank(x) or 0) - 1:
+    ctx.block(d.units, f"{describe(ctx.node)}: normalises across channels")
+    return
+  ctx.set_dim(_out(ctx), d)
+
+
+@_rule("ResizeBilinear", "ResizeNearestNeighbor", "ResizeBicubic", "ResizeArea")
+def resize(ctx: RuleContext) -> None:
+  d = ctx.dim(ctx.node.inputs[0])
+  if d is not None and d.axis != 3:
+    ctx.block(d.units, f"{describe(ctx.node)}: channels not on the last axis")
+    return
+  base.pass_through(ctx, ctx.node.inputs[0], _out(ctx))
+
+
+def _merge_span(in_shape, out_shape, axis) -> Optional[tuple[int, int, int]]:
+  """Finds the output axis that holds input `axis` after a reshape.
+
+  With T the element count after the channel axis and S the stride of output
+  axis j, axis j holds whole channels when S divides T and each block of
+  out[j] * S elements is a whole number of (channels x T) blocks. Position p of
+  axis j then carries channel (p // inner) % C with inner = T / S.
+  Returns (out_axis, outer, inner), or None when the channel axis is split.
+  """
+  channels = in_shape[axis]
+  tail = math.prod(in_shape[axis + 1:])
+  for j, size in enumerate(out_shape):
+    stride = math.prod(out_shape[j + 1:])
+    if stride == 0 or tail % stride or (size * stride) % (channels * tail):
+      continue
+    inner = tail // stride
+    return j, size // (channels * inner), inner
+  return None
+
+
+def _batch_slice(ctx: RuleContext, tensor: str) -> bool:
+  """True for StridedSlice(Shape(x), [0], [1], [1]) with shrink: x's batch size."""
+  node = ctx.graph.producer(tensor)
+  if node is None or node.op != "StridedSlice" or node.attrs.get("shrink_axis_mask") != 1:
+    return False
+  src, begin, end, strides = node.inputs[:4]
+  producer = ctx.graph.producer(src)
+  return (producer is not None and producer.op == "Shape" and
+          [base.const_ints(ctx, t) for t in (begin, end, strides)] == [[0], [1], [1]])
+
+
+def _reshape_target(ctx: RuleContext, shape_t: str):
+  """The target shape and, per entry, the (constant, position, reading node) that holds it.
+
+  Keras 3 writes Flatten as Reshape(x, Pack(batch, n)) with the batch size read
+  from Shape(x) at run time; that form is followed as well as a constant shape.
+  """
+  target = base.const_ints(ctx, shape_t)
+  if target is not None:
+    return target, [(shape_t, j, ctx.node.name) for j in range(len(target))]
+  pack = ctx.graph.producer(shape_t)
+  if pack is None or pack.op != "Pack" or pack.attrs.get("axis", 0) != 0:
+    return None, None
+  target, refs = [], []
+  for j, t in enumerate(pack.inputs):
+    value = base.const_ints(ctx, t)
+    if value is not None and len(value) == 1:
+      target.append(value[0])
+      refs.append((t, 0, pack.name))
+    elif j == 0 and _batch_slice(ctx, t):
+      target.append(-1)
+      refs.append(None)
+    else:
+      return None, None
+  return target, refs
+
+
+@_rule("Reshape")
+def reshape(ctx: RuleContext) -> None:
+  x, shape_t = ctx.node.inputs[:2]
+  d = ctx.dim(x)
+  if d is None:
+    return
+  target, refs = _reshape_target(ctx, shape_t)
+  in_shape = ctx.graph.shape(x)
+  if target is None or in_shape is None:
+    ctx.block(d.units, f"{describe(ctx.node)}: target shape is not a constant")
+    return
+  # The batch axis may be unknown; take it as 1 on both sides.
+  in_known = [1 if (i == 0 and s is None) else s for i, s in enumerate(in_shape)]
+  if any(s is None for s in in_known) or target.count(-1) > 1:
+    ctx.block(d.units, f"{describe(ctx.node)}: shapes not static")
+    return
+  out = list(target)
+  if -1 in out:
+    known = math.prod(s for s in out if s != -1)
+    out[out.index(-1)] = math.prod(in_known) // max(known, 1)
+  if in_shape[0] is None and target[0] not in (-1,) and target[0] != 1:
+    ctx.block(d.units, f"{describe(ctx.node)}: reshape mixes the batch axis")
+    return
+  span = _merge_span(in_known, out, d.axis)
+  if span is None or (span[0] == 0 and in_shape[0] is None):
+    ctx.block(d.units, f"{describe(ctx.node)}: splits or reorders the channel axis")
+    return
+  j, outer, inner = span
+  units = np.tile(np.repeat(d.units, inner), outer)
+  ctx.set_dim(_out(ctx), ChannelDim(j, units))
+  if target[j] != -1:
+    const, position, reader = refs[j]
+    ctx.set_shape_entry(const, position, _out(ctx), reader)
+
+
+@_rule("Shape", "Size", "Rank", "ShapeN")
+def shape_read(ctx: RuleContext) -> None:
+  # Reading the shape of a channel tensor bakes its channel count into the graph,
+  # unless only the batch size is taken from it (Keras 3 Flatten).
+  if ctx.node.op == "Shape" and all(
+      _batch_slice(ctx, n.outputs[0]) for n, _ in ctx.graph.consumers(ctx.node.outputs[0])):
+    return
+  base.block_inputs(ctx, f"{describe(ctx.node)}: reads the shape of a channel tensor")
+
+
+@_rule("NoOp", "Placeholder", "PlaceholderWithDefault", "Const")
+def no_channels(ctx: RuleContext) -> None:
+  if ctx.node.op == "PlaceholderWithDefault":
+    base.block_inputs(ctx, f"{describe(ctx.node)}: default value of an input")

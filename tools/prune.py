@@ -1,0 +1,78 @@
+"""Prunes channels of a TensorFlow model and writes a smaller model of the same kind.
+
+  bazel run //tools:prune -- --in=model.pb --out=pruned.pb --ratio=0.5 --criterion=l1
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+
+from graph_prune import errors
+
+_IN = flags.DEFINE_string("in", None, "Input: frozen GraphDef (.pb/.pbtxt) or SavedModel dir.")
+_OUT = flags.DEFINE_string("out", None, "Output path; same format as the input.")
+_RATIO = flags.DEFINE_float("ratio", 0.5, "Fraction of channels removed from each group, [0, 1).")
+_CRITERION = flags.DEFINE_string("criterion", "l1", "l1, l2, bn_scale, fpgm or random.")
+_ROUND_TO = flags.DEFINE_integer("round_to", 1, "Keep a multiple of this many channels.")
+_LAYER_RATIO = flags.DEFINE_multi_string(
+    "layer_ratio", [], "PATTERN=RATIO: ratio for groups with a source node matching the glob.")
+_EXCLUDE = flags.DEFINE_multi_string("exclude", [], "Node-name glob; matching groups stay whole.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed for the random criterion and verification inputs.")
+_PLAN_IN = flags.DEFINE_string("plan_in", None, "Apply this plan (JSON) instead of scoring.")
+_PLAN_OUT = flags.DEFINE_string("plan_out", None, "Write the plan as JSON here.")
+_REPORT = flags.DEFINE_string("report", None, "Write the report as JSON here.")
+_VERIFY = flags.DEFINE_boolean("verify", True, "Check pruned == masked original before writing.")
+_TOLERANCE = flags.DEFINE_float("tolerance", 1e-4, "Largest relative difference accepted.")
+_SIGNATURE = flags.DEFINE_string("signature", None, "SavedModel signature (serving_default).")
+_INPUTS = flags.DEFINE_list("inputs", [], "GraphDef input tensors (default: placeholders).")
+_OUTPUTS = flags.DEFINE_list("outputs", [], "GraphDef output tensors (default: sinks).")
+_OVERWRITE = flags.DEFINE_boolean("overwrite", False, "Replace existing output files.")
+
+flags.mark_flags_as_required(["in", "out"])
+
+
+def _path(p):
+  """Paths are relative to where `bazel run` was called from."""
+  if p is None or os.path.isabs(p):
+    return p
+  return os.path.join(os.environ.get("BUILD_WORKING_DIRECTORY", ""), p)
+
+
+def _overrides(specs):
+  out = []
+  for spec in specs:
+    pattern, sep, ratio = spec.rpartition("=")
+    try:
+      out.append((pattern, float(ratio)))
+    except ValueError:
+      sep = ""
+    if not sep or not pattern:
+      raise errors.UsageError(f"--layer_ratio '{spec}' is not PATTERN=RATIO, e.g. 'block1*=0.25'")
+  return tuple(out)
+
+
+def main(argv):
+  del argv
+  # Imported here so that flag errors and --help do not pay for importing TensorFlow.
+  from graph_prune import pipeline  # pylint: disable=g-import-not-at-top
+  from graph_prune import report  # pylint: disable=g-import-not-at-top
+  try:
+    options = pipeline.Options(
+        ratio=_RATIO.value, criterion=_CRITERION.value, round_to=_ROUND_TO.value,
+        overrides=_overrides(_LAYER_RATIO.value), exclude=tuple(_EXCLUDE.value),
+        seed=_SEED.value, plan_in=_path(_PLAN_IN.value), plan_out=_path(_PLAN_OUT.value),
+        report=_path(_REPORT.value), verify=_VERIFY.value, tolerance=_TOLERANCE.value,
+        signature=_SIGNATURE.value, inputs=tuple(_INPUTS.value), outputs=tuple(_OUTPUTS.value),
+        overwrite=_OVERWRITE.value)
+    doc = pipeline.prune(_path(flags.FLAGS["in"].value), _path(_OUT.value), options)
+  except errors.GraphPruneError as e:
+    print(f"prune: error: {e}", file=sys.stderr)
+    return 2
+  print(report.text(doc))
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(main)
