@@ -18,7 +18,7 @@ import numpy as np
 
 from graph_prune import errors
 from graph_prune.graph import view
-from graph_prune.rewrite import slicing
+from graph_prune.graph.edits import Edits
 
 # Quiet TensorFlow's C++ start-up chatter before it is imported.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -243,7 +243,7 @@ def _topological(nodes: list[view.Node]) -> list[view.Node]:
   return order
 
 
-def apply_edits(graph_def: tf.compat.v1.GraphDef, edits: slicing.Edits) -> tf.compat.v1.GraphDef:
+def apply_edits(graph_def: tf.compat.v1.GraphDef, edits: Edits) -> tf.compat.v1.GraphDef:
   """Returns a copy of graph_def with the edits applied; graph_def is not changed."""
   out = tf.compat.v1.GraphDef()
   out.CopyFrom(graph_def)

@@ -12,28 +12,15 @@ per consumer, and that consumer is re-wired to its copy.
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Mapping
-
 import numpy as np
 
 from graph_prune import plan as plan_lib
 from graph_prune.analysis import groups as groups_lib
+from graph_prune.graph.edits import Edits
 from graph_prune.rules import base
 
 SLICE = "slice"
 MASK = "mask"
-
-
-@dataclasses.dataclass(frozen=True)
-class Edits:
-  constants: Mapping[str, np.ndarray]                 # const tensor -> new value
-  new_constants: Mapping[str, tuple[str, np.ndarray]]  # new name -> (copied const, value)
-  rewires: tuple[tuple[str, int, str], ...]            # (node, input index, new name)
-
-  @property
-  def empty(self) -> bool:
-    return not (self.constants or self.new_constants or self.rewires)
 
 
 def _apply(value: np.ndarray, ops, mode: str) -> np.ndarray:

@@ -47,6 +47,11 @@ def conv2d(ctx: RuleContext) -> None:
   groups = 1
   if xshape is not None and xshape[axis] is not None:
     groups = xshape[axis] // cin
+    if xshape[axis] % cin or groups < 1:
+      base.block_inputs(ctx, f"{describe(ctx.node)}: input has {xshape[axis]} channels, "
+                        f"filter expects a multiple of {cin}")
+      ctx.block(ctx.new_fixed(cout, "malformed convolution"), "malformed convolution")
+      return
   d = ctx.dim(x)
   if groups != 1:
     reason = (f"{describe(ctx.node)}: grouped convolution ({groups} groups) needs "
