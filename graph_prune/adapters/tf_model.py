@@ -152,7 +152,12 @@ def _load_saved_model(path: str, signature: str) -> TFModel:
     if tensor is None:
       raise errors.InputError(f"signature input '{key}' of '{path}' has no placeholder")
     ins.append((key, tensor))
-  outs = [(key, t.name) for key, t in sorted(frozen.structured_outputs.items())]
+  # Frozen outputs follow the flattened (key-sorted) order of the signature's outputs.
+  keys = sorted(fn.structured_outputs)
+  if len(keys) != len(frozen.outputs):
+    raise errors.InputError(f"signature '{signature}' of '{path}' has nested outputs; only "
+                            "flat dicts of tensors are supported")
+  outs = [(key, t.name) for key, t in zip(keys, frozen.outputs)]
   sig = Signature(signature, tuple(ins), tuple(outs))
   return TFModel(SAVED_MODEL, gd, tuple(t for _, t in ins), tuple(t for _, t in outs), sig)
 

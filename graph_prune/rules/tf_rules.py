@@ -354,6 +354,62 @@ def _reshape_target(ctx: RuleContext, shape_t: str):
   return target, refs
 
 
+def _gathered_axes(ctx: RuleContext, tensor: str, x: str) -> Optional[list[int]]:
+  """Axes of x whose sizes `tensor` holds, for GatherV2(Shape(x), const, 0) and
+  Prod over such a gather (Tensordot's shape arithmetic); else None."""
+  node = ctx.graph.producer(tensor)
+  if node is not None and node.op == "Prod":
+    if base.const_ints(ctx, node.inputs[1]) != [0]:
+      return None
+    node = ctx.graph.producer(node.inputs[0])
+  if node is None or node.op != "GatherV2" or base.const_ints(ctx, node.inputs[2]) != [0]:
+    return None
+  shape_op = ctx.graph.producer(node.inputs[0])
+  if shape_op is None or shape_op.op != "Shape" or shape_op.inputs[0] != x:
+    return None
+  return base.const_ints(ctx, node.inputs[1])
+
+
+def _last_entry_is_channels(ctx: RuleContext, shape_t: str, x: str, channels: int):
+  """Whether the dynamic target shape provably ends in the channel count.
+
+  Returns (proved, (const, position, reader) to rewrite or None).
+  """
+  node = ctx.graph.producer(shape_t)
+  if node is None:
+    return False, None
+  rank = ctx.graph.rank(x)
+  if node.op == "Pack" and node.attrs.get("axis", 0) == 0:
+    last = node.inputs[-1]
+    value = base.const_ints(ctx, last)
+    if value is not None:
+      return value == [channels], (last, 0, node.name)
+    return _gathered_axes(ctx, last, x) == [rank - 1], None
+  if node.op == "ConcatV2" and base.const_ints(ctx, node.inputs[-1]) in ([0], [-1]):
+    last = node.inputs[-2]
+    value = base.const_ints(ctx, last)
+    if value is not None:
+      return bool(value) and value[-1] == channels, (last, len(value) - 1, node.name)
+    axes = _gathered_axes(ctx, last, x)
+    return bool(axes) and axes[-1] == rank - 1, None
+  return False, None
+
+
+def _reshape_channels_last(ctx: RuleContext, x: str, shape_t: str, d: ChannelDim) -> bool:
+  """Reshape with a run-time target (Tensordot): channels stay last when they are
+  last in the input and the target provably ends in the channel count."""
+  out_rank = ctx.graph.rank(_out(ctx))
+  if d.axis != (ctx.graph.rank(x) or 0) - 1 or out_rank is None:
+    return False
+  proved, ref = _last_entry_is_channels(ctx, shape_t, x, len(d))
+  if not proved:
+    return False
+  ctx.set_dim(_out(ctx), ChannelDim(out_rank - 1, d.units))
+  if ref is not None:
+    ctx.set_shape_entry(ref[0], ref[1], _out(ctx), ref[2])
+  return True
+
+
 @_rule("Reshape")
 def reshape(ctx: RuleContext) -> None:
   x, shape_t = ctx.node.inputs[:2]
@@ -362,8 +418,11 @@ def reshape(ctx: RuleContext) -> None:
     return
   target, refs = _reshape_target(ctx, shape_t)
   in_shape = ctx.graph.shape(x)
+  if target is None and _reshape_channels_last(ctx, x, shape_t, d):
+    return
   if target is None or in_shape is None:
-    ctx.block(d.units, f"{describe(ctx.node)}: target shape is not a constant")
+    ctx.block(d.units, f"{describe(ctx.node)}: target shape is neither constant nor provably "
+              "channels-last")
     return
   # The batch axis may be unknown; take it as 1 on both sides.
   in_known = [1 if (i == 0 and s is None) else s for i, s in enumerate(in_shape)]
@@ -389,14 +448,35 @@ def reshape(ctx: RuleContext) -> None:
     ctx.set_shape_entry(const, position, _out(ctx), reader)
 
 
-@_rule("Shape", "Size", "Rank", "ShapeN")
-def shape_read(ctx: RuleContext) -> None:
-  # Reading the shape of a channel tensor bakes its channel count into the graph,
-  # unless only the batch size is taken from it (Keras 3 Flatten).
-  if ctx.node.op == "Shape" and all(
-      _batch_slice(ctx, n.outputs[0]) for n, _ in ctx.graph.consumers(ctx.node.outputs[0])):
+@_rule("StridedSlice")
+def strided_slice(ctx: RuleContext) -> None:
+  """Crops (Keras Cropping2D) that take every channel pass them through."""
+  x, begin_t, end_t, strides_t = ctx.node.inputs[:4]
+  d = ctx.dim(x)
+  if d is None:
     return
-  base.block_inputs(ctx, f"{describe(ctx.node)}: reads the shape of a channel tensor")
+  attrs = ctx.node.attrs
+  begin, end, strides = (base.const_ints(ctx, t) for t in (begin_t, end_t, strides_t))
+  a = d.axis
+  if (begin is None or end is None or strides is None or len(begin) != ctx.graph.rank(x)
+      or any(attrs.get(m, 0) for m in ("ellipsis_mask", "new_axis_mask", "shrink_axis_mask"))):
+    ctx.block(d.units, f"{describe(ctx.node)}: only constant slices without axis changes")
+    return
+  whole = ((attrs.get("begin_mask", 0) >> a & 1 or begin[a] == 0) and
+           (attrs.get("end_mask", 0) >> a & 1 or end[a] >= len(d)) and strides[a] == 1)
+  if not whole:
+    ctx.block(d.units, f"{describe(ctx.node)}: slices the channel axis")
+    return
+  ctx.set_dim(_out(ctx), d)
+
+
+@_rule("Shape", "ShapeN", "Size", "Rank")
+def shape_read(ctx: RuleContext) -> None:
+  # A shape read at run time follows pruning by itself. What is built from it
+  # is checked where it is used: a Reshape follows only target shapes it can
+  # prove (below); a tensor created from it carries no channels, so combining
+  # it with channels blocks in the elementwise rule.
+  del ctx
 
 
 @_rule("NoOp", "Placeholder", "PlaceholderWithDefault", "Const")
