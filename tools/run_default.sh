@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# Run the pruning tool:  bash tools/run_default.sh [args for //tools:prune]
+# The main job:  bash tools/run_default.sh [args for //tools:prune]
+# With no arguments it prunes the built-in default model (models/default) at
+# ratio 0.5, verifies it and prints the report; the pruned model, plan and
+# report go to out/default/. With arguments it runs //tools:prune with them.
 # Exits with the tool's (or bazel's) exit status.
 #
 # `bazel run` starts the binary inside its runfiles tree; the directory this
@@ -15,5 +18,13 @@ case "$(pwd -P)/" in
 esac
 # shellcheck source=../third_party/bootstrap.sh
 source "$root/third_party/bootstrap.sh" || exit 1
+if [ "$#" -eq 0 ]; then
+  mkdir -p "$root/out/default" || exit 1
+  set -- --in="$root/models/default/fmnist_vgg_bn.pb" \
+    --out="$root/out/default/fmnist_vgg_bn_pruned.pb" \
+    --plan_out="$root/out/default/plan.json" \
+    --report="$root/out/default/report.json" \
+    --ratio=0.5 --criterion=l1 --overwrite
+fi
 bazel run //tools:prune -- "$@"
 exit $?
