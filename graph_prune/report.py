@@ -22,7 +22,7 @@ def build(in_path: str, out_path: str, analysis: groups_lib.Analysis, plan: plan
   for g in analysis.groups:
     if g.id in planned:
       gp = planned[g.id]
-      groups.append({"id": g.id, "sources": list(g.sources), "members": len(g.members),
+      groups.append({"id": g.id, "sources": list(g.sources), "members": list(g.members),
                      "channels_before": g.channels, "channels_after": len(gp.keep),
                      "criterion": gp.criterion})
     else:

@@ -105,6 +105,32 @@ class RoundTripTest(absltest.TestCase):
     np.testing.assert_array_equal(a["output"].numpy(), b["output"].numpy())
 
 
+class TextFormatTest(absltest.TestCase):
+
+  def test_pbtxt_in_pbtxt_out(self):
+    tmp = self.create_tempdir().full_path
+    model, _ = keras_zoo.make_planted_model(seed=2, head="flatten")
+    gd, _, _ = keras_zoo.freeze(model)
+    src = os.path.join(tmp, "m.pbtxt")
+    with open(src, "w") as f:
+      f.write(str(gd))
+    out = os.path.join(tmp, "p.pbtxt")
+    doc = pipeline.prune(src, out, pipeline.Options(ratio=0.5, inputs=("input",),
+                                                    outputs=("Identity",)))
+    self.assertTrue(doc["verify"]["passed"])
+    text = open(out).read()
+    self.assertTrue(text.startswith("node {"), text[:50])
+    widths = {k.split("/")[1].rsplit("_", 1)[0]: v for k, v in _conv_widths(out).items()}
+    self.assertEqual(widths, {"conv1": 4, "conv2": 8, "conv3": 8})
+
+  def test_unknown_input_name_is_a_usage_error(self):
+    tmp = self.create_tempdir().full_path
+    model, _ = keras_zoo.make_planted_model(seed=2)
+    pb = _write_pb(model, os.path.join(tmp, "m.pb"))
+    with self.assertRaisesRegex(errors.UsageError, "'nope:0' is not a node"):
+      pipeline.prune(pb, os.path.join(tmp, "o.pb"), pipeline.Options(inputs=("nope",)))
+
+
 class PlanAndOptionsTest(parameterized.TestCase):
 
   @classmethod
