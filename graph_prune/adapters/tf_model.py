@@ -9,6 +9,7 @@ writes the result atomically in the input's format.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import shutil
 import tempfile
@@ -312,7 +313,44 @@ def _replace_dir(src: str, dst: str) -> None:
     os.replace(src, dst)
 
 
+def _rename_functions(graph_def: tf.compat.v1.GraphDef) -> tf.compat.v1.GraphDef:
+  """Gives every library function a name derived from its content.
+
+  Grappler rewrites function bodies (ConvNeXt's XLA-compiled grouped
+  convolutions) but keeps their names; importing such a graph eagerly into a
+  process that already registered the original definitions would clash.
+  """
+  if not graph_def.library.function:
+    return graph_def
+  out = tf.compat.v1.GraphDef()
+  out.CopyFrom(graph_def)
+  mapping = {}
+  for f in out.library.function:
+    digest = hashlib.sha1(f.SerializeToString(deterministic=True)).hexdigest()[:12]
+    mapping[f.signature.name] = f"{f.signature.name}_gp{digest}"
+
+  def fix(attrs):
+    for v in attrs.values():
+      if v.HasField("func") and v.func.name in mapping:
+        v.func.name = mapping[v.func.name]
+      for fn in v.list.func:
+        if fn.name in mapping:
+          fn.name = mapping[fn.name]
+
+  for node in out.node:
+    fix(node.attr)
+  for f in out.library.function:
+    f.signature.name = mapping[f.signature.name]
+    for node in f.node_def:
+      fix(node.attr)
+  for grad in out.library.gradient:
+    grad.function_name = mapping.get(grad.function_name, grad.function_name)
+  return out
+
+
 def _save_saved_model(sig: Signature, graph_def, path: str) -> None:
+  graph_def = _rename_functions(graph_def)
+
   def _import():
     tf.compat.v1.import_graph_def(graph_def, name="")
   wrapped = tf.compat.v1.wrap_function(_import, [])
