@@ -57,7 +57,7 @@ def _stage(model, graph):
   plan = allocation.allocate(analysis, importance.score(analysis, "l1"), allocation.Spec(0.5),
                              "l1")
   edits = slicing.build_edits(analysis, plan, slicing.SLICE)
-  return tf_model.apply_edits(model.graph_def, edits), len(analysis.groups)
+  return tf_model.apply_edits(model, edits), len(analysis.groups)
 
 
 def measure(model, graph, repeats):
@@ -114,7 +114,7 @@ def _load(graph_def, tmp):
     f.write(graph_def.SerializeToString())
   model = tf_model.normalise(tf_model.load(tmp))
   os.remove(tmp)
-  return model, tf_model.to_view(model.graph_def, model.inputs, model.outputs)
+  return model, tf_model.to_view(model)
 
 
 def main(argv):

@@ -15,14 +15,12 @@ from typing import Any, Optional
 
 from graph_prune import errors
 from graph_prune import plan as plan_lib
-from graph_prune.adapters import tf_model
 from graph_prune.analysis import cost as cost_lib
 from graph_prune.analysis import groups as groups_lib
 from graph_prune.criteria import allocation
 from graph_prune.criteria import importance
 from graph_prune.report import build as build_report
 from graph_prune.rewrite import slicing
-from graph_prune.rules import tf_rules
 from graph_prune.verify import oracle
 
 
@@ -46,9 +44,30 @@ class Options:
 
 
 @dataclasses.dataclass(frozen=True)
+class Format:
+  """A format adapter (load/normalise/to_view/apply_edits/write/Runner) and its rules."""
+  name: str
+  adapter: Any
+  rules: Any
+
+
+def format_for(path: str) -> Format:
+  """Chooses the adapter by the input; each is imported only when used, so ONNX
+  work never pays for importing TensorFlow."""
+  if path.endswith(".onnx"):
+    from graph_prune.adapters import onnx_model  # pylint: disable=g-import-not-at-top
+    from graph_prune.rules import onnx_rules  # pylint: disable=g-import-not-at-top
+    return Format("onnx", onnx_model, onnx_rules.RULES)
+  from graph_prune.adapters import tf_model  # pylint: disable=g-import-not-at-top
+  from graph_prune.rules import tf_rules  # pylint: disable=g-import-not-at-top
+  return Format("tensorflow", tf_model, tf_rules.RULES)
+
+
+@dataclasses.dataclass(frozen=True)
 class Prepared:
   """A model read and normalised, with its channel analysis."""
-  model: tf_model.TFModel
+  format: Format
+  model: Any
   graph: Any
   analysis: groups_lib.Analysis
 
@@ -62,16 +81,14 @@ def _check_paths(in_path: str, out_path: str, options: Options) -> None:
       raise errors.UsageError(f"{what} '{path}' exists; pass --overwrite to replace it")
   if options.plan_in and not os.path.isfile(options.plan_in):
     raise errors.InputError(f"--plan_in '{options.plan_in}' does not exist")
-  if in_path.endswith(".onnx"):
-    raise errors.UsageError("ONNX input is not supported yet; give a TensorFlow .pb/.pbtxt or "
-                            "SavedModel")
 
 
 def prepare(in_path: str, options: Options = Options()) -> Prepared:
-  model = tf_model.load(in_path, options.signature, options.inputs, options.outputs)
-  model = tf_model.normalise(model)
-  graph = tf_model.to_view(model.graph_def, model.inputs, model.outputs)
-  return Prepared(model, graph, groups_lib.analyse(graph, tf_rules.RULES))
+  fmt = format_for(in_path)
+  model = fmt.adapter.load(in_path, options.signature, options.inputs, options.outputs)
+  model = fmt.adapter.normalise(model)
+  graph = fmt.adapter.to_view(model)
+  return Prepared(fmt, model, graph, groups_lib.analyse(graph, fmt.rules))
 
 
 def spec_of(options: Options) -> allocation.Spec:
@@ -100,6 +117,24 @@ def _write_text(path: str, text: str) -> None:
   os.replace(tmp, path)
 
 
+def run_oracle(adapter, original, masked, pruned, graph, options: Options) -> oracle.Verification:
+  """Runs original, masked original and pruned model on the same seeded inputs;
+  raises VerificationError (nothing is written) when they disagree."""
+  runners = [adapter.Runner(m) for m in (original, masked, pruned)]
+  try:
+    inputs = oracle.random_inputs(graph, options.seed)
+    verification = oracle.verify(*runners, inputs, options.tolerance, options.seed)
+  finally:
+    for r in runners:
+      r.close()
+  if not verification.passed:
+    raise errors.VerificationError(
+        f"verification failed: pruned differs from the masked original by "
+        f"{verification.max_rel_diff:.3g} (relative; tolerance {options.tolerance:g}); "
+        "nothing written")
+  return verification
+
+
 def prune(in_path: str, out_path: str, options: Options = Options()) -> dict[str, Any]:
   """Prunes the model at in_path into out_path (same format) and returns the report.
 
@@ -116,39 +151,28 @@ def prune(in_path: str, out_path: str, options: Options = Options()) -> dict[str
   prepared = prepare(in_path, options)
   t1 = time.perf_counter()
   plan = make_plan(prepared, options)
-  edits = slicing.build_edits(prepared.analysis, plan, slicing.SLICE)
-  pruned_gd = tf_model.apply_edits(prepared.model.graph_def, edits)
+  adapter = prepared.format.adapter
+  pruned = adapter.apply_edits(prepared.model,
+                               slicing.build_edits(prepared.analysis, plan, slicing.SLICE))
   t2 = time.perf_counter()
-  # Re-reading the pruned graph runs TensorFlow's shape inference: it validates the rewrite.
+  # Re-reading the pruned model runs the format's shape inference: it validates the rewrite.
   try:
-    pruned_view = tf_model.to_view(pruned_gd, prepared.model.inputs, prepared.model.outputs)
-  except ValueError as e:
+    pruned_view = adapter.to_view(pruned)
+  except (ValueError, errors.InputError) as e:
     raise errors.VerificationError(f"the pruned graph is invalid ({str(e).splitlines()[0][:300]}); "
                                    "please report this model") from None
   verification = None
   if options.verify:
-    masked_gd = tf_model.apply_edits(
-        prepared.model.graph_def, slicing.build_edits(prepared.analysis, plan, slicing.MASK))
-    runners = [tf_model.Runner(gd, prepared.model.inputs, prepared.model.outputs)
-               for gd in (prepared.model.graph_def, masked_gd, pruned_gd)]
-    try:
-      inputs = oracle.random_inputs(prepared.graph, options.seed)
-      verification = oracle.verify(*runners, inputs, options.tolerance, options.seed)
-    finally:
-      for r in runners:
-        r.close()
-    if not verification.passed:
-      raise errors.VerificationError(
-          f"verification failed: pruned differs from the masked original by "
-          f"{verification.max_rel_diff:.3g} (relative; tolerance {options.tolerance:g}); "
-          "nothing written")
+    masked = adapter.apply_edits(prepared.model,
+                                 slicing.build_edits(prepared.analysis, plan, slicing.MASK))
+    verification = run_oracle(adapter, prepared.model, masked, pruned, prepared.graph, options)
   t3 = time.perf_counter()
   timings.update(load_s=t1 - t0, plan_and_rewrite_s=t2 - t1, verify_s=t3 - t2)
   excluded = {g.id: allocation.excluded_by(spec, g) for g in prepared.analysis.groups}
   doc = build_report(in_path, out_path, prepared.analysis, plan,
                      cost_lib.measure(prepared.graph), cost_lib.measure(pruned_view),
                      verification, {k: v for k, v in excluded.items() if v}, timings)
-  tf_model.write(prepared.model, pruned_gd, out_path)
+  adapter.write(pruned, out_path)
   if options.plan_out:
     _write_text(options.plan_out, plan.to_json())
   if options.report:

@@ -26,7 +26,7 @@ def _write_pb(model, path):
 
 def _run_pb(path, x):
   model = tf_model.load(path)
-  runner = tf_model.Runner(model.graph_def, model.inputs, model.outputs)
+  runner = tf_model.Runner(model)
   try:
     return runner([x])[0]
   finally:
@@ -35,7 +35,7 @@ def _run_pb(path, x):
 
 def _conv_widths(path):
   model = tf_model.load(path)
-  g = tf_model.to_view(model.graph_def, model.inputs, model.outputs)
+  g = tf_model.to_view(model)
   return {n.name: g.constants[n.inputs[1]].shape[3] for n in g.nodes if n.op == "Conv2D"}
 
 
@@ -74,18 +74,18 @@ class RoundTripTest(absltest.TestCase):
     pb = _write_pb(model, os.path.join(tmp, "m.pb"))
     x = keras_zoo.sample_input("MobileNetV2")
     normalised = tf_model.normalise(tf_model.load(pb))
-    g = tf_model.to_view(normalised.graph_def, normalised.inputs, normalised.outputs)
+    g = tf_model.to_view(normalised)
     from graph_prune.analysis import groups  # pylint: disable=g-import-not-at-top
     from graph_prune.rules import tf_rules  # pylint: disable=g-import-not-at-top
     analysis = groups.analyse(g, tf_rules.RULES)
     edits = slicing.build_edits(analysis, plan_lib.empty(analysis), slicing.SLICE)
     self.assertTrue(edits.empty)
-    out = tf_model.apply_edits(normalised.graph_def, edits)
-    self.assertEqual(out.SerializeToString(deterministic=True),
+    out = tf_model.apply_edits(normalised, edits)
+    self.assertEqual(out.graph_def.SerializeToString(deterministic=True),
                      normalised.graph_def.SerializeToString(deterministic=True))
     path = os.path.join(tmp, "rt.pb")
-    tf_model.write(normalised, out, path)
-    runner = tf_model.Runner(normalised.graph_def, normalised.inputs, normalised.outputs)
+    tf_model.write(out, path)
+    runner = tf_model.Runner(normalised)
     np.testing.assert_array_equal(_run_pb(path, x), runner([x])[0])
     runner.close()
     # Constant folding reorders float arithmetic, so the original agrees closely, not bitwise.
@@ -97,7 +97,7 @@ class RoundTripTest(absltest.TestCase):
     sm = keras_zoo.save_saved_model(model, os.path.join(tmp, "sm"))
     loaded = tf_model.normalise(tf_model.load(sm))
     out = os.path.join(tmp, "sm_rt")
-    tf_model.write(loaded, loaded.graph_def, out)
+    tf_model.write(loaded, out)
     x = keras_zoo.sample_input("planted")
     a = tf.saved_model.load(sm).signatures["serving_default"](input=tf.constant(x))
     b = tf.saved_model.load(out).signatures["serving_default"](input=tf.constant(x))

@@ -42,7 +42,7 @@ def _write(graph, tmp, name):
 
 def _widths(path):
   model = tf_model.load(path)
-  g = tf_model.to_view(model.graph_def, model.inputs, model.outputs)
+  g = tf_model.to_view(model)
   return sorted(g.constants[n.inputs[1]].shape[3] for n in g.nodes if n.op == "Conv2D")
 
 

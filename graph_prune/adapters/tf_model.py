@@ -201,8 +201,10 @@ def _attrs(node_def) -> dict:
   return out
 
 
-def to_view(graph_def: tf.compat.v1.GraphDef, inputs: Sequence[str],
-            outputs: Sequence[str]) -> view.GraphView:
+def to_view(model: TFModel) -> view.GraphView:
+  """The graph view; importing the graph runs TensorFlow's shape inference, which
+  also validates it (a broken rewrite raises ValueError here)."""
+  graph_def, inputs, outputs = model.graph_def, model.inputs, model.outputs
   graph = tf.Graph()
   with graph.as_default():
     tf.compat.v1.import_graph_def(graph_def, name="")
@@ -249,8 +251,12 @@ def _topological(nodes: list[view.Node]) -> list[view.Node]:
   return order
 
 
-def apply_edits(graph_def: tf.compat.v1.GraphDef, edits: Edits) -> tf.compat.v1.GraphDef:
-  """Returns a copy of graph_def with the edits applied; graph_def is not changed."""
+def apply_edits(model: TFModel, edits: Edits) -> TFModel:
+  """Returns a copy of the model with the edits applied; the model is not changed."""
+  return dataclasses.replace(model, graph_def=_edit_graph_def(model.graph_def, edits))
+
+
+def _edit_graph_def(graph_def: tf.compat.v1.GraphDef, edits: Edits) -> tf.compat.v1.GraphDef:
   out = tf.compat.v1.GraphDef()
   out.CopyFrom(graph_def)
   if edits.empty:
@@ -276,8 +282,9 @@ def apply_edits(graph_def: tf.compat.v1.GraphDef, edits: Edits) -> tf.compat.v1.
   return out
 
 
-def write(model: TFModel, graph_def: tf.compat.v1.GraphDef, path: str) -> None:
-  """Writes graph_def in the model's own format, atomically (temp file, then rename)."""
+def write(model: TFModel, path: str) -> None:
+  """Writes the model in its own format, atomically (temp file, then rename)."""
+  graph_def = model.graph_def
   parent = os.path.dirname(os.path.abspath(path))
   if not os.path.isdir(parent):
     raise errors.UsageError(f"output directory '{parent}' does not exist")
@@ -367,15 +374,14 @@ def _save_saved_model(sig: Signature, graph_def, path: str) -> None:
 
 
 class Runner:
-  """Runs a GraphDef in a session of its own: feeds in input order, fetches outputs."""
+  """Runs a model's graph in a session of its own: feeds in input order, fetches outputs."""
 
-  def __init__(self, graph_def: tf.compat.v1.GraphDef, inputs: Sequence[str],
-               outputs: Sequence[str]):
+  def __init__(self, model: TFModel):
     self._graph = tf.Graph()
     with self._graph.as_default():
-      tf.compat.v1.import_graph_def(graph_def, name="")
-    self._inputs = [self._graph.get_tensor_by_name(t) for t in inputs]
-    self._outputs = [self._graph.get_tensor_by_name(t) for t in outputs]
+      tf.compat.v1.import_graph_def(model.graph_def, name="")
+    self._inputs = [self._graph.get_tensor_by_name(t) for t in model.inputs]
+    self._outputs = [self._graph.get_tensor_by_name(t) for t in model.outputs]
     self._session = tf.compat.v1.Session(graph=self._graph)
 
   def __call__(self, feeds: Sequence[np.ndarray]) -> list[np.ndarray]:
