@@ -275,6 +275,8 @@ def _edit_graph_def(graph_def: tf.compat.v1.GraphDef, edits: Edits) -> tf.compat
     node.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(np.asarray(value), dtype=dtype))
   for consumer, index, new_name in edits.rewires:
     by_name[consumer].input[index] = new_name
+  for name, attr, value in edits.attrs:
+    by_name[name].attr[attr].i = value
   # Recorded shapes would be stale after slicing.
   for node in out.node:
     if "_output_shapes" in node.attr:

@@ -50,12 +50,42 @@ def _matmul(g: view.GraphView, node: view.Node) -> int:
       w.shape[0] if node.attrs.get("transpose_b") else w.shape[1])))
 
 
-_FLOPS = {"Conv2D": _conv, "DepthwiseConv2dNative": _depthwise, "MatMul": _matmul}
+def _onnx_conv(g: view.GraphView, node: view.Node) -> int:
+  w = g.constants.get(node.inputs[1])
+  if w is None:
+    return 0
+  return 2 * _per_sample(g.shape(node.outputs[0])) * int(np.prod(w.shape[1:]))
+
+
+def _onnx_dense(g: view.GraphView, node: view.Node) -> int:
+  w = g.constants.get(node.inputs[1])
+  if w is None or w.ndim != 2:
+    return 0
+  out = _per_sample(g.shape(node.outputs[0]))
+  units = w.shape[0] if node.attrs.get("transB") else w.shape[1]
+  return 2 * int(w.size) * max(1, out // max(1, units))
+
+
+def _onnx_conv_transpose(g: view.GraphView, node: view.Node) -> int:
+  w = g.constants.get(node.inputs[1])
+  if w is None:
+    return 0
+  return 2 * _per_sample(g.shape(node.inputs[0])) * int(np.prod(w.shape[1:]))
+
+
+_FLOPS = {"Conv2D": _conv, "DepthwiseConv2dNative": _depthwise, "MatMul": _matmul,
+          # ONNX op types (capitalised differently from TensorFlow's).
+          "Conv": _onnx_conv, "ConvTranspose": _onnx_conv_transpose, "Gemm": _onnx_dense}
+
+
+def _flops(g: view.GraphView, node: view.Node) -> int:
+  fn = _FLOPS.get(node.op)
+  return fn(g, node) if fn else 0
 
 
 def measure(g: view.GraphView) -> Cost:
   params = sum(int(c.size) for c in g.constants.values()
                if c.ndim >= 1 and np.issubdtype(c.dtype, np.floating))
   const_bytes = sum(int(c.nbytes) for c in g.constants.values())
-  flops = sum(_FLOPS[n.op](g, n) for n in g.nodes if n.op in _FLOPS)
+  flops = sum(_flops(g, n) for n in g.nodes)
   return Cost(params, const_bytes, flops)

@@ -50,6 +50,14 @@ class ShapeEntry:
 
 
 @dataclasses.dataclass(frozen=True)
+class AttrEntry:
+  """Integer attribute `attr` of `node` becomes the kept channel count of `by`."""
+  node: str
+  attr: str
+  by: str
+
+
+@dataclasses.dataclass(frozen=True)
 class ChannelGroup:
   id: int
   sources: tuple[str, ...]      # nodes that create the group's channels
@@ -70,6 +78,7 @@ class Analysis:
   dims: Mapping[str, base.ChannelDim]
   slices: tuple[ConstSlice, ...]
   shape_entries: tuple[ShapeEntry, ...]
+  attr_entries: tuple[AttrEntry, ...]
   # Per element: its group id (-1 for channels no producer owns) and unit index.
   element_group: np.ndarray
   element_unit: np.ndarray
@@ -128,6 +137,7 @@ class _Walker:
     self.sources: list[Source] = []
     self.slices: list[ConstSlice] = []
     self.shape_entries: list[ShapeEntry] = []
+    self.attr_entries: list[AttrEntry] = []
     self.blocks: list[tuple[np.ndarray, str]] = []
 
   def dim(self, tensor):
@@ -161,6 +171,9 @@ class _Walker:
 
   def set_shape_entry(self, const, position, by, reader):
     self.shape_entries.append(ShapeEntry(const, position, by, reader))
+
+  def set_attr_count(self, attr, by):
+    self.attr_entries.append(AttrEntry(self.node.name, attr, by))
 
 
 def analyse(graph: view.GraphView, rules: Mapping[str, base.Rule]) -> Analysis:
@@ -229,4 +242,4 @@ def _freeze(graph: view.GraphView, w: _Walker) -> Analysis:
                    counts[gid], tuple(reasons[gid]))
       for gid in range(len(counts)))
   return Analysis(graph, groups, tuple(w.sources), dict(w.dims), tuple(w.slices),
-                  tuple(w.shape_entries), element_group, element_unit)
+                  tuple(w.shape_entries), tuple(w.attr_entries), element_group, element_unit)

@@ -95,4 +95,10 @@ def build_edits(analysis: groups_lib.Analysis, plan: plan_lib.Plan, mode: str) -
       for i, t in enumerate(node.inputs):
         if t == const:
           rewires.append((consumer, i, new_name))
-  return Edits(constants, new_constants, tuple(rewires))
+  attrs = []
+  if mode == SLICE:
+    for ae in analysis.attr_entries:
+      count = int(keep(ae.by).sum())
+      if graph.node(ae.node).attrs.get(ae.attr) != count:
+        attrs.append((ae.node, ae.attr, count))
+  return Edits(constants, new_constants, tuple(rewires), tuple(attrs))

@@ -11,6 +11,7 @@ records what they say.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, Optional, Protocol
 
 import numpy as np
@@ -50,6 +51,7 @@ class RuleContext(Protocol):
   def block(self, units: np.ndarray, reason: str) -> None: ...
   def slice_const(self, const: str, axis: int, by: str, role: str) -> None: ...
   def set_shape_entry(self, const: str, position: int, by: str, reader: str) -> None: ...
+  def set_attr_count(self, attr: str, by: str) -> None: ...
 
 
 Rule = Callable[[RuleContext], None]
@@ -132,3 +134,55 @@ def const_ints(ctx: RuleContext, tensor: str) -> Optional[list[int]]:
   if not ctx.graph.is_const(tensor):
     return None
   return [int(v) for v in np.asarray(ctx.graph.constants[tensor]).reshape(-1)]
+
+
+def merge_span(in_shape, out_shape, axis) -> Optional[tuple[int, int, int]]:
+  """Finds the output axis that holds input `axis` after a reshape.
+
+  With T the element count after the channel axis and S the stride of output
+  axis j, axis j holds whole channels when S divides T and each block of
+  out[j] * S elements is a whole number of (channels x T) blocks. Position p of
+  axis j then carries channel (p // inner) % C with inner = T / S.
+  Returns (out_axis, outer, inner), or None when the channel axis is split.
+  """
+  channels = in_shape[axis]
+  tail = math.prod(in_shape[axis + 1:])
+  for j, size in enumerate(out_shape):
+    stride = math.prod(out_shape[j + 1:])
+    if stride == 0 or tail % stride or (size * stride) % (channels * tail):
+      continue
+    inner = tail // stride
+    return j, size // (channels * inner), inner
+  return None
+
+
+def follow_reshape(ctx: RuleContext, d: ChannelDim, in_shape, target: list[int], refs,
+                   out: str) -> None:
+  """Follows channels through a reshape to a resolved target shape.
+
+  `target` may hold one -1; refs[j] is (constant, position, reading node) for
+  entries that must take the new channel count, or None where the count
+  follows by itself (-1, or a size copied from the input at run time).
+  """
+  node = ctx.node
+  # The batch axis may be unknown; take it as 1 on both sides.
+  in_known = [1 if (i == 0 and s is None) else s for i, s in enumerate(in_shape)]
+  if any(s is None for s in in_known) or target.count(-1) > 1:
+    ctx.block(d.units, f"{describe(node)}: shapes not static")
+    return
+  resolved = list(target)
+  if -1 in resolved:
+    known = math.prod(s for s in resolved if s != -1)
+    resolved[resolved.index(-1)] = math.prod(in_known) // max(known, 1)
+  if in_shape[0] is None and target[0] != -1 and refs[0] is not None and target[0] != 1:
+    ctx.block(d.units, f"{describe(node)}: reshape mixes the batch axis")
+    return
+  span = merge_span(in_known, resolved, d.axis)
+  if span is None or (span[0] == 0 and in_shape[0] is None):
+    ctx.block(d.units, f"{describe(node)}: splits or reorders the channel axis")
+    return
+  j, outer, inner = span
+  ctx.set_dim(out, ChannelDim(j, np.tile(np.repeat(d.units, inner), outer)))
+  if target[j] != -1 and refs[j] is not None:
+    const, position, reader = refs[j]
+    ctx.set_shape_entry(const, position, out, reader)

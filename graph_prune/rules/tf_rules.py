@@ -297,26 +297,6 @@ def resize(ctx: RuleContext) -> None:
   base.pass_through(ctx, ctx.node.inputs[0], _out(ctx))
 
 
-def _merge_span(in_shape, out_shape, axis) -> Optional[tuple[int, int, int]]:
-  """Finds the output axis that holds input `axis` after a reshape.
-
-  With T the element count after the channel axis and S the stride of output
-  axis j, axis j holds whole channels when S divides T and each block of
-  out[j] * S elements is a whole number of (channels x T) blocks. Position p of
-  axis j then carries channel (p // inner) % C with inner = T / S.
-  Returns (out_axis, outer, inner), or None when the channel axis is split.
-  """
-  channels = in_shape[axis]
-  tail = math.prod(in_shape[axis + 1:])
-  for j, size in enumerate(out_shape):
-    stride = math.prod(out_shape[j + 1:])
-    if stride == 0 or tail % stride or (size * stride) % (channels * tail):
-      continue
-    inner = tail // stride
-    return j, size // (channels * inner), inner
-  return None
-
-
 def _batch_slice(ctx: RuleContext, tensor: str) -> bool:
   """True for StridedSlice(Shape(x), [0], [1], [1]) with shrink: x's batch size."""
   node = ctx.graph.producer(tensor)
@@ -424,28 +404,7 @@ def reshape(ctx: RuleContext) -> None:
     ctx.block(d.units, f"{describe(ctx.node)}: target shape is neither constant nor provably "
               "channels-last")
     return
-  # The batch axis may be unknown; take it as 1 on both sides.
-  in_known = [1 if (i == 0 and s is None) else s for i, s in enumerate(in_shape)]
-  if any(s is None for s in in_known) or target.count(-1) > 1:
-    ctx.block(d.units, f"{describe(ctx.node)}: shapes not static")
-    return
-  out = list(target)
-  if -1 in out:
-    known = math.prod(s for s in out if s != -1)
-    out[out.index(-1)] = math.prod(in_known) // max(known, 1)
-  if in_shape[0] is None and target[0] not in (-1,) and target[0] != 1:
-    ctx.block(d.units, f"{describe(ctx.node)}: reshape mixes the batch axis")
-    return
-  span = _merge_span(in_known, out, d.axis)
-  if span is None or (span[0] == 0 and in_shape[0] is None):
-    ctx.block(d.units, f"{describe(ctx.node)}: splits or reorders the channel axis")
-    return
-  j, outer, inner = span
-  units = np.tile(np.repeat(d.units, inner), outer)
-  ctx.set_dim(_out(ctx), ChannelDim(j, units))
-  if target[j] != -1:
-    const, position, reader = refs[j]
-    ctx.set_shape_entry(const, position, _out(ctx), reader)
+  base.follow_reshape(ctx, d, in_shape, target, refs, _out(ctx))
 
 
 @_rule("StridedSlice")

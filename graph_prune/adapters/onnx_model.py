@@ -1,0 +1,311 @@
+"""ONNX adapter: the only place that imports onnx and onnxruntime.
+
+Reads an ONNX model (weights as initializers or Constant nodes, inline or as
+external data), builds the graph view from ONNX shape inference, writes
+constant edits back into a copy of the ModelProto (Constant-node weights are
+sliced where they stand), validates the result with onnx.checker and strict
+shape inference, and writes it atomically, keeping external data external.
+Opset, IR version, names, metadata and doc strings are never touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+from typing import Optional, Sequence
+
+import numpy as np
+import onnx
+from google.protobuf import message as pb_message
+from onnx import external_data_helper
+from onnx import numpy_helper
+
+from graph_prune import errors
+from graph_prune.graph import view
+from graph_prune.graph.edits import Edits
+
+
+@dataclasses.dataclass(frozen=True)
+class ONNXModel:
+  proto: onnx.ModelProto
+  inputs: tuple[str, ...]
+  outputs: tuple[str, ...]
+  external_data: bool = False   # whether the input kept weights in a side file
+
+
+def _has_external_data(proto: onnx.ModelProto) -> bool:
+  tensors = list(proto.graph.initializer) + [
+      a.t for n in proto.graph.node for a in n.attribute if a.HasField("t")]
+  return any(t.data_location == onnx.TensorProto.EXTERNAL for t in tensors)
+
+
+def load(path: str, signature: Optional[str] = None, inputs: Sequence[str] = (),
+         outputs: Sequence[str] = ()) -> ONNXModel:
+  """Reads an ONNX file (and its external data); never modifies it."""
+  if signature:
+    raise errors.UsageError("--signature applies to SavedModel directories only")
+  if not os.path.isfile(path):
+    raise errors.InputError(f"input '{path}' does not exist; give an .onnx file")
+  proto = onnx.ModelProto()
+  try:
+    with open(path, "rb") as f:
+      proto.ParseFromString(f.read())
+  except (pb_message.DecodeError, RuntimeWarning, ValueError) as e:
+    raise errors.InputError(f"'{path}' is not an ONNX model ({str(e).splitlines()[0]})") from None
+  if not proto.graph.node:
+    raise errors.InputError(f"'{path}' is not an ONNX model (no graph nodes)")
+  external = _has_external_data(proto)
+  if external:
+    try:
+      external_data_helper.load_external_data_for_model(proto, os.path.dirname(path) or ".")
+    except (FileNotFoundError, OSError) as e:
+      raise errors.InputError(f"external data of '{path}' is missing ({e.strerror or e}: "
+                              f"'{os.path.basename(getattr(e, 'filename', '') or '')}'); keep "
+                              "the data file beside the model") from None
+  try:
+    onnx.checker.check_model(proto)
+  except (onnx.checker.ValidationError, onnx.onnx_cpp2py_export.checker.ValidationError) as e:
+    raise errors.InputError(f"'{path}' fails onnx.checker ({str(e).splitlines()[0][:200]})"
+                            ) from None
+  inits = {t.name for t in proto.graph.initializer}
+  found_in = [i.name for i in proto.graph.input if i.name not in inits]
+  found_out = [o.name for o in proto.graph.output]
+  known = ({i.name for i in proto.graph.input} | {o for n in proto.graph.node for o in n.output})
+  for t, what in [(t, "input") for t in inputs] + [(t, "output") for t in outputs]:
+    if t not in known:
+      raise errors.UsageError(f"{what} '{t}' is not a tensor of the graph; check --{what}s")
+  return ONNXModel(proto, tuple(inputs) or tuple(found_in), tuple(outputs) or tuple(found_out),
+                   external)
+
+
+# Ops whose result is not a function of their inputs alone are never folded.
+_UNFOLDABLE = {"Constant", "RandomNormal", "RandomUniform", "RandomNormalLike",
+               "RandomUniformLike", "Multinomial", "Bernoulli", "If", "Loop", "Scan"}
+
+
+def normalise(model: ONNXModel) -> ONNXModel:
+  """Folds nodes whose inputs are all constants (tf2onnx leaves shape arithmetic
+  such as Gather/Slice/Concat/Cast over folded shapes) into initializers, using
+  ONNX's own reference evaluator. Batch-norm and Constant-node weights stay as
+  they are: they have rules of their own."""
+  from onnx import reference  # pylint: disable=g-import-not-at-top
+  proto = onnx.ModelProto()
+  proto.CopyFrom(model.proto)
+  graph = proto.graph
+  consts = {t.name: t for t in graph.initializer}
+  for n in graph.node:
+    if n.op_type == "Constant" and _constant_value(n) is not None:
+      consts[n.output[0]] = n
+  outputs = {o.name for o in graph.output}
+  kept, folded = [], []
+  for node in graph.node:
+    inputs = [t for t in node.input if t]
+    if (node.op_type in _UNFOLDABLE or node.domain not in ("", "ai.onnx") or not inputs
+        or not all(t in consts for t in inputs) or any(o in outputs for o in node.output)):
+      kept.append(node)
+      continue
+    values = [numpy_helper.to_array(consts[t]) if isinstance(consts[t], onnx.TensorProto)
+              else _constant_value(consts[t]) for t in inputs]
+    sub = onnx.helper.make_model(
+        onnx.helper.make_graph(
+            [node], "fold",
+            [onnx.helper.make_tensor_value_info(t, onnx.helper.np_dtype_to_tensor_dtype(v.dtype),
+                                                v.shape) for t, v in zip(inputs, values)],
+            [onnx.helper.make_empty_tensor_value_info(o) for o in node.output if o]),
+        opset_imports=proto.opset_import, ir_version=proto.ir_version)
+    try:
+      results = reference.ReferenceEvaluator(sub).run(None, dict(zip(inputs, values)))
+    except Exception:  # pylint: disable=broad-except
+      kept.append(node)  # the evaluator lacks this op: leave it to the rules
+      continue
+    for name, value in zip([o for o in node.output if o], results):
+      tensor = numpy_helper.from_array(np.asarray(value), name)
+      folded.append(tensor)
+      consts[name] = tensor
+  if not folded:
+    return model
+  # Folded tensors that nothing reads any more are dropped with their nodes.
+  read = {t for n in kept for t in n.input} | outputs
+  del graph.node[:]
+  graph.node.extend(kept)
+  graph.initializer.extend(t for t in folded if t.name in read)
+  return dataclasses.replace(model, proto=proto)
+
+
+def _attr(a: onnx.AttributeProto):
+  value = onnx.helper.get_attribute_value(a)
+  if isinstance(value, bytes):
+    return value.decode("utf-8", "replace")
+  if isinstance(value, list):
+    return tuple(v.decode("utf-8", "replace") if isinstance(v, bytes) else v for v in value)
+  if isinstance(value, (int, float, str)):
+    return value
+  return None  # tensors, graphs: rules read Constant values from the view's constants
+
+
+def _constant_value(node: onnx.NodeProto) -> Optional[np.ndarray]:
+  for a in node.attribute:
+    if a.name == "value":
+      return numpy_helper.to_array(a.t)
+    if a.name in ("value_float", "value_int"):
+      return np.asarray(onnx.helper.get_attribute_value(a),
+                        np.float32 if a.name == "value_float" else np.int64)
+    if a.name in ("value_floats", "value_ints"):
+      return np.asarray(onnx.helper.get_attribute_value(a),
+                        np.float32 if a.name == "value_floats" else np.int64)
+  return None
+
+
+def node_names(proto: onnx.ModelProto) -> list[str]:
+  """A unique name per node, in graph order (ONNX allows empty and repeated names)."""
+  seen, out = set(), []
+  for i, node in enumerate(proto.graph.node):
+    name = node.name or f"{node.op_type}_{i}"
+    if name in seen:
+      name = f"{name}_{i}"
+    seen.add(name)
+    out.append(name)
+  return out
+
+
+def _shape(type_proto) -> Optional[tuple]:
+  t = type_proto.tensor_type
+  if not t.HasField("shape"):
+    return None
+  return tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
+
+
+def to_view(model: ONNXModel) -> view.GraphView:
+  proto = model.proto
+  try:
+    inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+  except onnx.shape_inference.InferenceError as e:
+    raise errors.InputError(f"ONNX shape inference failed ({str(e).splitlines()[0][:200]})"
+                            ) from None
+  g = inferred.graph
+  shapes, dtypes = {}, {}
+  for vi in list(g.input) + list(g.value_info) + list(g.output):
+    shapes[vi.name] = _shape(vi.type)
+    elem = vi.type.tensor_type.elem_type
+    if elem:
+      dtypes[vi.name] = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem)).name
+  constants = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+  nodes = []
+  for name, node in zip(node_names(proto), proto.graph.node):
+    attrs = {a.name: v for a in node.attribute if (v := _attr(a)) is not None}
+    nodes.append(view.Node(name, node.op_type, tuple(node.input), tuple(node.output), attrs))
+    if node.op_type == "Constant":
+      value = _constant_value(node)
+      if value is not None:
+        constants[node.output[0]] = value
+  return view.GraphView(nodes, constants, shapes, model.inputs, model.outputs, "NCHW", dtypes)
+
+
+def _tensor(value: np.ndarray, name: str, like: Optional[onnx.TensorProto]) -> onnx.TensorProto:
+  value = np.asarray(value)
+  if like is not None:
+    value = value.astype(onnx.helper.tensor_dtype_to_np_dtype(like.data_type), copy=False)
+  return numpy_helper.from_array(value, name)
+
+
+def apply_edits(model: ONNXModel, edits: Edits) -> ONNXModel:
+  """Returns a copy with the edits applied and shapes re-inferred; the model is not changed."""
+  out = onnx.ModelProto()
+  out.CopyFrom(model.proto)
+  if edits.empty:
+    return dataclasses.replace(model, proto=out)
+  graph = out.graph
+  inits = {t.name: t for t in graph.initializer}
+  const_nodes = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
+  for name, value in edits.constants.items():
+    if name in inits:
+      inits[name].CopyFrom(_tensor(value, name, inits[name]))
+    else:
+      node = const_nodes[name]
+      old = next((a for a in node.attribute if a.name == "value"), None)
+      like = old.t if old is not None else None
+      kept = [a for a in node.attribute if not a.name.startswith("value")]
+      del node.attribute[:]
+      node.attribute.extend(kept)
+      node.attribute.append(onnx.helper.make_attribute("value", _tensor(value, "", like)))
+  for new_name, (src, value) in edits.new_constants.items():
+    like = inits[src] if src in inits else None
+    graph.initializer.append(_tensor(value, new_name, like))
+    if out.ir_version < 4:  # before IR 4, every initializer is also a graph input
+      graph.input.append(onnx.helper.make_tensor_value_info(
+          new_name, graph.initializer[-1].data_type, list(np.shape(value))))
+  index = {name: i for i, name in enumerate(node_names(model.proto))}
+  for consumer, i, new_name in edits.rewires:
+    graph.node[index[consumer]].input[i] = new_name
+  for name, attr, value in edits.attrs:
+    node = graph.node[index[name]]
+    kept = [a for a in node.attribute if a.name != attr]
+    del node.attribute[:]
+    node.attribute.extend(kept + [onnx.helper.make_attribute(attr, value)])
+  for inp in graph.input:
+    if inp.name in edits.constants and out.ir_version < 4:
+      value = edits.constants[inp.name]
+      dims = inp.type.tensor_type.shape.dim
+      for d, size in zip(dims, np.shape(value)):
+        d.dim_value = size
+  # Recorded intermediate shapes are stale after slicing: re-infer those the model had.
+  had = {vi.name for vi in graph.value_info}
+  graph.ClearField("value_info")
+  if had:
+    inferred = onnx.shape_inference.infer_shapes(out)
+    graph.value_info.extend(vi for vi in inferred.graph.value_info if vi.name in had)
+  return dataclasses.replace(model, proto=out)
+
+
+def validate(proto: onnx.ModelProto) -> None:
+  """onnx.checker (full) and strict shape inference; raises InputError on failure."""
+  try:
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+  except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+    raise errors.InputError(f"the model fails ONNX validation ({str(e).splitlines()[0][:300]})"
+                            ) from None
+
+
+def write(model: ONNXModel, path: str) -> None:
+  """Validates, then writes atomically; external data goes to '<name>.data' beside it."""
+  parent = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(parent):
+    raise errors.UsageError(f"output directory '{parent}' does not exist")
+  validate(model.proto)
+  tmp = tempfile.mkdtemp(prefix=".gp_tmp_", dir=parent)
+  try:
+    name = os.path.basename(path)
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model.proto)
+    if model.external_data:
+      onnx.save_model(proto, os.path.join(tmp, name), save_as_external_data=True,
+                      all_tensors_to_one_file=True, location=name + ".data", size_threshold=1024)
+      os.replace(os.path.join(tmp, name + ".data"), path + ".data")
+    else:
+      with open(os.path.join(tmp, name), "wb") as f:
+        f.write(proto.SerializeToString(deterministic=True))
+    os.replace(os.path.join(tmp, name), path)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+class Runner:
+  """Runs a model in ONNX Runtime on the CPU: feeds in input order, fetches outputs."""
+
+  def __init__(self, model: ONNXModel):
+    import onnxruntime  # pylint: disable=g-import-not-at-top
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    self._session = onnxruntime.InferenceSession(model.proto.SerializeToString(), options,
+                                                 providers=["CPUExecutionProvider"])
+    self._inputs = list(model.inputs)
+    self._outputs = list(model.outputs)
+
+  def __call__(self, feeds: Sequence[np.ndarray]) -> list[np.ndarray]:
+    return self._session.run(self._outputs, dict(zip(self._inputs, feeds)))
+
+  def close(self) -> None:
+    self._session = None
