@@ -41,6 +41,8 @@ class Options:
   inputs: tuple[str, ...] = ()
   outputs: tuple[str, ...] = ()
   overwrite: bool = False
+  out_format: str = "same"   # "same", or "onnx" to export a TensorFlow input with tf2onnx
+  opset: int = 17            # ONNX opset of that export
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +81,10 @@ def _check_paths(in_path: str, out_path: str, options: Options) -> None:
                      (options.report, "--report")):
     if path and os.path.exists(path) and not options.overwrite:
       raise errors.UsageError(f"{what} '{path}' exists; pass --overwrite to replace it")
+  if options.out_format not in ("same", "onnx"):
+    raise errors.UsageError(f"--out_format must be 'same' or 'onnx', not '{options.out_format}'")
+  if options.out_format == "onnx" and not out_path.endswith(".onnx"):
+    raise errors.UsageError("--out_format=onnx writes an ONNX file: give --out=NAME.onnx")
   if options.plan_in and not os.path.isfile(options.plan_in):
     raise errors.InputError(f"--plan_in '{options.plan_in}' does not exist")
 
@@ -135,6 +141,26 @@ def run_oracle(adapter, original, masked, pruned, graph, options: Options) -> or
   return verification
 
 
+def _export_onnx(tf_adapter, pruned, graph, options: Options):
+  """tf2onnx export of the pruned TensorFlow model, checked against it in ONNX Runtime."""
+  from graph_prune.adapters import tf_to_onnx  # pylint: disable=g-import-not-at-top
+  exported = tf_to_onnx.export(pruned, options.opset)
+  onnx_adapter = format_for(".onnx").adapter
+  tf_run, onnx_run = tf_adapter.Runner(pruned), onnx_adapter.Runner(exported)
+  try:
+    inputs = oracle.random_inputs(graph, options.seed + 1)
+    check = oracle.verify(tf_run, tf_run, onnx_run, inputs, options.tolerance, options.seed + 1)
+  finally:
+    tf_run.close()
+    onnx_run.close()
+  if not check.passed:
+    raise errors.VerificationError(
+        f"the ONNX export differs from the pruned TensorFlow model by {check.max_rel_diff:.3g} "
+        f"(relative; tolerance {options.tolerance:g}); nothing written")
+  return exported, {"format": "onnx", "opset": options.opset, "tool": "tf2onnx",
+                    "max_abs_diff": check.max_abs_diff, "max_rel_diff": check.max_rel_diff}
+
+
 def prune(in_path: str, out_path: str, options: Options = Options()) -> dict[str, Any]:
   """Prunes the model at in_path into out_path (same format) and returns the report.
 
@@ -172,6 +198,9 @@ def prune(in_path: str, out_path: str, options: Options = Options()) -> dict[str
   doc = build_report(in_path, out_path, prepared.analysis, plan,
                      cost_lib.measure(prepared.graph), cost_lib.measure(pruned_view),
                      verification, {k: v for k, v in excluded.items() if v}, timings)
+  if options.out_format == "onnx" and prepared.format.name != "onnx":
+    pruned, doc["export"] = _export_onnx(adapter, pruned, prepared.graph, options)
+    adapter = format_for(out_path).adapter
   adapter.write(pruned, out_path)
   if options.plan_out:
     _write_text(options.plan_out, plan.to_json())

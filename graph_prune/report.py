@@ -76,4 +76,8 @@ def text(doc: dict[str, Any]) -> str:
                  f"(tolerance {v['tolerance']:.0e}, {v['samples']} seeded samples)")
     lines.append(f"  pruning moved the outputs by at most {v['effect_max_abs']:.3g} "
                  f"(rel {v['effect_max_rel']:.3g}) against the unpruned model")
+  e = doc.get("export")
+  if e:
+    lines.append(f"export: {e['format']} (opset {e['opset']}, {e['tool']}) matches the pruned "
+                 f"model within {e['max_rel_diff']:.3g} relative")
   return "\n".join(lines)

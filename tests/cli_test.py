@@ -109,6 +109,28 @@ class CliTest(parameterized.TestCase):
     self._expect_error([f"--in={self.sm}", "--signature=predict"], "no signature 'predict'",
                        [self.sm])
 
+  def test_not_an_onnx_file(self):
+    fake = os.path.join(self.create_tempdir().full_path, "fake.onnx")
+    with open(fake, "w") as f:
+      f.write("this is not a model\n")
+    self._expect_error([f"--in={fake}"], "is not an ONNX model", [fake])
+
+  def test_truncated_onnx(self):
+    import tf2onnx  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    gd = tf.compat.v1.GraphDef()
+    gd.ParseFromString(open(self.pb, "rb").read())
+    proto, _ = tf2onnx.convert.from_graph_def(gd, input_names=["input:0"],
+                                              output_names=["Identity:0"], opset=17)
+    data = proto.SerializeToString()
+    cut = os.path.join(self.create_tempdir().full_path, "cut.onnx")
+    with open(cut, "wb") as f:
+      f.write(data[: len(data) // 2])
+    self._expect_error([f"--in={cut}"], "is not an ONNX model", [cut])
+
+  def test_out_format_onnx_needs_onnx_name(self):
+    self._expect_error([f"--in={self.pb}", "--out_format=onnx"], "--out=NAME.onnx", [self.pb])
+
   def test_existing_output_refused_without_overwrite(self):
     out = os.path.join(self.create_tempdir().full_path, "exists.pb")
     with open(out, "w") as f:
@@ -117,6 +139,13 @@ class CliTest(parameterized.TestCase):
     self.assertEqual(r.returncode, 2)
     self.assertIn("pass --overwrite", _error_lines(r.stderr)[0])
     self.assertEqual(open(out).read(), "keep me")
+
+  def test_tf_in_onnx_out(self):
+    tmp = self.create_tempdir().full_path
+    r = _prune(f"--in={self.pb}", f"--out={tmp}/p.onnx", "--out_format=onnx")
+    self.assertEqual(r.returncode, 0, r.stderr[-3000:])
+    self.assertIn("export: onnx (opset 17, tf2onnx) matches the pruned model", r.stdout)
+    self.assertEqual(os.listdir(tmp), ["p.onnx"])
 
   def test_good_run_writes_output_and_report(self):
     tmp = self.create_tempdir().full_path

@@ -133,7 +133,8 @@ def _randomise_layer(layer, rng):
         elif kind in ("BatchNormalization", "LayerNormalization") and wname == "beta":
             value = rng.normal(0.0, 0.2, size=shape)
         elif kind == "BatchNormalization" and wname == "moving_mean":
-            # Replaced by _calibrate_batch_norm, which keeps this noise.
+            # build() overwrites this in _calibrate_batch_norm; the planted
+            # model keeps it.
             value = rng.normal(0.0, 0.2, size=shape)
         elif kind == "BatchNormalization" and wname == "moving_variance":
             value = rng.uniform(0.5, 1.5, size=shape)
@@ -178,32 +179,32 @@ def _calibrate_batch_norm(model, layers, x, rng):
     The multiplicative and additive noise keeps the folded scale/offset
     generic.
     """
-    bns = [l for l in layers if isinstance(l, keras.layers.BatchNormalization)]
+    bns = [ly for ly in layers if isinstance(ly, keras.layers.BatchNormalization)]
     if not bns:
         return
-    dropouts = [l for l in layers if isinstance(l, keras.layers.Dropout)]
-    saved_momentum = [l.momentum for l in bns]
-    saved_rate = [l.rate for l in dropouts]
+    dropouts = [ly for ly in layers if isinstance(ly, keras.layers.Dropout)]
+    saved_momentum = [bn.momentum for bn in bns]
+    saved_rate = [d.rate for d in dropouts]
     try:
-        for l in bns:
-            l.momentum = 0.0
+        for bn in bns:
+            bn.momentum = 0.0
         # Dropout is active in training mode and would bias the statistics.
-        for l in dropouts:
-            l.rate = 0.0
+        for d in dropouts:
+            d.rate = 0.0
         model(x, training=True)
     finally:
-        for l, m in zip(bns, saved_momentum):
-            l.momentum = m
-        for l, r in zip(dropouts, saved_rate):
-            l.rate = r
-    for l in bns:
-        mean = l.moving_mean.numpy().astype(np.float64)
-        var = l.moving_variance.numpy().astype(np.float64)
-        std = np.sqrt(var + l.epsilon)
+        for bn, momentum in zip(bns, saved_momentum):
+            bn.momentum = momentum
+        for d, rate in zip(dropouts, saved_rate):
+            d.rate = rate
+    for bn in bns:
+        mean = bn.moving_mean.numpy().astype(np.float64)
+        var = bn.moving_variance.numpy().astype(np.float64)
+        std = np.sqrt(var + bn.epsilon)
         var = (var + 0.3 * mean**2) * rng.uniform(0.75, 1.33, size=var.shape)
         mean = mean + 0.1 * std * rng.standard_normal(mean.shape)
-        l.moving_mean.assign(mean.astype(np.float32))
-        l.moving_variance.assign(var.astype(np.float32))
+        bn.moving_mean.assign(mean.astype(np.float32))
+        bn.moving_variance.assign(var.astype(np.float32))
 
 
 def _calibrate_logits(model, layers, x):
@@ -215,7 +216,7 @@ def _calibrate_logits(model, layers, x):
     MobileNetV3); nothing after it except reshapes and the softmax, so
     scaling its kernel and bias scales the logits exactly.
     """
-    head = [l for l in layers if any(w.name == "kernel" for w in l.weights)][-1]
+    head = [ly for ly in layers if any(w.name == "kernel" for w in ly.weights)][-1]
     for _ in range(10):
         probs = np.asarray(model(x, training=False), dtype=np.float64)
         saturated = probs.min() < 1e-30
@@ -277,7 +278,9 @@ def freeze(model):
     an XLA-compiled ``tf.function``; they stay ``StatefulPartitionedCall``
     nodes with a function in ``graph_def.library``.
     """
-    spec = tf.TensorSpec([None] + list(model.inputs[0].shape[1:]), tf.float32, name="input")
+    spec = tf.TensorSpec(
+        [None] + list(model.inputs[0].shape[1:]), tf.float32, name="input"
+    )
 
     @tf.function
     def forward(x):
@@ -333,7 +336,9 @@ def make_planted_model(seed, head="gap"):
     For each dead channel the kernel slice, conv bias, BN beta and BN
     moving mean are zero, so BN gives gamma * 0 / sqrt(var + eps) + 0 = 0
     and the channel is exactly 0.0 after the ReLU for every input, both in
-    Keras and after BN folding.  All other weights are seeded random values.
+    Keras and after BN folding.  All other weights are seeded random values,
+    BN statistics and fc2 are calibrated as in ``build`` (so no other channel
+    is constantly zero).
 
     Returns ``(model, {layer_name: [dead channel indices]})``.
     """
@@ -361,19 +366,30 @@ def make_planted_model(seed, head="gap"):
     layers = all_layers(model)
     for layer in layers:
         _randomise_layer(layer, rng)
-    # Fixed statistics rather than _calibrate_batch_norm: calibration would
-    # give the dead channels a moving mean of 0 anyway, but the noise it adds
-    # would not, and the planted zeros must be exact.
     dead = {k: list(v) for k, v in PLANTED_DEAD_CHANNELS.items()}
+    bn_of = {name: model.get_layer("bn" + name[len("conv"):]) for name in dead}
     for conv_name, channels in dead.items():
         conv = model.get_layer(conv_name)
-        bn = model.get_layer("bn" + conv_name[len("conv"):])
         kernel, bias = conv.get_weights()
         kernel[..., channels] = 0.0
         bias[channels] = 0.0
         conv.set_weights([kernel, bias])
-        gamma, beta, mean, var = bn.get_weights()
+        # beta before calibrating, so later layers are calibrated on the
+        # zeros they will actually see.
+        gamma, beta, mean, var = bn_of[conv_name].get_weights()
         beta[channels] = 0.0
+        bn_of[conv_name].set_weights([gamma, beta, mean, var])
+    # Calibrated statistics, as in build(): with arbitrary ones some live
+    # conv3 channels came out negative everywhere, i.e. accidentally dead.
+    x = sample_input("planted", batch=32, seed=seed + 1_000_003)
+    _calibrate_batch_norm(model, layers, x, rng)
+    for conv_name, channels in dead.items():
+        gamma, beta, mean, var = bn_of[conv_name].get_weights()
         mean[channels] = 0.0
-        bn.set_weights([gamma, beta, mean, var])
+        # Calibration measured a variance of 0 for these channels; keep the
+        # folded BN scale ordinary.
+        var[channels] = rng.uniform(0.5, 1.5, size=len(channels))
+        bn_of[conv_name].set_weights([gamma, beta, mean, var])
+    # Only fc2 is rescaled, which cannot revive a dead channel.
+    _calibrate_logits(model, layers, x)
     return model, dead

@@ -1,4 +1,4 @@
-"""Prunes channels of a TensorFlow model and writes a smaller model of the same kind.
+"""Prunes channels of a TensorFlow or ONNX model and writes a smaller model of the same kind.
 
   bazel run //tools:prune -- --in=model.pb --out=pruned.pb --ratio=0.5 --criterion=l1
 """
@@ -11,7 +11,8 @@ from absl import flags
 
 from graph_prune import errors
 
-_IN = flags.DEFINE_string("in", None, "Input: frozen GraphDef (.pb/.pbtxt) or SavedModel dir.")
+_IN = flags.DEFINE_string("in", None,
+                          "Input: frozen GraphDef (.pb/.pbtxt), SavedModel dir, or .onnx file.")
 _OUT = flags.DEFINE_string("out", None, "Output path; same format as the input.")
 _RATIO = flags.DEFINE_float("ratio", 0.5, "Fraction of channels removed from each group, [0, 1).")
 _CRITERION = flags.DEFINE_string("criterion", "l1", "l1, l2, bn_scale, fpgm or random.")
@@ -29,6 +30,9 @@ _SIGNATURE = flags.DEFINE_string("signature", None, "SavedModel signature (servi
 _INPUTS = flags.DEFINE_list("inputs", [], "GraphDef input tensors (default: placeholders).")
 _OUTPUTS = flags.DEFINE_list("outputs", [], "GraphDef output tensors (default: sinks).")
 _OVERWRITE = flags.DEFINE_boolean("overwrite", False, "Replace existing output files.")
+_OUT_FORMAT = flags.DEFINE_string("out_format", "same",
+                                  "'same' as the input, or 'onnx' (TensorFlow input, tf2onnx).")
+_OPSET = flags.DEFINE_integer("opset", 17, "ONNX opset for --out_format=onnx.")
 
 flags.mark_flags_as_required(["in", "out"])
 
@@ -65,7 +69,7 @@ def main(argv):
         seed=_SEED.value, plan_in=_path(_PLAN_IN.value), plan_out=_path(_PLAN_OUT.value),
         report=_path(_REPORT.value), verify=_VERIFY.value, tolerance=_TOLERANCE.value,
         signature=_SIGNATURE.value, inputs=tuple(_INPUTS.value), outputs=tuple(_OUTPUTS.value),
-        overwrite=_OVERWRITE.value)
+        overwrite=_OVERWRITE.value, out_format=_OUT_FORMAT.value, opset=_OPSET.value)
     doc = pipeline.prune(_path(flags.FLAGS["in"].value), _path(_OUT.value), options)
   except errors.GraphPruneError as e:
     print(f"prune: error: {e}", file=sys.stderr)

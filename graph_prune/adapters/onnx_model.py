@@ -60,10 +60,10 @@ def load(path: str, signature: Optional[str] = None, inputs: Sequence[str] = (),
   if external:
     try:
       external_data_helper.load_external_data_for_model(proto, os.path.dirname(path) or ".")
-    except (FileNotFoundError, OSError) as e:
-      raise errors.InputError(f"external data of '{path}' is missing ({e.strerror or e}: "
-                              f"'{os.path.basename(getattr(e, 'filename', '') or '')}'); keep "
-                              "the data file beside the model") from None
+    except (OSError, onnx.checker.ValidationError) as e:
+      raise errors.InputError(f"external data of '{path}' is missing or unreadable "
+                              f"({str(e).splitlines()[0][:200]}); keep the data file beside "
+                              "the model") from None
   try:
     onnx.checker.check_model(proto)
   except (onnx.checker.ValidationError, onnx.onnx_cpp2py_export.checker.ValidationError) as e:

@@ -1,0 +1,250 @@
+"""ONNX models written by hand with onnx.helper, covering what tf2onnx never emits:
+BatchNormalization nodes, Gemm with transB, Flatten -> Gemm, grouped and depthwise
+Conv, ConvTranspose, PRelu, Constant-node weights, external data, an opset-9 model,
+and planted dead channels."""
+
+import os
+
+import numpy as np
+import onnx
+import onnxruntime
+from absl.testing import absltest
+from absl.testing import parameterized
+from onnx import helper
+from onnx import numpy_helper
+
+from graph_prune import errors
+from graph_prune import pipeline
+from graph_prune import plan as plan_lib
+
+_F = onnx.TensorProto.FLOAT
+
+
+class _Net:
+  """Builds an NCHW float model node by node with random (seeded) weights."""
+
+  def __init__(self, seed=0):
+    self.nodes, self.inits = [], []
+    self.rng = np.random.default_rng(seed)
+    self.counts = {}
+
+  def _name(self, prefix):
+    self.counts[prefix] = self.counts.get(prefix, 0) + 1
+    return f"{prefix}{self.counts[prefix]}"
+
+  def weight(self, shape, scale=0.3, name=None, positive=False):
+    name = name or self._name("w")
+    value = self.rng.uniform(0.5, 1.5, shape) if positive else self.rng.standard_normal(shape)
+    self.inits.append(numpy_helper.from_array((value * scale).astype(np.float32), name))
+    return name
+
+  def op(self, op_type, inputs, **attrs):
+    out = self._name(op_type.lower())
+    self.nodes.append(helper.make_node(op_type, inputs, [out], name=out, **attrs))
+    return out
+
+  def conv(self, x, cin, cout, k=3, group=1, bias=True):
+    """Conv node 'convK' with weight 'convK_w' and bias 'convK_b'."""
+    name = f"conv{self.counts.get('conv', 0) + 1}"
+    w = self.weight((cout, cin // group, k, k), name=name + "_w")
+    ins = [x, w] + ([self.weight((cout,), name=name + "_b")] if bias else [])
+    return self.op("Conv", ins, pads=[k // 2] * 4, group=group)
+
+  def dense(self, x, shape, trans_b=0):
+    """Gemm node 'gemmK' with weight 'gemmK_w' and bias 'gemmK_b'."""
+    name = f"gemm{self.counts.get('gemm', 0) + 1}"
+    w = self.weight(shape, name=name + "_w")
+    b = self.weight((shape[0] if trans_b else shape[1],), name=name + "_b")
+    return self.op("Gemm", [x, w, b], transB=trans_b)
+
+  def bn(self, x, c):
+    return self.op("BatchNormalization", [x, self.weight((c,), 1, positive=True),
+                                          self.weight((c,)), self.weight((c,)),
+                                          self.weight((c,), 1, positive=True)])
+
+  def model(self, out, out_shape, opset=17, ir_version=None, channels=3, size=8):
+    graph = helper.make_graph(
+        self.nodes, "handmade",
+        [helper.make_tensor_value_info("x", _F, ["N", channels, size, size])],
+        [helper.make_tensor_value_info(out, _F, ["N"] + list(out_shape))], self.inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+                          producer_name="graph_prune-tests", doc_string="hand-made")
+    if ir_version:
+      m.ir_version = ir_version
+    helper.set_model_props(m, {"owner": "tests"})
+    onnx.checker.check_model(m)
+    return m
+
+
+def _run(path, x):
+  sess = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+  return sess.run(None, {"x": x})[0]
+
+
+def _weights(path, load_external=True):
+  m = onnx.load(path, load_external_data=load_external)
+  return {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}, m
+
+
+class HandmadeTest(parameterized.TestCase):
+
+  def _prune(self, model, ratio=0.5, external=False, **kw):
+    tmp = self.create_tempdir().full_path
+    src = os.path.join(tmp, "in.onnx")
+    if external:
+      onnx.save_model(model, src, save_as_external_data=True, location="in.onnx.data",
+                      size_threshold=0)
+    else:
+      onnx.save_model(model, src)
+    before = open(src, "rb").read()
+    out = os.path.join(tmp, "out.onnx")
+    doc = pipeline.prune(src, out, pipeline.Options(ratio=ratio, **kw))
+    self.assertTrue(doc["verify"]["passed"])
+    self.assertLessEqual(doc["verify"]["max_rel_diff"], 1e-5)
+    self.assertEqual(open(src, "rb").read(), before)
+    pruned = onnx.load(out)
+    onnx.checker.check_model(pruned, full_check=True)
+    onnx.shape_inference.infer_shapes(pruned, check_type=True, strict_mode=True)
+    self.assertEqual(pruned.opset_import, model.opset_import)
+    self.assertEqual(pruned.ir_version, model.ir_version)
+    self.assertEqual(pruned.doc_string, model.doc_string)
+    self.assertEqual(pruned.metadata_props, model.metadata_props)
+    self.assertEqual([o.name for o in pruned.graph.output], [o.name for o in model.graph.output])
+    x = np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    self.assertEqual(_run(out, x).shape, _run(src, x).shape)
+    return doc, src, out
+
+  def test_batch_norm_flatten_gemm_trans_b(self):
+    n = _Net()
+    h = n.op("Relu", [n.bn(n.conv("x", 3, 8), 8)])
+    h = n.op("MaxPool", [h], kernel_shape=[2, 2], strides=[2, 2])
+    h = n.op("Flatten", [h], axis=1)                                   # 8 x 4 x 4 = 128
+    h = n.op("Relu", [n.dense(h, (16, 128), trans_b=1)])
+    out = n.dense(h, (16, 5))
+    doc, _, path = self._prune(n.model(out, [5]))
+    w, _ = _weights(path)
+    self.assertEqual(w["conv1_w"].shape, (4, 3, 3, 3))
+    self.assertEqual(w["gemm1_w"].shape, (8, 64))       # transB: [N, K], both halved
+    self.assertEqual(w["gemm1_b"].shape, (8,))
+    self.assertEqual(w["gemm2_w"].shape, (8, 5))
+    self.assertEqual(doc["groups_pruned"], 2)
+
+  def test_depthwise_and_grouped_conv(self):
+    n = _Net()
+    h = n.op("Relu", [n.conv("x", 3, 8)])
+    h = n.conv(h, 8, 16, group=8)          # depthwise, multiplier 2
+    h = n.op("Relu", [n.conv(h, 16, 8, k=1)])
+    g = n.conv(h, 8, 8, group=2)            # grouped: left whole
+    out = n.op("ReduceMean", [g], axes=[2, 3], keepdims=0)
+    doc, _, path = self._prune(n.model(out, [8]))
+    w, m = _weights(path)
+    self.assertEqual(w["conv1_w"].shape, (4, 3, 3, 3))
+    self.assertEqual(w["conv2_w"].shape, (8, 1, 3, 3))  # depthwise filters follow their input
+    # conv3 feeds the grouped convolution: its outputs stay whole, its inputs halve.
+    self.assertEqual(w["conv3_w"].shape, (8, 8, 1, 1))
+    dw = next(node for node in m.graph.node if node.op_type == "Conv" and node.input[1] == "conv2_w")
+    self.assertEqual(helper.get_attribute_value(
+        next(a for a in dw.attribute if a.name == "group")), 4)
+    reasons = [r for g in doc["skipped"] for r in g["reasons"]]
+    self.assertTrue(any("grouped convolution (2 groups)" in r for r in reasons), reasons)
+
+  def test_conv_transpose_prelu_and_constant_node_weights(self):
+    n = _Net()
+    h = n.conv("x", 3, 6)
+    slope = n.op("Constant", [], value=numpy_helper.from_array(
+        n.rng.uniform(0.1, 0.3, (6, 1, 1)).astype(np.float32)))
+    h = n.op("PRelu", [h, slope])
+    wt = n.op("Constant", [], value=numpy_helper.from_array(
+        n.rng.standard_normal((6, 4, 2, 2)).astype(np.float32)))
+    h = n.op("Relu", [n.op("ConvTranspose", [h, wt, n.weight((4,))], strides=[2, 2])])
+    out = n.op("GlobalAveragePool", [n.conv(h, 4, 2)])
+    doc, _, path = self._prune(n.model(out, [2, 1, 1]))
+    _, m = _weights(path)
+    consts = {node.output[0]: numpy_helper.to_array(node.attribute[0].t)
+              for node in m.graph.node if node.op_type == "Constant"}
+    self.assertEqual(sorted(v.shape for v in consts.values()), [(3, 1, 1), (3, 2, 2, 2)])
+    self.assertEqual(doc["groups_pruned"], 2)
+
+  def test_external_data_is_read_and_written(self):
+    n = _Net()
+    h = n.op("Relu", [n.conv("x", 3, 16)])
+    out = n.op("GlobalAveragePool", [n.conv(h, 16, 4)])
+    _, _, path = self._prune(n.model(out, [4, 1, 1]), external=True)
+    self.assertTrue(os.path.isfile(path + ".data"))
+    m = onnx.load(path, load_external_data=False)
+    big = [t for t in m.graph.initializer if np.prod(t.dims) * 4 >= 1024]
+    self.assertNotEmpty(big)
+    self.assertTrue(all(t.data_location == onnx.TensorProto.EXTERNAL for t in big))
+    w, _ = _weights(path)
+    self.assertEqual(w["conv1_w"].shape, (8, 3, 3, 3))
+
+  def test_opset9_model(self):
+    n = _Net()
+    h = n.op("Relu", [n.bn(n.conv("x", 3, 8), 8)])
+    h = n.op("Pad", [h], pads=[0, 0, 1, 1, 0, 0, 1, 1], mode="constant")
+    h = n.op("Clip", [h], min=0.0, max=6.0)
+    h = n.op("Upsample", [h, n.op("Constant", [], value=numpy_helper.from_array(
+        np.array([1, 1, 2, 2], np.float32)))], mode="nearest")
+    h = n.op("ReduceMean", [h], axes=[2, 3], keepdims=1)
+    h = n.op("Squeeze", [h], axes=[2, 3])
+    h = n.op("Unsqueeze", [h], axes=[2])
+    h = n.op("Reshape", [h, n.op("Constant", [], value=numpy_helper.from_array(
+        np.array([0, -1], np.int64)))])
+    out = n.op("MatMul", [h, n.weight((8, 3), name="fc_w")])
+    doc, _, path = self._prune(n.model(out, [3], opset=9, ir_version=4))
+    w, _ = _weights(path)
+    self.assertEqual(w["conv1_w"].shape, (4, 3, 3, 3))
+    self.assertEqual(w["fc_w"].shape, (4, 3))
+    self.assertEqual(doc["groups_pruned"], 1)
+
+  def test_planted_dead_channels_are_removed_exactly(self):
+    n = _Net()
+    h = n.op("Relu", [n.conv("x", 3, 8)])
+    h = n.op("Relu", [n.conv(h, 8, 8)])
+    out = n.dense(n.op("Flatten", [n.op("GlobalAveragePool", [h])]), (8, 4))
+    model = n.model(out, [4])
+    dead = [1, 4, 6]
+    inits = {t.name: t for t in model.graph.initializer}
+    for name in ("conv1_w", "conv1_b"):  # zero filters and zero bias: exactly-zero channels
+      value = numpy_helper.to_array(inits[name]).copy()
+      value[dead] = 0
+      inits[name].CopyFrom(numpy_helper.from_array(value, name))
+    tmp = self.create_tempdir().full_path
+    doc, src, out_path = self._prune(model, ratio=0.0, overrides=(("conv1", 3 / 8),),
+                                     plan_out=os.path.join(tmp, "plan.json"))
+    plan = plan_lib.Plan.from_json(open(os.path.join(tmp, "plan.json")).read())
+    self.assertEqual([g.removed for g in plan.groups if g.removed], [tuple(dead)])
+    x = np.random.default_rng(4).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(_run(out_path, x), _run(src, x), rtol=0, atol=1e-5)
+    self.assertEqual(doc["params_before"] - doc["params_after"], 3 * (27 + 1) + 3 * 9 * 8)
+
+
+class BadOnnxTest(absltest.TestCase):
+
+  def test_model_failing_checker(self):
+    n = _Net()
+    out = n.op("Relu", [n.conv("x", 3, 4)])
+    model = n.model(out, [4, 8, 8])
+    model.graph.node[0].input[1] = "missing_weight"
+    tmp = self.create_tempdir().full_path
+    path = os.path.join(tmp, "bad.onnx")
+    onnx.save_model(model, path)
+    with self.assertRaisesRegex(errors.InputError, "fails onnx.checker"):
+      pipeline.prune(path, os.path.join(tmp, "o.onnx"))
+    self.assertEqual(os.listdir(tmp), ["bad.onnx"])
+
+  def test_missing_external_data(self):
+    n = _Net()
+    out = n.op("Relu", [n.conv("x", 3, 4)])
+    tmp = self.create_tempdir().full_path
+    path = os.path.join(tmp, "ext.onnx")
+    onnx.save_model(n.model(out, [4, 8, 8]), path, save_as_external_data=True,
+                    location="ext.onnx.data", size_threshold=0)
+    os.remove(path + ".data")
+    with self.assertRaisesRegex(errors.InputError, "external data .* is missing"):
+      pipeline.prune(path, os.path.join(tmp, "o.onnx"))
+    self.assertEqual(os.listdir(tmp), ["ext.onnx"])
+
+
+if __name__ == "__main__":
+  absltest.main()
