@@ -1,0 +1,151 @@
+"""graph_prune versus onnxsim's structured pruning, side by side, in one run.
+
+  bazel run //benchmarks:onnx_peer -- [--models=VGG16,ResNet50,MobileNetV2] [--size=64]
+      [--sparsity=0.5] [--runs=200] [--json=out.json]
+
+For each Keras application (weights=None, randomised batch-norm statistics and
+biases), converted to ONNX with tf2onnx: onnxsim.pruning.apply_structured_pruning
+(model, sparsity) and graph_prune (ratio = sparsity, l1, verified) prune the same
+file. Reported per tool: parameters kept, ONNX Runtime batch-1 latency (CPU
+provider, one thread per session is not forced; medians over interleaved runs,
+baseline and both pruned models taken in turn), time to prune, and whether the
+output was verified. graph_prune's time includes loading, analysis, rewrite,
+verification in ONNX Runtime and writing; onnxsim's is its one call.
+"""
+
+import json
+import os
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+import numpy as np
+
+_MODELS = flags.DEFINE_list("models", ["VGG16", "ResNet50", "MobileNetV2"], "Keras apps.")
+_SIZE = flags.DEFINE_integer("size", 64, "Input height and width.")
+_SPARSITY = flags.DEFINE_float("sparsity", 0.5, "Fraction of channels removed.")
+_RUNS = flags.DEFINE_integer("runs", 200, "Timed runs per model (after 20 warm-up runs).")
+_JSON = flags.DEFINE_string("json", None, "Also write the figures as JSON here.")
+
+
+def _keras_onnx(name, size, path):
+  """Keras application -> frozen GraphDef -> tf2onnx (opset 17)."""
+  import keras  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tf2onnx  # pylint: disable=g-import-not-at-top
+  from tensorflow.python.framework import convert_to_constants  # pylint: disable=g-import-not-at-top
+  model = getattr(keras.applications, name)(weights=None, input_shape=(size, size, 3),
+                                            classes=10)
+  rng = np.random.default_rng(0)
+  for layer in model.layers:  # identity batch-norm would be folded away: randomise it
+    weights = layer.get_weights()
+    if weights:
+      layer.set_weights([rng.uniform(0.5, 1.5, w.shape).astype(w.dtype) if w.ndim == 1 else w
+                         for w in weights])
+  fn = tf.function(lambda x: model(x, training=False)).get_concrete_function(
+      tf.TensorSpec([None, size, size, 3], tf.float32, name="input"))
+  frozen = convert_to_constants.convert_variables_to_constants_v2(fn)
+  tf2onnx.convert.from_graph_def(frozen.graph.as_graph_def(), input_names=["input:0"],
+                                 output_names=[t.name for t in frozen.outputs], opset=17,
+                                 output_path=path)
+
+
+def _params(path):
+  import onnx  # pylint: disable=g-import-not-at-top
+  m = onnx.load(path)
+  return sum(int(np.prod(t.dims)) for t in m.graph.initializer
+             if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) and t.dims)
+
+
+def _latencies(paths, size, runs):
+  """Median batch-1 latency (ms) per model, runs interleaved so drift hits all alike."""
+  import onnxruntime  # pylint: disable=g-import-not-at-top
+  sessions = [onnxruntime.InferenceSession(p, providers=["CPUExecutionProvider"])
+              for p in paths]
+  x = np.random.default_rng(0).standard_normal((1, size, size, 3)).astype(np.float32)
+  names = [s.get_inputs()[0].name for s in sessions]
+  for s, n in zip(sessions, names):
+    for _ in range(20):
+      s.run(None, {n: x})
+  times = [[] for _ in sessions]
+  for _ in range(runs):
+    for i, (s, n) in enumerate(zip(sessions, names)):
+      t0 = time.perf_counter()
+      s.run(None, {n: x})
+      times[i].append(time.perf_counter() - t0)
+  return [1000 * float(np.median(t)) for t in times]
+
+
+def _max_rel(a_path, b_path, size):
+  import onnxruntime  # pylint: disable=g-import-not-at-top
+  x = np.random.default_rng(5).standard_normal((4, size, size, 3)).astype(np.float32)
+  outs = []
+  for p in (a_path, b_path):
+    s = onnxruntime.InferenceSession(p, providers=["CPUExecutionProvider"])
+    outs.append(s.run(None, {s.get_inputs()[0].name: x})[0])
+  return float(np.max(np.abs(outs[0] - outs[1])) / max(np.max(np.abs(outs[0])), 1e-12))
+
+
+def run_model(name, tmp):
+  import onnx  # pylint: disable=g-import-not-at-top
+  from onnxsim import pruning  # pylint: disable=g-import-not-at-top
+  from graph_prune import pipeline  # pylint: disable=g-import-not-at-top
+  src = os.path.join(tmp, f"{name}.onnx")
+  _keras_onnx(name, _SIZE.value, src)
+  peer_path = os.path.join(tmp, f"{name}_onnxsim.onnx")
+  t0 = time.perf_counter()
+  try:
+    peer = pruning.apply_structured_pruning(onnx.load(src), sparsity=_SPARSITY.value)
+    peer_time = time.perf_counter() - t0
+    onnx.save(peer, peer_path)
+    peer_error = None
+  except Exception as e:  # pylint: disable=broad-except
+    peer_time, peer_error = time.perf_counter() - t0, f"{type(e).__name__}: {e}"[:200]
+    peer_path = src
+  ours_path = os.path.join(tmp, f"{name}_graph_prune.onnx")
+  t0 = time.perf_counter()
+  doc = pipeline.prune(src, ours_path, pipeline.Options(ratio=_SPARSITY.value, criterion="l1"))
+  ours_time = time.perf_counter() - t0
+  base_ms, peer_ms, ours_ms = _latencies([src, peer_path, ours_path], _SIZE.value, _RUNS.value)
+  params = _params(src)
+  return {
+      "params": params,
+      "latency_ms": base_ms,
+      "onnxsim": {"params": _params(peer_path), "latency_ms": peer_ms,
+                  "speedup": base_ms / peer_ms, "prune_s": peer_time, "error": peer_error,
+                  "verified": False,
+                  "output_change_rel": _max_rel(src, peer_path, _SIZE.value)},
+      "graph_prune": {"params": _params(ours_path), "latency_ms": ours_ms,
+                      "speedup": base_ms / ours_ms, "prune_s": ours_time,
+                      "verified": doc["verify"]["passed"],
+                      "verify_max_rel_diff": doc["verify"]["max_rel_diff"],
+                      "output_change_rel": _max_rel(src, ours_path, _SIZE.value),
+                      "groups_pruned": doc["groups_pruned"], "groups_total": doc["groups_total"]},
+  }
+
+
+def main(argv):
+  del argv
+  tmp = tempfile.mkdtemp()
+  results = {}
+  header = (f"{'model':12}{'tool':12}{'params kept':>14}{'kept %':>8}{'latency ms':>12}"
+            f"{'speedup':>9}{'prune s':>9}  verified")
+  print(header)
+  for name in _MODELS.value:
+    r = run_model(name, tmp)
+    results[name] = r
+    print(f"{name:12}{'original':12}{r['params']:>14,}{100:>8.1f}{r['latency_ms']:>12.3f}")
+    for tool in ("onnxsim", "graph_prune"):
+      t = r[tool]
+      note = "yes" if t["verified"] else ("no (" + t["error"] + ")" if t.get("error") else "no")
+      print(f"{'':12}{tool:12}{t['params']:>14,}{100 * t['params'] / r['params']:>8.1f}"
+            f"{t['latency_ms']:>12.3f}{t['speedup']:>9.2f}{t['prune_s']:>9.2f}  {note}",
+            flush=True)
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
+      json.dump(results, f, indent=1, sort_keys=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
