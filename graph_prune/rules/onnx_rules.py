@@ -323,9 +323,6 @@ def _reshape_target(ctx: RuleContext, shape_t: str, x: str):
   concat = _skip(ctx, shape_t)
   if concat is None or concat.op != "Concat" or concat.attrs.get("axis") not in (0, -1):
     return None, None
-  if concat.outputs[0] != shape_t and not all(
-      n.op == "Cast" for n in [ctx.graph.producer(shape_t)]):
-    return None, None
   target, refs = [], []
   for piece in concat.inputs:
     values = base.const_ints(ctx, piece)

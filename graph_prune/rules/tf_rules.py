@@ -50,15 +50,14 @@ def conv2d(ctx: RuleContext) -> None:
     if xshape[axis] % cin or groups < 1:
       base.block_inputs(ctx, f"{describe(ctx.node)}: input has {xshape[axis]} channels, "
                         f"filter expects a multiple of {cin}")
-      ctx.block(ctx.new_fixed(cout, "malformed convolution"), "malformed convolution")
       return
   d = ctx.dim(x)
   if groups != 1:
     reason = (f"{describe(ctx.node)}: grouped convolution ({groups} groups) needs "
               "channels removed evenly per group; left whole")
+    # Its outputs get no channel elements: nothing downstream can prune them.
     if d is not None:
       ctx.block(d.units, reason)
-    ctx.block(ctx.new_fixed(cout, reason), reason)
     return
   if d is not None:
     ctx.slice_const(w, 2, x, base.SINK)

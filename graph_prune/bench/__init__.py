@@ -1,0 +1,1 @@
+"""Benchmarks: latency, throughput, memory and size of models under XLA and ONNX Runtime."""
