@@ -12,6 +12,8 @@ Peak memory is the kernel's resident-set high-water mark, reset after loading
 chain of N convolutions shows how the stage time grows with graph size.
 """
 
+import ctypes
+import gc
 import json
 import os
 import re
@@ -36,7 +38,13 @@ def _status_kib(field):
 
 
 def _reset_peak():
-  """Resets VmHWM to the current RSS (Linux >= 4.0); False if not allowed."""
+  """Returns freed heap to the kernel (so RSS is live memory, not what loading
+  left behind), then resets VmHWM to the current RSS (Linux >= 4.0)."""
+  gc.collect()
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except OSError:
+    pass
   try:
     with open("/proc/self/clear_refs", "w") as f:
       f.write("5")

@@ -258,14 +258,29 @@ def apply_edits(model: TFModel, edits: Edits) -> TFModel:
 
 def _edit_graph_def(graph_def: tf.compat.v1.GraphDef, edits: Edits) -> tf.compat.v1.GraphDef:
   out = tf.compat.v1.GraphDef()
-  out.CopyFrom(graph_def)
   if edits.empty:
+    out.CopyFrom(graph_def)
     return out
+  # Copy node by node, leaving out the values about to be replaced: the old
+  # weights are never duplicated (peak memory stays near the pruned size).
+  replaced = {_node_name(t): v for t, v in edits.constants.items()}
+  for field in ("versions", "library"):
+    if graph_def.HasField(field):
+      getattr(out, field).CopyFrom(getattr(graph_def, field))
+  for src in graph_def.node:
+    node = out.node.add()
+    if src.name not in replaced:
+      node.CopyFrom(src)
+      continue
+    node.name, node.op, node.device = src.name, src.op, src.device
+    node.input.extend(src.input)
+    for key, attr in src.attr.items():
+      if key != "value":
+        node.attr[key].CopyFrom(attr)
+    dtype = tf.dtypes.as_dtype(src.attr["dtype"].type)
+    node.attr["value"].tensor.CopyFrom(
+        tf.make_tensor_proto(np.asarray(replaced[src.name]), dtype=dtype))
   by_name = {n.name: n for n in out.node}
-  for tensor, value in edits.constants.items():
-    node = by_name[_node_name(tensor)]
-    dtype = tf.dtypes.as_dtype(node.attr["dtype"].type)
-    node.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(np.asarray(value), dtype=dtype))
   for new_name, (src, value) in edits.new_constants.items():
     src_node = by_name[_node_name(src)]
     node = out.node.add()

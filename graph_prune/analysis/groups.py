@@ -85,21 +85,35 @@ class Analysis:
 
   def removed_elements(self, removed: Mapping[int, np.ndarray]) -> np.ndarray:
     """Boolean mask over all elements, given the removed unit indices of each group."""
+    offsets = np.zeros(len(self.groups) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([g.channels for g in self.groups])
+    gone = np.zeros(offsets[-1], dtype=bool)
+    for gid, units in removed.items():
+      gone[offsets[gid] + np.asarray(units, dtype=np.int64)] = True
+    owned = self.element_group >= 0
     mask = np.zeros(len(self.element_group), dtype=bool)
-    for gid, gone in removed.items():
-      if len(gone):
-        mask |= (self.element_group == gid) & np.isin(self.element_unit, gone)
+    mask[owned] = gone[offsets[self.element_group[owned]] + self.element_unit[owned]]
     return mask
 
 
 class _UnionFind:
   def __init__(self):
-    self.parent = np.zeros(0, dtype=np.int64)
+    self._parent = np.zeros(1024, dtype=np.int64)
+    self.size = 0
+
+  @property
+  def parent(self) -> np.ndarray:
+    return self._parent[:self.size]
 
   def add(self, count: int) -> np.ndarray:
-    start = len(self.parent)
+    start = self.size
+    if start + count > len(self._parent):  # grow geometrically: adds stay linear overall
+      grown = np.zeros(max(2 * len(self._parent), start + count), dtype=np.int64)
+      grown[:start] = self._parent[:start]
+      self._parent = grown
     ids = np.arange(start, start + count, dtype=np.int64)
-    self.parent = np.concatenate([self.parent, ids])
+    self._parent[start:start + count] = ids
+    self.size += count
     return ids
 
   def find(self, x: int) -> int:

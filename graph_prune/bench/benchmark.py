@@ -95,7 +95,7 @@ def parse_batch_sizes(values: Sequence[str]) -> tuple[int, ...]:
   out = []
   for v in values:
     v = str(v).strip()
-    if not v.isdigit() or int(v) < 1:
+    if not v.isdecimal() or int(v) < 1:
       raise errors.UsageError(f"--batch_sizes: '{v}' is not a positive integer; give e.g. "
                               "--batch_sizes=1,8,32")
     if int(v) not in out:
@@ -145,17 +145,20 @@ def run(options: Options) -> dict[str, Any]:
   date = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
 
   # Load and resolve every model first: bad input fails before any work is timed.
-  loaded = [(role, runners.load(path, options.signature, options.inputs, options.outputs))
-            for role, path in roles]
+  loaded, load_s = [], []
+  for role, path in roles:
+    t0 = time.perf_counter()
+    loaded.append((role, runners.load(path, options.signature, options.inputs, options.outputs)))
+    load_s.append(time.perf_counter() - t0)
   devices = [runners.resolve_device(options.device, runners.format_of(l.path))
              for _, l in loaded]
   models, built = [], []
-  for (role, l), device in zip(loaded, devices):
+  for (role, l), device, seconds in zip(loaded, devices, load_s):
     logging.info("bench: building %s (%s, %s on %s)", role, l.path,
                  runners.runtime_name(l.format, options.xla), device.label)
     t0 = time.perf_counter()
     built.append(runners.build(l, device, options.xla))
-    models.append(_Model(role, l, device, time.perf_counter() - t0))
+    models.append(_Model(role, l, device, seconds + time.perf_counter() - t0))
   for runner in built:  # shape problems (fixed batch, unknown sizes) before any timing
     for b in options.batch_sizes:
       runners.random_inputs(runner.inputs, b, options.seed)

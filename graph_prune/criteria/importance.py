@@ -25,16 +25,37 @@ class Scores:
   used: Mapping[int, str]               # group id -> criterion actually used
 
 
+_CHUNK_BYTES = 64 << 20
+
+
+def _row_norms(weight: np.ndarray, axis: int, order: int) -> np.ndarray:
+  """L1 or L2 norm of each output channel's filter, in float64, computed over
+  blocks of channels so that a large weight is never copied whole."""
+  weight = np.asarray(weight)
+  n = weight.shape[axis]
+  others = tuple(a for a in range(weight.ndim) if a != axis)
+  step = max(1, int(_CHUNK_BYTES // max(1, weight.nbytes // max(n, 1))))
+  out = np.empty(n)
+  for start in range(0, n, step):
+    block = np.take(weight, np.arange(start, min(n, start + step)), axis=axis)
+    if order == 1:
+      out[start:start + step] = np.abs(block).sum(axis=others, dtype=np.float64)
+    else:
+      out[start:start + step] = np.sqrt(np.square(block, dtype=np.float64).sum(axis=others))
+  return out
+
+
 def _filters(weight: np.ndarray, axis: int) -> np.ndarray:
-  """One row per output channel."""
-  w = np.moveaxis(np.asarray(weight, dtype=np.float64), axis, 0)
+  """One row per output channel (float32: fpgm's Gram matrix is the only user)."""
+  w = np.moveaxis(np.asarray(weight, dtype=np.float32), axis, 0)
   return w.reshape(w.shape[0], -1)
 
 
 def _fpgm(rows: np.ndarray) -> np.ndarray:
   """Sum of distances to all other filters: small means near the geometric median."""
-  sq = np.einsum("ij,ij->i", rows, rows)
-  d2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * rows @ rows.T, 0.0)
+  sq = np.einsum("ij,ij->i", rows, rows, dtype=np.float64)
+  gram = (rows @ rows.T).astype(np.float64)
+  d2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * gram, 0.0)
   return np.sqrt(d2).sum(axis=1)
 
 
@@ -54,28 +75,28 @@ def _element_scores(analysis: groups_lib.Analysis, criterion: str) -> np.ndarray
       np.add.at(count, analysis.dims[sl.by].units, 1)
   else:
     for src in analysis.sources:
-      rows = _filters(consts[src.weight], src.weight_axis)
-      if criterion == "l1":
-        vals = np.abs(rows).sum(axis=1)
-      elif criterion == "l2":
-        vals = np.sqrt((rows * rows).sum(axis=1))
+      weight = consts[src.weight]
+      if criterion == "fpgm":
+        vals = _fpgm(_filters(weight, src.weight_axis))
       else:
-        vals = _fpgm(rows)
+        vals = _row_norms(weight, src.weight_axis, 1 if criterion == "l1" else 2)
       total[src.elements] += vals
       count[src.elements] += 1
   with np.errstate(invalid="ignore", divide="ignore"):
     return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
-def _per_unit(analysis, element_scores, gid, channels) -> np.ndarray:
-  sel = analysis.element_group == gid
-  units = analysis.element_unit[sel]
-  vals = element_scores[sel]
-  ok = ~np.isnan(vals)
-  total = np.bincount(units[ok], weights=vals[ok], minlength=channels)
-  count = np.bincount(units[ok], minlength=channels)
+def _per_unit(analysis, element_scores) -> dict[int, np.ndarray]:
+  """Mean element score of every unit of every group, in one pass over the elements."""
+  offsets = np.zeros(len(analysis.groups) + 1, dtype=np.int64)
+  offsets[1:] = np.cumsum([g.channels for g in analysis.groups])
+  ok = (analysis.element_group >= 0) & ~np.isnan(element_scores)
+  flat = offsets[analysis.element_group[ok]] + analysis.element_unit[ok]
+  total = np.bincount(flat, weights=element_scores[ok], minlength=offsets[-1])
+  count = np.bincount(flat, minlength=offsets[-1])
   with np.errstate(invalid="ignore", divide="ignore"):
-    return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+    mean = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+  return {g.id: mean[offsets[g.id]:offsets[g.id + 1]] for g in analysis.groups}
 
 
 def score(analysis: groups_lib.Analysis, criterion: str, seed: int = 0) -> Scores:
@@ -89,15 +110,14 @@ def score(analysis: groups_lib.Analysis, criterion: str, seed: int = 0) -> Score
     for g in prunable:
       per_group[g.id], used[g.id] = rng.random(g.channels), "random"
     return Scores(per_group, used)
-  elem = _element_scores(analysis, criterion)
+  units = _per_unit(analysis, _element_scores(analysis, criterion))
   fallback = None
   for g in prunable:
-    s = _per_unit(analysis, elem, g.id, g.channels)
-    if np.isnan(s).any():
+    if np.isnan(units[g.id]).any():
       # bn_scale on a group without batch-norm: rank by filter L1 norm instead.
       if fallback is None:
-        fallback = _element_scores(analysis, "l1")
-      per_group[g.id], used[g.id] = _per_unit(analysis, fallback, g.id, g.channels), "l1"
+        fallback = _per_unit(analysis, _element_scores(analysis, "l1"))
+      per_group[g.id], used[g.id] = fallback[g.id], "l1"
     else:
-      per_group[g.id], used[g.id] = s, criterion
+      per_group[g.id], used[g.id] = units[g.id], criterion
   return Scores(per_group, used)

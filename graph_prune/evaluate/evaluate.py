@@ -274,20 +274,37 @@ def evaluate(model_spec: ModelSpec, data_spec: str, options: Options = Options()
   got = examples.sample_shape
   if got is not None and prep.resize and len(got) == 3:
     got = tuple(prep.resize) + got[2:]
-  data_shape = got if examples.images else None
-  model = _open(model_spec, data_shape)
-  reference = _open(options.reference, data_shape) if options.reference else None
-  want = model.sample_shape
-  if examples.images and want is not None and len(want) == 3:
-    channels = want[2]
-  else:
-    channels = examples.sample_shape[-1] if examples.sample_shape else None
-  preprocess_lib.check(prep, channels, examples.images)
-  if got is not None and want is not None and not _fits(got, want):
-    raise errors.InputError(_misfit(got, model, data_spec))
-  ds = preprocess_lib.batches(examples, prep, options.batch_size, want, options.max_samples)
-  load_s = time.perf_counter() - start
+  model = _open(model_spec, got if examples.images else None)
+  reference = None
+  try:
+    if options.reference:
+      reference = _open(options.reference, got if examples.images else None)
+    want = model.sample_shape
+    if examples.images and want is not None and len(want) == 3:
+      channels = want[2]
+    else:
+      channels = examples.sample_shape[-1] if examples.sample_shape else None
+    preprocess_lib.check(prep, channels, examples.images)
+    if got is not None and want is not None and not _fits(got, want):
+      raise errors.InputError(_misfit(got, model, data_spec))
+    ds = preprocess_lib.batches(examples, prep, options.batch_size, want, options.max_samples)
+    load_s = time.perf_counter() - start
+    doc = _measure(model, reference, ds, data_spec, options)
+  finally:
+    model.runner.close()
+    if reference:
+      reference.runner.close()
+  doc["data"] = dict(source.to_json(), preprocess=prep.to_json(),
+                     max_samples=options.max_samples)
+  doc["timings"].update(load_s=round(load_s, 3), total_s=round(time.perf_counter() - start, 3))
+  if options.report:
+    _write_json(options.report, doc)
+  return doc
 
+
+def _measure(model: _Model, reference: Optional[_Model], ds: tf.data.Dataset, data_spec: str,
+             options: Options) -> dict:
+  """Accuracy (and agreement) over all batches; the report without data and load time."""
   accuracy, agreement = metrics.AccuracyCounter(), metrics.AgreementCounter()
   classes = None
   model_s = reference_s = 0.0
@@ -326,23 +343,17 @@ def evaluate(model_spec: ModelSpec, data_spec: str, options: Options = Options()
   result = accuracy.result()
   if result.samples == 0:
     raise errors.InputError(f"data '{data_spec}' has no samples; the dataset is empty")
-
-  total_s = time.perf_counter() - start
   doc = {
       "model": model.describe(),
-      "data": dict(source.to_json(), preprocess=prep.to_json(), max_samples=options.max_samples),
       "samples": result.samples, "classes": classes,
       "top1": result.top1, "top5": result.top5, "top5_k": result.k,
-      "timings": {"load_s": round(load_s, 3), "eval_s": round(eval_s, 3),
-                  "model_s": round(model_s, 3), "total_s": round(total_s, 3),
+      "timings": {"eval_s": round(eval_s, 3), "model_s": round(model_s, 3),
                   "samples_per_s": round(result.samples / eval_s, 1) if eval_s else None},
   }
   if reference:
     doc["reference"] = reference.describe()
     doc["agreement"] = dataclasses.asdict(agreement.result())
     doc["timings"]["reference_s"] = round(reference_s, 3)
-  if options.report:
-    _write_json(options.report, doc)
   return doc
 
 
