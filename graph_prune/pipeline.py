@@ -91,10 +91,21 @@ def _check_paths(in_path: str, out_path: str, options: Options) -> None:
 
 def prepare(in_path: str, options: Options = Options()) -> Prepared:
   fmt = format_for(in_path)
-  model = fmt.adapter.load(in_path, options.signature, options.inputs, options.outputs)
+  return prepare_model(fmt, fmt.adapter.load(in_path, options.signature, options.inputs,
+                                             options.outputs))
+
+
+def prepare_model(fmt: Format, model: Any) -> Prepared:
+  """Normalise a loaded model, view it and analyse its channel groups."""
   model = fmt.adapter.normalise(model)
   graph = fmt.adapter.to_view(model)
   return Prepared(fmt, model, graph, groups_lib.analyse(graph, fmt.rules))
+
+
+def rewrite(prepared: Prepared, plan: plan_lib.Plan) -> Any:
+  """The pruned model (not yet validated or verified)."""
+  return prepared.format.adapter.apply_edits(
+      prepared.model, slicing.build_edits(prepared.analysis, plan, slicing.SLICE))
 
 
 def spec_of(options: Options) -> allocation.Spec:
@@ -178,8 +189,7 @@ def prune(in_path: str, out_path: str, options: Options = Options()) -> dict[str
   t1 = time.perf_counter()
   plan = make_plan(prepared, options)
   adapter = prepared.format.adapter
-  pruned = adapter.apply_edits(prepared.model,
-                               slicing.build_edits(prepared.analysis, plan, slicing.SLICE))
+  pruned = rewrite(prepared, plan)
   t2 = time.perf_counter()
   # Re-reading the pruned model runs the format's shape inference: it validates the rewrite.
   try:

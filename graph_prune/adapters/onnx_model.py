@@ -91,9 +91,8 @@ def normalise(model: ONNXModel) -> ONNXModel:
   ONNX's own reference evaluator. Batch-norm and Constant-node weights stay as
   they are: they have rules of their own."""
   from onnx import reference  # pylint: disable=g-import-not-at-top
-  proto = onnx.ModelProto()
-  proto.CopyFrom(model.proto)
-  graph = proto.graph
+  src = model.proto
+  graph = src.graph
   consts = {t.name: t for t in graph.initializer}
   for n in graph.node:
     if n.op_type == "Constant" and _constant_value(n) is not None:
@@ -114,7 +113,7 @@ def normalise(model: ONNXModel) -> ONNXModel:
             [onnx.helper.make_tensor_value_info(t, onnx.helper.np_dtype_to_tensor_dtype(v.dtype),
                                                 v.shape) for t, v in zip(inputs, values)],
             [onnx.helper.make_empty_tensor_value_info(o) for o in node.output if o]),
-        opset_imports=proto.opset_import, ir_version=proto.ir_version)
+        opset_imports=src.opset_import, ir_version=src.ir_version)
     try:
       results = reference.ReferenceEvaluator(sub).run(None, dict(zip(inputs, values)))
     except Exception:  # pylint: disable=broad-except
@@ -128,10 +127,34 @@ def normalise(model: ONNXModel) -> ONNXModel:
     return model
   # Folded tensors that nothing reads any more are dropped with their nodes.
   read = {t for n in kept for t in n.input} | outputs
-  del graph.node[:]
-  graph.node.extend(kept)
-  graph.initializer.extend(t for t in folded if t.name in read)
+  proto = _copy_model(src, nodes=kept)
+  proto.graph.initializer.extend(t for t in folded if t.name in read)
   return dataclasses.replace(model, proto=proto)
+
+
+def _copy_fields(src, dst, skip=()) -> None:
+  """Copies every set field of message src into dst, except those named in skip."""
+  for field, value in src.ListFields():
+    if field.name in skip:
+      continue
+    if field.is_repeated:
+      getattr(dst, field.name).extend(value)
+    elif field.message_type:
+      getattr(dst, field.name).CopyFrom(value)
+    else:
+      setattr(dst, field.name, value)
+
+
+def _copy_model(src: onnx.ModelProto, nodes=None, replace=None) -> onnx.ModelProto:
+  """A copy of src, with other nodes, and initializers replaced by name (`replace`:
+  name -> TensorProto). Replaced weights are never copied first."""
+  out = onnx.ModelProto()
+  _copy_fields(src, out, skip=("graph",))
+  _copy_fields(src.graph, out.graph, skip=("node", "initializer"))
+  out.graph.node.extend(src.graph.node if nodes is None else nodes)
+  replace = replace or {}
+  out.graph.initializer.extend(replace.get(t.name, t) for t in src.graph.initializer)
+  return out
 
 
 def _attr(a: onnx.AttributeProto):
@@ -177,10 +200,39 @@ def _shape(type_proto) -> Optional[tuple]:
   return tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
 
 
+_SMALL_ELEMENTS = 1024
+
+
+def _without_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
+  """A copy for shape inference: large initializers become typed graph inputs, so
+  the weights are not copied to C++ and back; small ones (shape constants that
+  data propagation reads) stay."""
+  light = onnx.ModelProto()
+  for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
+    setattr(light, field, getattr(proto, field))
+  light.opset_import.extend(proto.opset_import)
+  light.functions.extend(proto.functions)
+  g, src = light.graph, proto.graph
+  g.name = src.name
+  g.node.extend(src.node)
+  g.input.extend(src.input)
+  g.output.extend(src.output)
+  g.value_info.extend(src.value_info)
+  inputs = {i.name for i in src.input}
+  for t in src.initializer:
+    if int(np.prod(t.dims)) <= _SMALL_ELEMENTS:
+      g.initializer.append(t)
+    elif t.name not in inputs:
+      g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+  if light.ir_version < 4:
+    light.ir_version = 4  # inputs without initializers: allowed from IR 4 on
+  return light
+
+
 def to_view(model: ONNXModel) -> view.GraphView:
   proto = model.proto
   try:
-    inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    inferred = onnx.shape_inference.infer_shapes(_without_weights(proto), data_prop=True)
   except onnx.shape_inference.InferenceError as e:
     raise errors.InputError(f"ONNX shape inference failed ({str(e).splitlines()[0][:200]})"
                             ) from None
@@ -191,7 +243,7 @@ def to_view(model: ONNXModel) -> view.GraphView:
     elem = vi.type.tensor_type.elem_type
     if elem:
       dtypes[vi.name] = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem)).name
-  constants = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+  constants = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
   nodes = []
   for name, node in zip(node_names(proto), proto.graph.node):
     attrs = {a.name: v for a in node.attribute if (v := _attr(a)) is not None}
@@ -212,17 +264,17 @@ def _tensor(value: np.ndarray, name: str, like: Optional[onnx.TensorProto]) -> o
 
 def apply_edits(model: ONNXModel, edits: Edits) -> ONNXModel:
   """Returns a copy with the edits applied and shapes re-inferred; the model is not changed."""
-  out = onnx.ModelProto()
-  out.CopyFrom(model.proto)
+  src_inits = {t.name: t for t in model.proto.graph.initializer}
+  out = _copy_model(model.proto, replace={
+      name: _tensor(value, name, src_inits[name])
+      for name, value in edits.constants.items() if name in src_inits})
   if edits.empty:
     return dataclasses.replace(model, proto=out)
   graph = out.graph
   inits = {t.name: t for t in graph.initializer}
   const_nodes = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
   for name, value in edits.constants.items():
-    if name in inits:
-      inits[name].CopyFrom(_tensor(value, name, inits[name]))
-    else:
+    if name not in inits:
       node = const_nodes[name]
       old = next((a for a in node.attribute if a.name == "value"), None)
       like = old.t if old is not None else None
@@ -254,7 +306,7 @@ def apply_edits(model: ONNXModel, edits: Edits) -> ONNXModel:
   had = {vi.name for vi in graph.value_info}
   graph.ClearField("value_info")
   if had:
-    inferred = onnx.shape_inference.infer_shapes(out)
+    inferred = onnx.shape_inference.infer_shapes(_without_weights(out))
     graph.value_info.extend(vi for vi in inferred.graph.value_info if vi.name in had)
   return dataclasses.replace(model, proto=out)
 

@@ -116,20 +116,32 @@ class _UnionFind:
     self.size += count
     return ids
 
-  def find(self, x: int) -> int:
-    parent = self.parent
-    root = x
-    while parent[root] != root:
-      root = parent[root]
-    while parent[x] != root:
-      parent[x], x = root, parent[x]
-    return root
+  def _find(self, x: np.ndarray) -> np.ndarray:
+    """Roots of many elements at once (a parent always has a lower id than its child)."""
+    parent = self._parent
+    while True:
+      up = parent[x]
+      if np.array_equal(up, x):
+        return x
+      x = up
 
   def union_arrays(self, a: np.ndarray, b: np.ndarray) -> None:
-    for x, y in zip(a.tolist(), b.tolist()):
-      rx, ry = self.find(x), self.find(y)
-      if rx != ry:
-        self.parent[max(rx, ry)] = min(rx, ry)
+    """Unites a[i] with b[i] for every i, vectorised.
+
+    Each round links the higher root of every differing pair under the lower
+    one; when several pairs write the same root only one write lands, and the
+    rest are redone next round. Paths are compressed at the end.
+    """
+    a = np.asarray(a, dtype=np.int64)
+    b = np.asarray(b, dtype=np.int64)
+    while True:
+      ra, rb = self._find(a), self._find(b)
+      differ = ra != rb
+      if not differ.any():
+        break
+      self._parent[np.maximum(ra[differ], rb[differ])] = np.minimum(ra[differ], rb[differ])
+    self._parent[a] = ra
+    self._parent[b] = ra
 
   def roots(self) -> np.ndarray:
     parent = self.parent.copy()
@@ -210,31 +222,42 @@ def analyse(graph: view.GraphView, rules: Mapping[str, base.Rule]) -> Analysis:
 def _freeze(graph: view.GraphView, w: _Walker) -> Analysis:
   roots = w.uf.roots()
   n = len(roots)
-  # Sources whose elements share a root belong to one group.
+  # Every (source, root) pair, in source order then channel order.
+  sizes = [len(src.elements) for src in w.sources]
+  pair_src = np.repeat(np.arange(len(w.sources)), sizes)
+  pair_root = (roots[np.concatenate([src.elements for src in w.sources])]
+               if w.sources else np.zeros(0, dtype=np.int64))
+  # Sources whose elements share a root belong to one group: unite each source
+  # with the first source that owns each of its roots.
   src_uf = _UnionFind()
   src_uf.add(len(w.sources))
-  owner: dict[int, int] = {}
+  _, first = np.unique(pair_root, return_index=True)
+  owner = np.full(n, -1, dtype=np.int64)
+  owner[pair_root[first]] = pair_src[first]
+  links = np.unique(np.stack([pair_src, owner[pair_root]], axis=1), axis=0)
+  links = links[links[:, 0] != links[:, 1]]
+  src_uf.union_arrays(links[:, 0], links[:, 1])
+  # Groups are numbered by their first source; units by first appearance.
+  _, src_gid = np.unique(src_uf.roots(), return_inverse=True)
+  n_groups = int(src_gid.max()) + 1 if len(src_gid) else 0
+  first_src = np.full(n_groups, len(w.sources))
+  np.minimum.at(first_src, src_gid, np.arange(len(w.sources)))
+  renumber = np.empty(n_groups, dtype=np.int64)
+  renumber[np.argsort(first_src)] = np.arange(n_groups)
+  src_gid = renumber[src_gid]
+  group_sources: list[list[str]] = [[] for _ in range(n_groups)]
   for i, src in enumerate(w.sources):
-    for r in np.unique(roots[src.elements]).tolist():
-      j = owner.setdefault(r, i)
-      if j != i:
-        src_uf.union_arrays(np.array([i]), np.array([j]))
-  src_group = src_uf.roots()
-  group_ids: dict[int, int] = {}
+    group_sources[src_gid[i]].append(src.node)
+  appear = pair_root[np.sort(first)]            # distinct roots in order of first appearance
+  appear_gid = src_gid[owner[appear]]
+  per_group = np.bincount(appear_gid, minlength=n_groups)
+  by_group = np.argsort(appear_gid, kind="stable")
   root_group = np.full(n, -1, dtype=np.int64)
   root_unit = np.full(n, -1, dtype=np.int64)
-  counts: list[int] = []
-  group_sources: list[list[str]] = []
-  for i, src in enumerate(w.sources):
-    gid = group_ids.setdefault(int(src_group[i]), len(group_ids))
-    if gid == len(counts):
-      counts.append(0)
-      group_sources.append([])
-    group_sources[gid].append(src.node)
-    for r in roots[src.elements].tolist():
-      if root_unit[r] < 0:
-        root_group[r], root_unit[r] = gid, counts[gid]
-        counts[gid] += 1
+  root_group[appear] = appear_gid
+  root_unit[appear[by_group]] = np.arange(len(appear)) - np.repeat(
+      np.cumsum(per_group) - per_group, per_group)
+  counts = per_group.tolist()
   element_group = root_group[roots]
   element_unit = root_unit[roots]
 
