@@ -6,7 +6,7 @@ Dense layers.  Fashion-MNIST is read from the IDX files of the Debian package
 dataset-fashion-mnist, so training needs no network access.
 
   bazel run //tools:train_default
-  .venv/bin/python tools/train_default.py   # the same without Bazel
+  PYTHONPATH=. .venv/bin/python tools/train_default.py   # the same without Bazel
 
 Writes into --out_dir (default: <workspace>/models/default):
   fmnist_vgg_bn.pb               frozen GraphDef, input images:0 [N,28,28,1] in [0,1],
@@ -15,11 +15,9 @@ Writes into --out_dir (default: <workspace>/models/default):
   metrics.json, README.md        test accuracy of the Keras model and of both exports
 """
 
-import gzip
 import json
 import os
 import shutil
-import struct
 import tempfile
 import time
 
@@ -27,8 +25,10 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from graph_prune.data import idx
+
 _DATA_DIR = flags.DEFINE_string(
-    "data_dir", "/usr/share/datasets/fashion-mnist",
+    "data_dir", idx.FASHION_MNIST_DIR,
     "Directory with the Fashion-MNIST IDX files (*-idx?-ubyte.gz); the default is where "
     "the Debian package dataset-fashion-mnist installs them.")
 _OUT_DIR = flags.DEFINE_string(
@@ -46,11 +46,6 @@ _DETERMINISTIC = flags.DEFINE_boolean(
 _MIN_ACCURACY = flags.DEFINE_float(
     "min_accuracy", 0.92, "Fail, writing nothing, if the test accuracy is below this.")
 
-# File names inside --data_dir, as shipped by the Debian package (and the upstream release).
-_FILES = {
-    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
-}
 _PB_NAME = "fmnist_vgg_bn.pb"
 _SAVED_MODEL_NAME = "fmnist_vgg_bn_savedmodel"
 _INPUT_NAME = "images"
@@ -72,51 +67,6 @@ def _default_out_dir():
   root = os.environ.get("BUILD_WORKSPACE_DIRECTORY") or os.path.dirname(
       os.path.dirname(os.path.abspath(__file__)))
   return os.path.join(root, "models", "default")
-
-
-# --- Data ----------------------------------------------------------------------------
-
-
-def read_idx(path):
-  """Reads a gzip'ed IDX file of unsigned bytes into a numpy array of its shape.
-
-  IDX header: two zero bytes, a type byte (0x08 = uint8), a byte with the number of
-  dimensions, then each dimension as a big-endian uint32; the data follow.
-  """
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  with gzip.open(path, "rb") as f:
-    data = f.read()
-  if len(data) < 4:
-    raise ValueError(f"{path}: too short for an IDX header")
-  zero, dtype, ndim = struct.unpack(">HBB", data[:4])
-  if zero != 0 or dtype != 0x08 or ndim == 0:
-    raise ValueError(f"{path}: bad IDX magic number 0x{data[:4].hex()} "
-                     "(expected 0x000008NN: unsigned bytes, NN dimensions)")
-  header = 4 + 4 * ndim
-  if len(data) < header:
-    raise ValueError(f"{path}: truncated IDX header")
-  shape = struct.unpack(f">{ndim}I", data[4:header])
-  if len(data) - header != int(np.prod(shape)):
-    raise ValueError(f"{path}: {len(data) - header} data bytes, but the header's shape "
-                     f"{shape} needs {int(np.prod(shape))}")
-  return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
-
-
-def load_split(data_dir, split):
-  """Returns (images float32 [N,28,28,1] in [0,1], labels int32 [N]) of 'train' or 'test'."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  image_file, label_file = _FILES[split]
-  images = read_idx(os.path.join(data_dir, image_file))
-  labels = read_idx(os.path.join(data_dir, label_file))
-  if images.ndim != 3 or images.shape[1:] != (28, 28):
-    raise ValueError(f"{image_file}: shape {images.shape}, expected [N, 28, 28]")
-  if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
-    raise ValueError(f"{label_file}: shape {labels.shape} does not match {images.shape[0]} "
-                     "images")
-  if labels.max() >= _NUM_CLASSES:
-    raise ValueError(f"{label_file}: label {labels.max()} is not a class 0..9")
-  x = (images.astype(np.float32) / 255.0)[..., np.newaxis]
-  return x, labels.astype(np.int32)
 
 
 # --- Model ---------------------------------------------------------------------------
@@ -250,8 +200,8 @@ def train(data_dir, out_dir, epochs=3, batch_size=128, learning_rate=3e-3, seed=
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-  x_train, y_train = load_split(data_dir, "train")
-  x_test, y_test = load_split(data_dir, "test")
+  x_train, y_train = idx.load_split(data_dir, "train")
+  x_test, y_test = idx.load_split(data_dir, "test")
   logging.info("Fashion-MNIST from %s: %d train, %d test images", data_dir, len(x_train),
                len(x_test))
 

@@ -163,7 +163,8 @@ def _open(spec: ModelSpec, data_shape=None) -> _Model:
   shape = tuple(shape) if shape is not None else None
   layout = ""
   if shape is not None and len(shape) == 4:
-    layout = spec.layout if spec.layout != "auto" else _detect_layout(fmt, view, name, shape, data_shape)
+    layout = (spec.layout if spec.layout != "auto"
+              else _detect_layout(fmt, view, name, shape, data_shape))
   kind = model.kind if fmt == "tensorflow" else "onnx"
   return _Model(spec, kind, adapter.Runner(model), name, shape, view.dtypes.get(name, "float32"),
                 layout, names[index], index, keys[index] if signature else None,

@@ -53,7 +53,7 @@ class AccuracyCounter:
     self._k = min(5, scores.shape[1])
     self._n += len(labels)
     self._top1 += int((ranks == 0).sum())
-    self._top5 += int((ranks < 5).sum())
+    self._top5 += int((ranks < self._k).sum())  # a NaN ranks K: never a hit
 
   def result(self) -> Accuracy:
     n = max(self._n, 1)
