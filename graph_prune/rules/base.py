@@ -186,3 +186,83 @@ def follow_reshape(ctx: RuleContext, d: ChannelDim, in_shape, target: list[int],
   if target[j] != -1 and refs[j] is not None:
     const, position, reader = refs[j]
     ctx.set_shape_entry(const, position, out, reader)
+
+
+def registry() -> tuple[dict[str, Rule], Callable]:
+  """A rule table and the decorator that files a function under op types."""
+  rules: dict[str, Rule] = {}
+
+  def rule(*ops: str):
+    def register(fn):
+      for op in ops:
+        rules[op] = fn
+      return fn
+    return register
+  return rules, rule
+
+
+def output(ctx: RuleContext, i: int = 0) -> str:
+  return ctx.node.outputs[i]
+
+
+def reduce(ctx: RuleContext, x: str, axes: Optional[list[int]], keep: bool) -> None:
+  """Reduction over `axes` (None: unknown); empty axes mean all axes in ONNX and are refused."""
+  d = ctx.dim(x)
+  if d is None:
+    return
+  rank = ctx.graph.rank(x)
+  if not axes or rank is None:
+    ctx.block(d.units, f"{describe(ctx.node)}: reduction axes or rank unknown, or all axes")
+    return
+  axes = {normalise_axis(a, rank) for a in axes}
+  if d.axis in axes:
+    ctx.block(d.units, f"{describe(ctx.node)}: reduces over the channel axis")
+    return
+  axis = d.axis if keep else d.axis - sum(1 for a in axes if a < d.axis)
+  ctx.set_dim(output(ctx), ChannelDim(axis, d.units))
+
+
+def concat(ctx: RuleContext, values: list[str], axis: Optional[int]) -> None:
+  """Concatenation along `axis` (None: unknown). Along the channels, the operands'
+  elements are laid end to end (the same tensor twice keeps two index ranges that
+  share their elements); along another axis, the operands' channels line up."""
+  dims = [ctx.dim(v) for v in values]
+  if all(d is None for d in dims):
+    return
+  rank = ctx.graph.rank(values[0])
+  if axis is None or rank is None:
+    block_inputs(ctx, f"{describe(ctx.node)}: concat axis or rank unknown")
+    return
+  axis = normalise_axis(axis, rank)
+  if any(d is not None and d.axis != axis for d in dims):
+    elementwise(ctx, [v for v, d in zip(values, dims) if d is not None], output(ctx))
+    return
+  pieces = []
+  for v, d in zip(values, dims):
+    if d is not None:
+      pieces.append(d.units)
+      continue
+    shape = ctx.graph.shape(v)
+    if shape is None or shape[axis] is None:
+      block_inputs(ctx, f"{describe(ctx.node)}: operand '{v}' has unknown channel count")
+      return
+    pieces.append(ctx.new_fixed(shape[axis], f"{describe(ctx.node)}: concatenated with "
+                                f"'{v}', whose channels can't be pruned"))
+  ctx.set_dim(output(ctx), ChannelDim(axis, np.concatenate(pieces)))
+
+
+def squeeze(ctx: RuleContext, x: str, axes: list[int]) -> None:
+  """Squeeze of `axes` (empty: every axis of size 1)."""
+  d = ctx.dim(x)
+  if d is None:
+    return
+  shape = ctx.graph.shape(x)
+  if shape is None or (not axes and any(s is None for s in shape)):
+    ctx.block(d.units, f"{describe(ctx.node)}: squeezed axes unknown")
+    return
+  axes = [normalise_axis(a, len(shape)) for a in axes] or [
+      i for i, s in enumerate(shape) if s == 1]
+  if d.axis in axes:
+    ctx.block(d.units, f"{describe(ctx.node)}: squeezes the channel axis")
+    return
+  ctx.set_dim(output(ctx), ChannelDim(d.axis - sum(1 for a in axes if a < d.axis), d.units))

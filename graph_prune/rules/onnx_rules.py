@@ -15,19 +15,8 @@ import numpy as np
 from graph_prune.rules import base
 from graph_prune.rules.base import ChannelDim, RuleContext, describe
 
-RULES: dict[str, base.Rule] = {}
-
-
-def _rule(*ops: str):
-  def register(fn):
-    for op in ops:
-      RULES[op] = fn
-    return fn
-  return register
-
-
-def _out(ctx: RuleContext, i: int = 0) -> str:
-  return ctx.node.outputs[i]
+RULES, _rule = base.registry()
+_out = base.output
 
 
 def _input(ctx: RuleContext, i: int) -> Optional[str]:
@@ -188,22 +177,8 @@ def pool(ctx: RuleContext) -> None:
 @_rule("ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceProd", "ReduceL1",
        "ReduceL2", "ReduceLogSumExp", "ReduceSumSquare")
 def reduce(ctx: RuleContext) -> None:
-  x = ctx.node.inputs[0]
-  d = ctx.dim(x)
-  if d is None:
-    return
-  rank = ctx.graph.rank(x)
-  axes = _ints(ctx, "axes", 1)
-  if rank is None or not axes:
-    ctx.block(d.units, f"{describe(ctx.node)}: reduces over all axes, or axes unknown")
-    return
-  axes = {base.normalise_axis(a, rank) for a in axes}
-  if d.axis in axes:
-    ctx.block(d.units, f"{describe(ctx.node)}: reduces over the channel axis")
-    return
-  keep = ctx.node.attrs.get("keepdims", 1)
-  axis = d.axis if keep else d.axis - sum(1 for a in axes if a < d.axis)
-  ctx.set_dim(_out(ctx), ChannelDim(axis, d.units))
+  base.reduce(ctx, ctx.node.inputs[0], _ints(ctx, "axes", 1),
+              bool(ctx.node.attrs.get("keepdims", 1)))
 
 
 @_rule("Pad")
@@ -229,30 +204,7 @@ def pad(ctx: RuleContext) -> None:
 
 @_rule("Concat")
 def concat(ctx: RuleContext) -> None:
-  values = [t for t in ctx.node.inputs if t]
-  dims = [ctx.dim(v) for v in values]
-  if all(d is None for d in dims):
-    return
-  rank = ctx.graph.rank(values[0])
-  if rank is None:
-    base.block_inputs(ctx, f"{describe(ctx.node)}: rank unknown")
-    return
-  axis = base.normalise_axis(ctx.node.attrs.get("axis", 1), rank)
-  if any(d is not None and d.axis != axis for d in dims):
-    base.elementwise(ctx, [v for v in values if ctx.dim(v) is not None], _out(ctx))
-    return
-  pieces = []
-  for v, d in zip(values, dims):
-    if d is not None:
-      pieces.append(d.units)
-      continue
-    shape = ctx.graph.shape(v)
-    if shape is None or shape[axis] is None:
-      base.block_inputs(ctx, f"{describe(ctx.node)}: operand '{v}' has unknown channel count")
-      return
-    pieces.append(ctx.new_fixed(shape[axis], f"{describe(ctx.node)}: concatenated with "
-                                f"'{v}', whose channels can't be pruned"))
-  ctx.set_dim(_out(ctx), ChannelDim(axis, np.concatenate(pieces)))
+  base.concat(ctx, [t for t in ctx.node.inputs if t], ctx.node.attrs.get("axis", 1))
 
 
 @_rule("Flatten")
@@ -366,25 +318,7 @@ def reshape(ctx: RuleContext) -> None:
 
 @_rule("Squeeze")
 def squeeze(ctx: RuleContext) -> None:
-  x = ctx.node.inputs[0]
-  d = ctx.dim(x)
-  if d is None:
-    return
-  shape = ctx.graph.shape(x)
-  axes = _ints(ctx, "axes", 1)
-  if shape is None:
-    ctx.block(d.units, f"{describe(ctx.node)}: rank unknown")
-    return
-  if not axes:
-    if any(s is None for s in shape):
-      ctx.block(d.units, f"{describe(ctx.node)}: squeezed axes unknown")
-      return
-    axes = [i for i, s in enumerate(shape) if s == 1]
-  axes = [base.normalise_axis(a, len(shape)) for a in axes]
-  if d.axis in axes:
-    ctx.block(d.units, f"{describe(ctx.node)}: squeezes the channel axis")
-    return
-  ctx.set_dim(_out(ctx), ChannelDim(d.axis - sum(1 for a in axes if a < d.axis), d.units))
+  base.squeeze(ctx, ctx.node.inputs[0], _ints(ctx, "axes", 1) or [])
 
 
 @_rule("Unsqueeze")

@@ -7,7 +7,6 @@ Adding an op is adding a rule here; an op without a rule blocks its channels.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import numpy as np
@@ -15,19 +14,8 @@ import numpy as np
 from graph_prune.rules import base
 from graph_prune.rules.base import ChannelDim, RuleContext, describe
 
-RULES: dict[str, base.Rule] = {}
-
-
-def _rule(*ops: str):
-  def register(fn):
-    for op in ops:
-      RULES[op] = fn
-    return fn
-  return register
-
-
-def _out(ctx: RuleContext, i: int = 0) -> str:
-  return ctx.node.outputs[i]
+RULES, _rule = base.registry()
+_out = base.output
 
 
 def _channel_axis(ctx: RuleContext, rank: int = 4) -> int:
@@ -174,77 +162,19 @@ def pool(ctx: RuleContext) -> None:
 @_rule("Mean", "Max", "Min", "Sum", "Prod")
 def reduce(ctx: RuleContext) -> None:
   x, axes_t = ctx.node.inputs[:2]
-  d = ctx.dim(x)
-  if d is None:
-    return
-  rank = ctx.graph.rank(x)
-  axes = base.const_ints(ctx, axes_t)
-  if axes is None or rank is None:
-    ctx.block(d.units, f"{describe(ctx.node)}: reduction axes or rank unknown")
-    return
-  axes = {base.normalise_axis(a, rank) for a in axes}
-  if d.axis in axes:
-    ctx.block(d.units, f"{describe(ctx.node)}: reduces over the channel axis")
-    return
-  keep = ctx.node.attrs.get("keep_dims", False)
-  axis = d.axis if keep else d.axis - sum(1 for a in axes if a < d.axis)
-  ctx.set_dim(_out(ctx), ChannelDim(axis, d.units))
+  base.reduce(ctx, x, base.const_ints(ctx, axes_t), ctx.node.attrs.get("keep_dims", False))
 
 
 @_rule("ConcatV2")
 def concat(ctx: RuleContext) -> None:
   *values, axis_t = ctx.node.inputs
-  dims = [ctx.dim(v) for v in values]
-  if all(d is None for d in dims):
-    return
-  rank = ctx.graph.rank(values[0])
   axis = base.const_ints(ctx, axis_t)
-  reason_all = None
-  if axis is None or rank is None:
-    reason_all = "concat axis or rank unknown"
-  else:
-    axis = base.normalise_axis(axis[0], rank)
-  if reason_all is None and any(d is not None and d.axis != axis for d in dims):
-    # Concat along another axis: channels of all operands line up, like an add.
-    base.elementwise(ctx, [v for v in values if ctx.dim(v) is not None], _out(ctx))
-    return
-  pieces = []
-  for v, d in zip(values, dims):
-    if d is not None:
-      pieces.append(d.units)
-      continue
-    shape = ctx.graph.shape(v)
-    if shape is None or shape[axis] is None:
-      reason_all = f"operand '{v}' has unknown channel count"
-      break
-    pieces.append(ctx.new_fixed(
-        shape[axis], f"{describe(ctx.node)}: concatenated with '{v}', whose channels "
-        "can't be pruned"))
-  if reason_all is not None:
-    base.block_inputs(ctx, f"{describe(ctx.node)}: {reason_all}")
-    return
-  # The same tensor twice keeps two index ranges that share their elements.
-  ctx.set_dim(_out(ctx), ChannelDim(axis, np.concatenate(pieces)))
+  base.concat(ctx, values, axis[0] if axis else None)
 
 
 @_rule("Squeeze")
 def squeeze(ctx: RuleContext) -> None:
-  x = ctx.node.inputs[0]
-  d = ctx.dim(x)
-  if d is None:
-    return
-  shape = ctx.graph.shape(x)
-  dims = list(ctx.node.attrs.get("squeeze_dims") or ())
-  if not dims:
-    if shape is None or any(s is None for s in shape):
-      ctx.block(d.units, f"{describe(ctx.node)}: squeezed axes unknown")
-      return
-    dims = [i for i, s in enumerate(shape) if s == 1]
-  dims = [base.normalise_axis(a, len(shape)) for a in dims]
-  if d.axis in dims:
-    ctx.block(d.units, f"{describe(ctx.node)}: squeezes the channel axis")
-    return
-  ctx.set_dim(_out(ctx), ChannelDim(d.axis - sum(1 for a in dims if a < d.axis), d.units))
+  base.squeeze(ctx, ctx.node.inputs[0], list(ctx.node.attrs.get("squeeze_dims") or ()))
 
 
 @_rule("ExpandDims")
