@@ -372,18 +372,29 @@ def _rename_functions(graph_def: tf.compat.v1.GraphDef) -> tf.compat.v1.GraphDef
   return out
 
 
-def _save_saved_model(sig: Signature, graph_def, path: str) -> None:
+def concrete_function(graph_def: tf.compat.v1.GraphDef, inputs: Sequence[str], fetches):
+  """The graph as an eager-callable function of `inputs` (tensor names) returning
+  `fetches` (a list of tensor names, or a dict key -> tensor name). Returns the
+  function and its feed tensors. Library functions are renamed by content first,
+  so that several such graphs (an original and its pruned copy) live in one
+  process."""
   graph_def = _rename_functions(graph_def)
 
   def _import():
     tf.compat.v1.import_graph_def(graph_def, name="")
   wrapped = tf.compat.v1.wrap_function(_import, [])
   g = wrapped.graph
-  feeds = [g.as_graph_element(t) for _, t in sig.inputs]
-  fetches = {key: g.as_graph_element(t) for key, t in sig.outputs}
-  pruned = wrapped.prune(feeds=feeds, fetches=fetches)
-  specs = [tf.TensorSpec(f.shape, f.dtype, name=key) for (key, _), f in zip(sig.inputs, feeds)]
+  feeds = [g.as_graph_element(t) for t in inputs]
+  if isinstance(fetches, dict):
+    targets = {key: g.as_graph_element(t) for key, t in fetches.items()}
+  else:
+    targets = [g.as_graph_element(t) for t in fetches]
+  return wrapped.prune(feeds=feeds, fetches=targets), feeds
 
+
+def _save_saved_model(sig: Signature, graph_def, path: str) -> None:
+  pruned, feeds = concrete_function(graph_def, [t for _, t in sig.inputs], dict(sig.outputs))
+  specs = [tf.TensorSpec(f.shape, f.dtype, name=key) for (key, _), f in zip(sig.inputs, feeds)]
   module = tf.Module()
   module.pruned = pruned
   serve = tf.function(lambda *args: pruned(*args), input_signature=specs)

@@ -26,7 +26,7 @@ Report (JSON), schema "graph_prune.bench/1":
     format      "graphdef", "graphdef_text", "saved_model" or "onnx"
     runtime     "tensorflow-xla", "tensorflow" or "onnxruntime"
     device      device label this model ran on
-    inputs      [{name, shape, dtype}] (null: unknown dimension, the batch)
+    inputs      [{name, shape, dtype}] (a null size: unknown, the batch)
     outputs     [tensor names]
     const_bytes bytes on disk: file, SavedModel directory, or ONNX file plus
                 its external data
@@ -34,12 +34,19 @@ Report (JSON), schema "graph_prune.bench/1":
     batches     {"<batch size>": per batch size
       compile_s      seconds of the first call (TF: trace + XLA compile + run;
                      ORT: shape-specific set-up + run)
-      latency_ms     {median, p10, p90, rse, n} over the timed calls
+      latency_ms     {median, p10, p90} in ms over the n timed calls, and rse,
+                     the median's relative standard error (a fraction)
       throughput     samples per second at the median latency
-      peak_bytes     peak memory (see memory.py); null where not measured
+      peak_bytes     peak memory of a fresh process running this model at
+                     this batch size (see memory.py): device memory on GPU/TPU,
+                     host RSS above the post-import baseline on CPU; null where
+                     not measured
       peak_method    "device_allocator", "vmhwm_reset", "vmhwm_minus_rss",
                      "unavailable", "not measured" or "failed: ..."
       host_peak_bytes  host RSS peak above the baseline (all devices)
+      resident_bytes   host RSS above the baseline after the runs: what the
+                     loaded, compiled model keeps (the peak also holds the
+                     transient copies made while loading and compiling)
       output_shapes  shapes of the outputs at this batch size
       converged      whether the loop reached the target before the budget
     }
@@ -230,13 +237,14 @@ def _time_batch(b: int, models: Sequence[_Model], built: Sequence[Any], options:
 
 def _peak(m: _Model, b: int, options: Options) -> dict[str, Any]:
   if not options.memory:
-    return {"peak_bytes": None, "peak_method": "not measured", "host_peak_bytes": None}
+    return {"peak_bytes": None, "peak_method": "not measured", "host_peak_bytes": None,
+            "resident_bytes": None}
   logging.info("bench: %s batch %d: peak memory (child process)", m.role, b)
   peak = memory.measure(memory.Request(
       m.loaded.path, m.device.label, b, options.xla, options.memory_runs, options.seed,
       options.signature, options.inputs, options.outputs))
   return {"peak_bytes": peak.peak_bytes, "peak_method": peak.method,
-          "host_peak_bytes": peak.host_peak_bytes}
+          "host_peak_bytes": peak.host_peak_bytes, "resident_bytes": peak.resident_bytes}
 
 
 def _model_doc(m: _Model, runner, options: Options) -> dict[str, Any]:
@@ -245,8 +253,9 @@ def _model_doc(m: _Model, runner, options: Options) -> dict[str, Any]:
       "format": m.loaded.format,
       "runtime": runners.runtime_name(m.loaded.format, options.xla),
       "device": m.device.label,
-      "inputs": [{"name": i.name, "shape": [d if isinstance(d, int) and d >= 0 else None
-                                            for d in i.shape], "dtype": i.dtype}
+      "inputs": [{"name": i.name, "dtype": i.dtype,
+                  "shape": None if i.shape is None else
+                           [d if isinstance(d, int) and d >= 0 else None for d in i.shape]}
                  for i in runner.inputs],
       "outputs": list(runner.outputs),
       "const_bytes": runners.size_on_disk(m.loaded),

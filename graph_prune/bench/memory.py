@@ -4,7 +4,8 @@ Every (model, batch size) gets a fresh process, so that no two share a peak.
 The child imports its runtime and runs one tiny op first; that state is the
 baseline. Then it loads the model, builds it, compiles it at the batch size
 and runs it a few times. The peak therefore covers loading, compilation and
-inference, not the interpreter or the runtime's start-up.
+inference, not the interpreter or the runtime's start-up; the resident set
+left after the runs (what the loaded, compiled model keeps) is reported too.
 
 - GPU/TPU (TensorFlow): the device allocator's peak
   (`tf.config.experimental.get_memory_info`), reset after the baseline.
@@ -56,6 +57,7 @@ class Peak:
   peak_bytes: Optional[int]         # device peak on GPU/TPU, host RSS peak on CPU
   method: str                       # one of the constants above, or "failed: <why>"
   host_peak_bytes: Optional[int]    # host RSS peak above the baseline, on every device
+  resident_bytes: Optional[int] = None  # host RSS above the baseline after the runs
 
 
 def measure(request: Request, timeout_s: float = 1800.0) -> Peak:
@@ -117,10 +119,12 @@ def _child(request: Request) -> Peak:
     bound.call()
 
   host = max(0, _status_bytes("VmHWM") - base)
+  resident = max(0, _status_bytes("VmRSS") - base)
   if device.kind == "cpu":
-    return Peak(host, VMHWM_RESET if reset else VMHWM_MINUS_RSS, host)
+    return Peak(host, VMHWM_RESET if reset else VMHWM_MINUS_RSS, host, resident)
   on_device = runners.device_memory(device) if fmt != runners.ONNX else None
-  return Peak(on_device, DEVICE_ALLOCATOR if on_device is not None else UNAVAILABLE, host)
+  return Peak(on_device, DEVICE_ALLOCATOR if on_device is not None else UNAVAILABLE, host,
+              resident)
 
 
 def _main(argv) -> int:

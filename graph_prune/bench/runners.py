@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import hashlib
 import os
 import re
 from typing import Any, Callable, Optional, Sequence
@@ -24,7 +23,6 @@ import numpy as np
 from graph_prune import errors
 
 ONNX = "onnx"
-DEVICE_KINDS = ("auto", "cpu", "gpu", "tpu")
 _DEVICE_RE = re.compile(r"^(auto|cpu|gpu|tpu)(?::(\d+))?$")
 
 
@@ -53,7 +51,7 @@ class Loaded:
 @dataclasses.dataclass(frozen=True)
 class Input:
   name: str
-  shape: tuple         # None (or a symbolic name, in ONNX) for unknown dimensions
+  shape: Optional[tuple]   # None: unknown rank; in it None (or, in ONNX, a name): unknown size
   dtype: str
 
 
@@ -209,6 +207,9 @@ def describe(device: Device, fmt: str) -> str:
 
 def batch_shape(spec: Input, batch: int) -> tuple[int, ...]:
   """The input's shape at this batch size: the first dimension is the batch."""
+  if spec.shape is None:
+    raise errors.UsageError(f"input '{spec.name}' has an unknown rank; the benchmark needs "
+                            "fixed sizes beyond the batch")
   if not spec.shape:
     return ()
   first, rest = spec.shape[0], spec.shape[1:]
@@ -248,20 +249,12 @@ class TFRunner:
   def __init__(self, loaded: Loaded, device: Device, xla: bool):
     tf = _tf()
     model = loaded.model
-    graph_def = _content_named_functions(model.graph_def)
-
-    def _import():
-      tf.compat.v1.import_graph_def(graph_def, name="")
-
-    wrapped = tf.compat.v1.wrap_function(_import, [])
-    graph = wrapped.graph
-    feeds = [graph.as_graph_element(t) for t in model.inputs]
-    fetches = [graph.as_graph_element(t) for t in model.outputs]
-    pruned = wrapped.prune(feeds=feeds, fetches=fetches)
+    from graph_prune.adapters import tf_model  # pylint: disable=g-import-not-at-top
+    pruned, feeds = tf_model.concrete_function(model.graph_def, model.inputs, model.outputs)
     # jit_compile=None (not False) is plain TensorFlow: grappler, no XLA clustering forced.
     self._fn = tf.function(lambda *args: pruned(*args), jit_compile=True if xla else None)
     self.inputs = tuple(
-        Input(t, tuple(f.shape.as_list()) if f.shape.rank is not None else (),
+        Input(t, tuple(f.shape.as_list()) if f.shape.rank is not None else None,
               f.dtype.as_numpy_dtype.__name__ if f.dtype.is_numpy_compatible else "float32")
         for t, f in zip(model.inputs, feeds))
     self.outputs = tuple(model.outputs)
@@ -297,6 +290,9 @@ class ORTRunner:
     self._ort = onnxruntime
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
+    # Idle worker threads of one session would otherwise spin while the other
+    # session of the A/B pair runs, and take its cores.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if device.kind == "gpu":
       providers = [("CUDAExecutionProvider", {"device_id": device.index}), "CPUExecutionProvider"]
     else:
@@ -306,6 +302,10 @@ class ORTRunner:
     if device.kind == "gpu" and "CUDAExecutionProvider" not in self._session.get_providers():
       raise errors.UsageError("ONNX Runtime could not start its CUDA provider; use --device=cpu")
     by_name = {i.name: i for i in self._session.get_inputs()}
+    for name in loaded.model.inputs:
+      if name not in by_name:
+        raise errors.UsageError(f"input '{name}' is not a graph input of '{loaded.path}'; "
+                                "ONNX Runtime feeds graph inputs only")
     self.inputs = tuple(
         Input(name, tuple(d if isinstance(d, int) else None for d in by_name[name].shape),
               _ORT_TYPES.get(by_name[name].type, "float32"))
@@ -397,39 +397,3 @@ def _tf():
   # tf_model sets TensorFlow's log level before importing it: import through it.
   from graph_prune.adapters import tf_model  # pylint: disable=g-import-not-at-top
   return tf_model.tf
-
-
-def _content_named_functions(graph_def):
-  """Gives every library function a name derived from its content.
-
-  Baseline and pruned model hold functions of the same name with different
-  bodies (Keras' XLA-compiled grouped convolutions); one process holds both,
-  and the second would clash with the first. The same rule as tf_model's
-  SavedModel writer uses (private there).
-  """
-  if not graph_def.library.function:
-    return graph_def
-  out = type(graph_def)()
-  out.CopyFrom(graph_def)
-  mapping = {}
-  for f in out.library.function:
-    digest = hashlib.sha1(f.SerializeToString(deterministic=True)).hexdigest()[:12]
-    mapping[f.signature.name] = f"{f.signature.name}_gp{digest}"
-
-  def fix(attrs):
-    for v in attrs.values():
-      if v.HasField("func") and v.func.name in mapping:
-        v.func.name = mapping[v.func.name]
-      for fn in v.list.func:
-        if fn.name in mapping:
-          fn.name = mapping[fn.name]
-
-  for node in out.node:
-    fix(node.attr)
-  for f in out.library.function:
-    f.signature.name = mapping[f.signature.name]
-    for node in f.node_def:
-      fix(node.attr)
-  for grad in out.library.gradient:
-    grad.function_name = mapping.get(grad.function_name, grad.function_name)
-  return out
