@@ -28,8 +28,9 @@ class GroupPlan:
 
   @property
   def removed(self) -> tuple[int, ...]:
-    kept = set(self.keep)
-    return tuple(i for i in range(self.channels) if i not in kept)
+    mask = np.ones(self.channels, dtype=bool)
+    mask[list(self.keep)] = False
+    return tuple(np.flatnonzero(mask).tolist())
 
 
 @dataclasses.dataclass(frozen=True)

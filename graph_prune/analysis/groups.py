@@ -261,19 +261,26 @@ def _freeze(graph: view.GraphView, w: _Walker) -> Analysis:
   element_group = root_group[roots]
   element_unit = root_unit[roots]
 
+  # Many blocks and slices refer to the same channel array: look each up once.
+  group_sets: dict[int, list[int]] = {}
+
+  def groups_of(units: np.ndarray) -> list[int]:
+    key = id(units)
+    if key not in group_sets:
+      group_sets[key] = [g for g in np.unique(element_group[units]).tolist() if g >= 0]
+    return group_sets[key]
+
   reasons: list[list[str]] = [[] for _ in counts]
   for elements, reason in w.blocks:
-    for gid in np.unique(element_group[elements]).tolist():
-      if gid >= 0 and reason not in reasons[gid]:
+    for gid in groups_of(elements):
+      if reason not in reasons[gid]:
         reasons[gid].append(reason)
-  members: list[list[str]] = [list(s) for s in group_sources]
+  members: list[dict[str, None]] = [dict.fromkeys(s) for s in group_sources]
   for sl in list(w.slices) + list(w.shape_entries):
     d = w.dims.get(sl.by)
-    if d is None:
-      continue
-    for gid in np.unique(element_group[d.units]).tolist():
-      if gid >= 0 and sl.consumer not in members[gid]:
-        members[gid].append(sl.consumer)
+    if d is not None:
+      for gid in groups_of(d.units):
+        members[gid].setdefault(sl.consumer)
   groups = tuple(
       ChannelGroup(gid, tuple(dict.fromkeys(group_sources[gid])), tuple(members[gid]),
                    counts[gid], tuple(reasons[gid]))
