@@ -11,6 +11,8 @@ Opset, IR version, names, metadata and doc strings are never touched.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import os
 import shutil
 import tempfile
@@ -220,13 +222,18 @@ def _without_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
   g.value_info.extend(src.value_info)
   inputs = {i.name for i in src.input}
   for t in src.initializer:
-    if int(np.prod(t.dims)) <= _SMALL_ELEMENTS:
+    if math.prod(t.dims) <= _SMALL_ELEMENTS:
       g.initializer.append(t)
     elif t.name not in inputs:
       g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
   if light.ir_version < 4:
     light.ir_version = 4  # inputs without initializers: allowed from IR 4 on
   return light
+
+
+@functools.lru_cache(maxsize=None)
+def _dtype_name(elem_type: int) -> str:
+  return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)).name
 
 
 def to_view(model: ONNXModel) -> view.GraphView:
@@ -242,7 +249,7 @@ def to_view(model: ONNXModel) -> view.GraphView:
     shapes[vi.name] = _shape(vi.type)
     elem = vi.type.tensor_type.elem_type
     if elem:
-      dtypes[vi.name] = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem)).name
+      dtypes[vi.name] = _dtype_name(elem)
   constants = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
   nodes = []
   for name, node in zip(node_names(proto), proto.graph.node):

@@ -234,9 +234,11 @@ def _freeze(graph: view.GraphView, w: _Walker) -> Analysis:
   _, first = np.unique(pair_root, return_index=True)
   owner = np.full(n, -1, dtype=np.int64)
   owner[pair_root[first]] = pair_src[first]
-  links = np.unique(np.stack([pair_src, owner[pair_root]], axis=1), axis=0)
-  links = links[links[:, 0] != links[:, 1]]
-  src_uf.union_arrays(links[:, 0], links[:, 1])
+  n_src = max(len(w.sources), 1)
+  keys = np.unique(pair_src * n_src + owner[pair_root])   # distinct (source, owner) links
+  links_a, links_b = keys // n_src, keys % n_src
+  differ = links_a != links_b
+  src_uf.union_arrays(links_a[differ], links_b[differ])
   # Groups are numbered by their first source; units by first appearance.
   _, src_gid = np.unique(src_uf.roots(), return_inverse=True)
   n_groups = int(src_gid.max()) + 1 if len(src_gid) else 0

@@ -39,7 +39,8 @@ def _row_norms(weight: np.ndarray, axis: int, order: int) -> np.ndarray:
   step = max(1, int(_CHUNK_BYTES // max(1, weight.nbytes // max(n, 1))))
   out = np.empty(n)
   for start in range(0, n, step):
-    block = np.take(weight, np.arange(start, min(n, start + step)), axis=axis)
+    block = weight if step >= n else np.take(weight, np.arange(start, min(n, start + step)),
+                                             axis=axis)
     if order == 1:
       out[start:start + step] = np.abs(block).sum(axis=others)
     else:

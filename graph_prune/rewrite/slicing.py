@@ -74,20 +74,24 @@ def build_edits(analysis: groups_lib.Analysis, plan: plan_lib.Plan, mode: str) -
     for consumer, ops in per_consumer.items():
       v = _apply(original, ops, mode)
       for position, count in entries.get(const, {}).get(consumer, ()):
-        v = v.copy()
-        v.reshape(-1)[position] = count
+        if v.reshape(-1)[position] != count:
+          v = v.copy()
+          v.reshape(-1)[position] = count
       values[consumer] = v
     readers = {n.name for n, _ in graph.consumers(const)}
     for name in readers - set(values):
       values[name] = original
     distinct = list(values.values())
-    if all(v.shape == distinct[0].shape and np.array_equal(v, distinct[0]) for v in distinct):
-      if not (distinct[0].shape == original.shape and np.array_equal(distinct[0], original)):
-        constants[const] = distinct[0]
+    first = distinct[0]
+    # _apply returns the original object when it changes nothing: identity first.
+    if all(v is first or (v.shape == first.shape and np.array_equal(v, first))
+           for v in distinct[1:]):
+      if first is not original:
+        constants[const] = first
       continue
     for consumer in sorted(values):
       v = values[consumer]
-      if v.shape == original.shape and np.array_equal(v, original):
+      if v is original:
         continue
       new_name = f"{const.split(':')[0]}/gp_copy/{consumer}"
       new_constants[new_name] = (const, v)
