@@ -29,6 +29,7 @@ class Options:
   ratio: float = 0.5
   criterion: str = "l1"
   round_to: int = 1
+  round_to_how: str = ""     # how an automatic round_to was chosen, for the report
   overrides: tuple[tuple[str, float], ...] = ()
   exclude: tuple[str, ...] = ()
   seed: int = 0
@@ -211,6 +212,8 @@ def prune(in_path: str, out_path: str, options: Options = Options()) -> dict[str
   if options.out_format == "onnx" and prepared.format.name != "onnx":
     pruned, doc["export"] = _export_onnx(adapter, pruned, prepared.graph, options)
     adapter = format_for(out_path).adapter
+  if options.round_to_how:
+    doc["round_to_auto"] = options.round_to_how
   adapter.write(pruned, out_path)
   if options.plan_out:
     _write_text(options.plan_out, plan.to_json())

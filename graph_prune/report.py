@@ -51,6 +51,8 @@ def text(doc: dict[str, Any]) -> str:
   lines = [f"graph_prune: {doc['input']} -> {doc['output']}  "
            f"(criterion {doc['criterion'] or 'plan'}, ratio {doc['ratio']}, "
            f"round_to {doc['round_to']})", ""]
+  if doc.get("round_to_auto"):
+    lines.insert(1, f"round_to=auto: {doc['round_to_auto']}")
   lines.append(f"{'':14}{'before':>16}{'after':>16}{'removed':>10}")
   for key, label in (("params", "parameters"), ("flops", "FLOPs"), ("const_bytes", "bytes")):
     b, a = doc[f"{key}_before"], doc[f"{key}_after"]

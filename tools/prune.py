@@ -16,7 +16,11 @@ _IN = flags.DEFINE_string("in", None,
 _OUT = flags.DEFINE_string("out", None, "Output path; same format as the input.")
 _RATIO = flags.DEFINE_float("ratio", 0.5, "Fraction of channels removed from each group, [0, 1).")
 _CRITERION = flags.DEFINE_string("criterion", "l1", "l1, l2, bn_scale, fpgm or random.")
-_ROUND_TO = flags.DEFINE_integer("round_to", 1, "Keep a multiple of this many channels.")
+_ROUND_TO = flags.DEFINE_string(
+    "round_to", "1", "Keep a multiple of this many channels, or 'auto': 128 on TPU, 8 on GPU, "
+    "on CPU the multiple measured from a convolution's latency staircase (cached).")
+_WIDTHS_CACHE = flags.DEFINE_string("widths_cache", None,
+                                    "Latency table for --round_to=auto (default: user cache).")
 _LAYER_RATIO = flags.DEFINE_multi_string(
     "layer_ratio", [], "PATTERN=RATIO: ratio for groups with a source node matching the glob.")
 _EXCLUDE = flags.DEFINE_multi_string("exclude", [], "Node-name glob; matching groups stay whole.")
@@ -57,14 +61,31 @@ def _overrides(specs):
   return tuple(out)
 
 
+def _round_to(value):
+  """An int, or 'auto' resolved on the present device; returns (multiple, how)."""
+  if value != "auto":
+    try:
+      return int(value), ""
+    except ValueError:
+      raise errors.UsageError(f"--round_to must be a positive integer or 'auto', not "
+                              f"'{value}'") from None
+  from graph_prune.bench import runners  # pylint: disable=g-import-not-at-top
+  from graph_prune.bench import widths  # pylint: disable=g-import-not-at-top
+  kind = runners.resolve_device("auto", "graphdef").kind
+  return widths.auto_round_to(kind, widths.Cache(_path(_WIDTHS_CACHE.value)
+                                                 or widths.default_cache()))
+
+
 def main(argv):
   del argv
   # Imported here so that flag errors and --help do not pay for importing TensorFlow.
   from graph_prune import pipeline  # pylint: disable=g-import-not-at-top
   from graph_prune import report  # pylint: disable=g-import-not-at-top
   try:
+    round_to, round_to_how = _round_to(_ROUND_TO.value)
     options = pipeline.Options(
-        ratio=_RATIO.value, criterion=_CRITERION.value, round_to=_ROUND_TO.value,
+        ratio=_RATIO.value, criterion=_CRITERION.value, round_to=round_to,
+        round_to_how=round_to_how,
         overrides=_overrides(_LAYER_RATIO.value), exclude=tuple(_EXCLUDE.value),
         seed=_SEED.value, plan_in=_path(_PLAN_IN.value), plan_out=_path(_PLAN_OUT.value),
         report=_path(_REPORT.value), verify=_VERIFY.value, tolerance=_TOLERANCE.value,
