@@ -338,7 +338,7 @@ Reproduce (from the workspace root, after `source third_party/bootstrap.sh`):
 
     bazel run //tools:train_default -- {flags_used}
 
-or without Bazel: `.venv/bin/python tools/train_default.py {flags_used}`.
+or without Bazel: `PYTHONPATH=. .venv/bin/python tools/train_default.py {flags_used}`.
 """
 
 
