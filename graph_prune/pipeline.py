@@ -161,16 +161,16 @@ def _export_onnx(tf_adapter, pruned, graph, options: Options):
   tf_run, onnx_run = tf_adapter.Runner(pruned), onnx_adapter.Runner(exported)
   try:
     inputs = oracle.random_inputs(graph, options.seed + 1)
-    check = oracle.verify(tf_run, tf_run, onnx_run, inputs, options.tolerance, options.seed + 1)
+    max_abs, max_rel = oracle.max_diff(tf_run(inputs), onnx_run(inputs))
   finally:
     tf_run.close()
     onnx_run.close()
-  if not check.passed:
+  if not max_rel <= options.tolerance:
     raise errors.VerificationError(
-        f"the ONNX export differs from the pruned TensorFlow model by {check.max_rel_diff:.3g} "
+        f"the ONNX export differs from the pruned TensorFlow model by {max_rel:.3g} "
         f"(relative; tolerance {options.tolerance:g}); nothing written")
   return exported, {"format": "onnx", "opset": options.opset, "tool": "tf2onnx",
-                    "max_abs_diff": check.max_abs_diff, "max_rel_diff": check.max_rel_diff}
+                    "max_abs_diff": max_abs, "max_rel_diff": max_rel}
 
 
 def prune(in_path: str, out_path: str, options: Options = Options()) -> dict[str, Any]:

@@ -51,7 +51,8 @@ def random_inputs(graph: view.GraphView, seed: int, batch: int = 2) -> list[np.n
   return out
 
 
-def _diff(ref: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> tuple[float, float]:
+def max_diff(ref: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> tuple[float, float]:
+  """Largest absolute and relative (to max |ref|) difference over all outputs."""
   max_abs, max_rel = 0.0, 0.0
   for r, g in zip(ref, got):
     r = np.asarray(r, dtype=np.float64)
@@ -70,8 +71,8 @@ def verify(original: Run, masked: Run, pruned: Run, inputs: Sequence[np.ndarray]
   ref = masked(inputs)
   got = pruned(inputs)
   base = original(inputs)
-  max_abs, max_rel = _diff(ref, got)
-  eff_abs, eff_rel = _diff(base, ref)
+  max_abs, max_rel = max_diff(ref, got)
+  eff_abs, eff_rel = max_diff(base, ref)
   batch = int(inputs[0].shape[0]) if inputs and inputs[0].ndim else 1
   return Verification(max_abs, max_rel, tolerance, bool(max_rel <= tolerance), eff_abs, eff_rel,
                       batch, seed)
