@@ -13,6 +13,8 @@ import tempfile
 import time
 from typing import Any, Optional
 
+import numpy as np
+
 from graph_prune import errors
 from graph_prune import plan as plan_lib
 from graph_prune.analysis import cost as cost_lib
@@ -44,6 +46,8 @@ class Options:
   overwrite: bool = False
   out_format: str = "same"   # "same", or "onnx" to export a TensorFlow input with tf2onnx
   opset: int = 17            # ONNX opset of that export
+  steps: int = 1             # prune in this many increments (recovery after each)
+  recover: Any = None        # graph_prune.recover.recover.Options, or None: no recovery
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,25 +177,21 @@ def _export_onnx(tf_adapter, pruned, graph, options: Options):
                     "max_abs_diff": max_abs, "max_rel_diff": max_rel}
 
 
-def prune(in_path: str, out_path: str, options: Options = Options()) -> dict[str, Any]:
-  """Prunes the model at in_path into out_path (same format) and returns the report.
+def kept_positions(analysis: groups_lib.Analysis, plan: plan_lib.Plan) -> dict[str, np.ndarray]:
+  """For every tensor whose channels the plan cuts: the positions it keeps."""
+  gone = analysis.removed_elements(plan.removed_units())
+  out = {}
+  for tensor, dim in analysis.dims.items():
+    cut = gone[dim.units]
+    if cut.any():
+      out[tensor] = np.flatnonzero(~cut)
+  return out
 
-  Raises a GraphPruneError subclass on bad input, impossible requests or a
-  failed verification; nothing is written then.
-  """
-  _check_paths(in_path, out_path, options)
-  if options.criterion not in importance.CRITERIA:
-    raise errors.UsageError(f"unknown criterion '{options.criterion}'; choose one of "
-                            f"{', '.join(importance.CRITERIA)}")
-  spec = spec_of(options)  # validates ratio and round_to before any work
-  timings = {}
-  t0 = time.perf_counter()
-  prepared = prepare(in_path, options)
-  t1 = time.perf_counter()
-  plan = make_plan(prepared, options)
+
+def _prune_checked(prepared: Prepared, plan: plan_lib.Plan, options: Options):
+  """Rewrite, validate, verify (when asked): the pruned model, its view and the check."""
   adapter = prepared.format.adapter
   pruned = rewrite(prepared, plan)
-  t2 = time.perf_counter()
   # Re-reading the pruned model runs the format's shape inference: it validates the rewrite.
   try:
     pruned_view = adapter.to_view(pruned)
@@ -203,12 +203,98 @@ def prune(in_path: str, out_path: str, options: Options = Options()) -> dict[str
     masked = adapter.apply_edits(prepared.model,
                                  slicing.build_edits(prepared.analysis, plan, slicing.MASK))
     verification = run_oracle(adapter, prepared.model, masked, pruned, prepared.graph, options)
-  t3 = time.perf_counter()
-  timings.update(load_s=t1 - t0, plan_and_rewrite_s=t2 - t1, verify_s=t3 - t2)
+  return pruned, pruned_view, verification
+
+
+def _increment_plan(current: Prepared, options: Options, final: plan_lib.Plan, step: int
+                    ) -> plan_lib.Plan:
+  """Increment `step` of options.steps: scores on the current (recovered) weights,
+  kept counts on the geometric schedule towards the final plan's."""
+  counts = {g.sources: allocation.schedule(g.channels, len(g.keep), options.steps, step,
+                                           options.round_to) for g in final.groups}
+  scores = importance.score(current.analysis, options.criterion, options.seed + step)
+  return allocation.allocate_counts(current.analysis, scores, counts, final)
+
+
+def _check_recovery(fmt: Format, options: Options) -> None:
+  if options.steps < 1:
+    raise errors.UsageError(f"--steps is {options.steps}; it must be at least 1")
+  if options.recover is None:
+    return
+  if fmt.name != "tensorflow":
+    raise errors.UsageError("--recover trains TensorFlow graphs; for an ONNX deployment prune "
+                            "the TensorFlow model with --out_format=onnx")
+  if options.plan_in:
+    raise errors.UsageError("--plan_in applies a fixed plan; it does not combine with --recover")
+  from graph_prune.recover import recover as recover_lib  # pylint: disable=g-import-not-at-top
+  recover_lib.check(options.recover)
+
+
+def prune(in_path: str, out_path: str, options: Options = Options()) -> dict[str, Any]:
+  """Prunes the model at in_path into out_path (same format) and returns the report.
+
+  With options.steps > 1 the channels go in that many increments, each verified,
+  with recovery (options.recover) after each. Raises a GraphPruneError subclass on
+  bad input, impossible requests or a failed verification; nothing is written then.
+  """
+  _check_paths(in_path, out_path, options)
+  if options.criterion not in importance.CRITERIA:
+    raise errors.UsageError(f"unknown criterion '{options.criterion}'; choose one of "
+                            f"{', '.join(importance.CRITERIA)}")
+  spec = spec_of(options)  # validates ratio and round_to before any work
+  _check_recovery(format_for(in_path), options)
+  timings = {"verify_s": 0.0, "recover_s": 0.0, "plan_and_rewrite_s": 0.0}
+  t0 = time.perf_counter()
+  prepared = prepare(in_path, options)
+  timings["load_s"] = time.perf_counter() - t0
+  plan = make_plan(prepared, options)
+  adapter = prepared.format.adapter
+  current, original_keep = prepared, {g.sources: np.arange(g.channels) for g in plan.groups}
+  tensor_keep: dict[str, np.ndarray] = {}
+  increments, verifications = [], []
+  for step in range(1, options.steps + 1):
+    t1 = time.perf_counter()
+    step_plan = plan if options.steps == 1 else _increment_plan(current, options, plan, step)
+    pruned, pruned_view, verification = _prune_checked(current, step_plan, options)
+    t2 = time.perf_counter()
+    for gp in step_plan.groups:
+      original_keep[gp.sources] = original_keep[gp.sources][list(gp.keep)]
+    for tensor, positions in kept_positions(current.analysis, step_plan).items():
+      tensor_keep[tensor] = tensor_keep.get(tensor, np.arange(len(
+          current.analysis.dims[tensor])))[positions]
+    increment = {"step": step, "groups": len(step_plan.groups),
+                 "verify": dataclasses.asdict(verification) if verification else None}
+    t3 = time.perf_counter()
+    if options.recover is not None:
+      from graph_prune.recover import recover as recover_lib  # pylint: disable=g-import-not-at-top
+      ckpt = options.recover.checkpoint_dir
+      if ckpt and options.steps > 1:
+        ckpt = os.path.join(ckpt, f"step_{step}")
+      pruned, increment["recovery"] = recover_lib.recover(prepared.model, pruned, tensor_keep,
+                                                          options.recover, ckpt)
+      pruned_view = adapter.to_view(pruned)
+    t4 = time.perf_counter()
+    timings["plan_and_rewrite_s"] += t2 - t1
+    timings["verify_s"] += t3 - t2
+    timings["recover_s"] += t4 - t3
+    increments.append(increment)
+    if verification:
+      verifications.append(verification)
+    if step < options.steps:
+      current = prepare_model(prepared.format, pruned)
+  final_plan = dataclasses.replace(plan, groups=tuple(
+      dataclasses.replace(g, keep=tuple(int(k) for k in original_keep[g.sources]))
+      for g in plan.groups))
   excluded = {g.id: allocation.excluded_by(spec, g) for g in prepared.analysis.groups}
-  doc = build_report(in_path, out_path, prepared.analysis, plan,
+  worst = max(verifications, key=lambda v: v.max_rel_diff) if verifications else None
+  doc = build_report(in_path, out_path, prepared.analysis, final_plan,
                      cost_lib.measure(prepared.graph), cost_lib.measure(pruned_view),
-                     verification, {k: v for k, v in excluded.items() if v}, timings)
+                     worst, {k: v for k, v in excluded.items() if v}, timings)
+  if options.steps > 1 or options.recover is not None:
+    doc["steps"] = options.steps
+    doc["increments"] = increments
+  if options.recover is not None:
+    doc["recovery"] = increments[-1]["recovery"]
   if options.out_format == "onnx" and prepared.format.name != "onnx":
     pruned, doc["export"] = _export_onnx(adapter, pruned, prepared.graph, options)
     adapter = format_for(out_path).adapter
@@ -216,7 +302,14 @@ def prune(in_path: str, out_path: str, options: Options = Options()) -> dict[str
     doc["round_to_auto"] = options.round_to_how
   adapter.write(pruned, out_path)
   if options.plan_out:
-    _write_text(options.plan_out, plan.to_json())
+    _write_text(options.plan_out, final_plan.to_json())
   if options.report:
-    _write_text(options.report, json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    _write_text(options.report, json.dumps(doc, indent=1, sort_keys=True, default=_json_default)
+                + "\n")
   return doc
+
+
+def _json_default(value):
+  if isinstance(value, np.generic):
+    return value.item()
+  raise TypeError(f"{type(value).__name__} is not JSON serialisable")

@@ -78,6 +78,17 @@ def text(doc: dict[str, Any]) -> str:
                  f"(tolerance {v['tolerance']:.0e}, {v['samples']} seeded samples)")
     lines.append(f"  pruning moved the outputs by at most {v['effect_max_abs']:.3g} "
                  f"(rel {v['effect_max_rel']:.3g}) against the unpruned model")
+  for inc in doc.get("increments", ()):
+    r = inc.get("recovery")
+    if not r:
+      continue
+    where = f"step {inc['step']}/{doc['steps']}: " if doc["steps"] > 1 else ""
+    before, after = r["holdout_agreement_before"], r["holdout_agreement_after"]
+    agree = (f"agreement with the original on {r['holdout_samples']} held-out samples "
+             f"{before:.4f} -> {after:.4f}" if before is not None else "no held-out samples")
+    work = (f"{r['train_steps']} steps, {r['train_s']:.1f} s" if "train_steps" in r else
+            f"{r['sites_adjusted']}/{r['sites']} layers re-fitted")
+    lines.append(f"recovery: {where}{r['method']} ({work}); {agree}")
   e = doc.get("export")
   if e:
     lines.append(f"export: {e['format']} (opset {e['opset']}, {e['tool']}) matches the pruned "

@@ -337,7 +337,7 @@ def _replace_dir(src: str, dst: str) -> None:
     os.replace(src, dst)
 
 
-def _rename_functions(graph_def: tf.compat.v1.GraphDef) -> tf.compat.v1.GraphDef:
+def rename_functions(graph_def: tf.compat.v1.GraphDef) -> tf.compat.v1.GraphDef:
   """Gives every library function a name derived from its content.
 
   Grappler rewrites function bodies (ConvNeXt's XLA-compiled grouped
@@ -378,7 +378,7 @@ def concrete_function(graph_def: tf.compat.v1.GraphDef, inputs: Sequence[str], f
   function and its feed tensors. Library functions are renamed by content first,
   so that several such graphs (an original and its pruned copy) live in one
   process."""
-  graph_def = _rename_functions(graph_def)
+  graph_def = rename_functions(graph_def)
 
   def _import():
     tf.compat.v1.import_graph_def(graph_def, name="")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import math
+from typing import Mapping
 
 import numpy as np
 
@@ -63,3 +64,30 @@ def allocate(analysis: groups_lib.Analysis, scores: importance.Scores, spec: Spe
     keep = tuple(sorted(order[:keep_n].tolist()))
     out.append(plan_lib.GroupPlan(g.id, g.sources, g.channels, keep, scores.used[g.id]))
   return plan_lib.Plan(tuple(out), criterion, spec.ratio, spec.round_to)
+
+
+def allocate_counts(analysis: groups_lib.Analysis, scores: importance.Scores,
+                    counts: Mapping[tuple[str, ...], int], plan_like: plan_lib.Plan
+                    ) -> plan_lib.Plan:
+  """A plan keeping `counts[sources]` units of each named group (the highest
+  scores); groups not named are left whole. One increment of an iterative schedule."""
+  out = []
+  for g in analysis.groups:
+    if g.sources not in counts or not g.prunable:
+      continue
+    keep_n = min(g.channels, max(1, counts[g.sources]))
+    order = np.argsort(-scores.per_group[g.id], kind="stable")
+    keep = tuple(sorted(order[:keep_n].tolist()))
+    out.append(plan_lib.GroupPlan(g.id, g.sources, g.channels, keep, scores.used[g.id]))
+  return dataclasses.replace(plan_like, groups=tuple(out))
+
+
+def schedule(channels: int, final: int, steps: int, step: int, round_to: int) -> int:
+  """Channels kept after increment `step` of `steps`: a geometric path from
+  `channels` to `final` (the same fraction removed each time), rounded up to a
+  multiple of round_to, ending exactly at `final`."""
+  if step >= steps:
+    return final
+  keep = channels * (final / channels) ** (step / steps)
+  keep = math.ceil(round(keep, 6) / round_to) * round_to
+  return int(min(channels, max(final, keep)))

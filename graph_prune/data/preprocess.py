@@ -91,6 +91,12 @@ def batches(examples: sources.Examples, preprocess: Preprocess, batch_size: int,
   ds = examples.dataset
   if max_samples > 0:
     ds = ds.take(max_samples)
+  ds = ds.map(mapper(preprocess, sample_shape), num_parallel_calls=tf.data.AUTOTUNE)
+  return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def mapper(preprocess: Preprocess, sample_shape: Optional[Sequence[Optional[int]]] = None):
+  """The per-sample function (sample, label) -> (float32 preprocessed sample, label)."""
   mean = tf.constant(preprocess.mean, tf.float32) if preprocess.mean else None
   std = tf.constant(preprocess.std, tf.float32) if preprocess.std else None
 
@@ -107,6 +113,4 @@ def batches(examples: sources.Examples, preprocess: Preprocess, batch_size: int,
     if sample_shape is not None:
       x = tf.ensure_shape(x, sample_shape)
     return x, label
-
-  ds = ds.map(apply, num_parallel_calls=tf.data.AUTOTUNE)
-  return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+  return apply

@@ -190,11 +190,14 @@ def _idx_source(spec: str, paths: list[str], split: str) -> Source:
   return Source(IDX, spec, (first, idx.labels_file_for(first)))
 
 
-def examples(source: Source, image_key: str = IMAGE_KEY, label_key: str = LABEL_KEY) -> Examples:
+def examples(source: Source, image_key: str = IMAGE_KEY, label_key: str = LABEL_KEY,
+             labels: bool = True) -> Examples:
   """The source's samples; in-memory formats are read and checked here, the others
-  (decoded in parallel) while the pipeline runs."""
+  (decoded in parallel) while the pipeline runs. With labels=False (distillation
+  needs none) a .npz may hold `x` alone and TFRecords may lack the label; missing
+  labels read as -1."""
   if source.format == NPZ:
-    x, y = _read_npz(source.paths[0])
+    x, y = _read_npz(source.paths[0], labels)
     return _in_memory(x, y, source)
   if source.format == IDX:
     x, y = idx.read_pair(*source.paths)
@@ -206,7 +209,8 @@ def examples(source: Source, image_key: str = IMAGE_KEY, label_key: str = LABEL_
                    num_parallel_calls=tf.data.AUTOTUNE)
     return Examples(ds, (None, None, None), len(source.paths), True)
   features = {image_key: tf.io.FixedLenFeature([], tf.string),
-              label_key: tf.io.FixedLenFeature([], tf.int64)}
+              label_key: tf.io.FixedLenFeature([], tf.int64,
+                                               default_value=None if labels else -1)}
 
   def parse(record):
     ex = tf.io.parse_single_example(record, features)
@@ -222,15 +226,16 @@ def _decode(data: tf.Tensor) -> tf.Tensor:
   return tf.io.decode_image(data, channels=0, dtype=tf.uint8, expand_animations=False)
 
 
-def _read_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
+def _read_npz(path: str, labels: bool = True) -> tuple[np.ndarray, np.ndarray]:
   try:
     with np.load(path, allow_pickle=False) as npz:
-      missing = [k for k in ("x", "y") if k not in npz.files]
+      missing = [k for k in ("x", "y") if k not in npz.files and (labels or k == "x")]
       if missing:
         raise errors.InputError(f"'{path}' has no array {' or '.join(map(repr, missing))} (it "
                                 f"has {', '.join(npz.files) or 'none'}); store samples as x "
                                 "and labels as y")
-      x, y = npz["x"], npz["y"]
+      x = npz["x"]
+      y = npz["y"] if "y" in npz.files else np.full(len(x), -1, np.int64)
   except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
     raise errors.InputError(f"cannot read '{path}' as .npz ({str(e).splitlines()[0]})") from None
   if y.ndim == 2 and y.shape[1] == 1:

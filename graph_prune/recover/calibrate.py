@@ -1,0 +1,214 @@
+"""Batch-norm recalibration without gradient steps.
+
+Pruning removes inputs of every layer behind a pruned one, so the per-channel
+statistics its normalisation was fitted to no longer hold. Two forms are handled:
+
+- FusedBatchNorm in inference mode: its mean and variance constants are
+  re-estimated from the pruned model's own activations on calibration data
+  (gamma and beta kept), the classic recalibration.
+- Batch norm folded into constants (grappler turns Keras batch norm into a
+  convolution or MatMul, an optional per-channel Mul and a per-channel Add): the
+  folded scale and shift of each kept channel are re-fitted so that the channel's
+  mean and standard deviation on the calibration data equal those of the same
+  channel in the original model.
+
+Layers are corrected in graph order, each after the ones before it, since every
+correction changes what the later layers see.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping, Optional
+
+from absl import logging
+import numpy as np
+
+from graph_prune.adapters import tf_model
+from graph_prune.adapters import tf_trainable
+from graph_prune.recover import recover as recover_lib
+
+tf = tf_model.tf
+
+_LINEAR = ("Conv2D", "DepthwiseConv2dNative", "MatMul")
+_SHIFT = ("BiasAdd", "Add", "AddV2")
+_FUSED_BN = ("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3")
+_EPS = 1e-12
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+  """A per-channel affine map to re-fit, or a batch norm to re-estimate."""
+  kind: str                 # "affine" or "batchnorm"
+  node: str                 # the linear op or the batch norm
+  tensor: str               # affine: the shift's output; batchnorm: its input
+  axis: int                 # channel axis of `tensor`
+  weight: str = ""          # affine: the linear op's weight constant ...
+  weight_axis: int = -1     # ... and its output-channel axis
+  multiplier: int = 1       # depthwise channel multiplier
+  scale: str = ""           # affine: the per-channel Mul constant, if any
+  shift: str = ""           # affine: the per-channel Add constant
+  mean: str = ""            # batchnorm: mean and variance constants
+  variance: str = ""
+
+
+def _other_const(node, tensor, graph, channels) -> Optional[str]:
+  """The node's other input if it is a constant with one value per channel."""
+  others = [t for t in node.inputs if t != tensor]
+  if len(node.inputs) != 2 or len(others) != 1 or others[0] not in graph.constants:
+    return None
+  value = graph.constants[others[0]]
+  return others[0] if value.size == channels and max(value.shape, default=1) == channels else None
+
+
+def find_sites(graph) -> tuple[list[Site], list[str]]:
+  """The sites of a graph view, in graph order, and why other linear ops are not."""
+  sites, skipped = [], []
+  for node in graph.nodes:
+    if node.op in _FUSED_BN:
+      if node.attrs.get("is_training") or not all(t in graph.constants for t in node.inputs[1:5]):
+        skipped.append(f"{node.name}: batch norm in training mode or with non-constant inputs")
+        continue
+      axis = 1 if str(node.attrs.get("data_format", "NHWC")).startswith("NC") else 3
+      sites.append(Site("batchnorm", node.name, node.inputs[0], axis,
+                        mean=node.inputs[3], variance=node.inputs[4]))
+      continue
+    if node.op not in _LINEAR or len(node.inputs) < 2 or node.inputs[1] not in graph.constants:
+      continue
+    out = node.outputs[0]
+    shape = graph.shape(out)
+    if shape is None:
+      skipped.append(f"{node.name}: unknown output shape")
+      continue
+    if node.op == "MatMul":
+      axis, waxis = 1, 0 if node.attrs.get("transpose_b") else 1
+    else:
+      axis = 1 if str(node.attrs.get("data_format", "NHWC")).startswith("NC") else 3
+      waxis = 2 if node.op == "DepthwiseConv2dNative" else 3
+    channels = shape[axis]
+    weight = node.inputs[1]
+    multiplier = (graph.constants[weight].shape[3] if node.op == "DepthwiseConv2dNative" else 1)
+    cur, scale, shift = out, "", ""
+    readers = graph.consumers(cur)
+    if len(readers) == 1 and readers[0][0].op == "Mul":
+      scale = _other_const(readers[0][0], cur, graph, channels) or ""
+      if scale:
+        cur = readers[0][0].outputs[0]
+        readers = graph.consumers(cur)
+    if len(readers) == 1 and readers[0][0].op in _SHIFT:
+      shift = _other_const(readers[0][0], cur, graph, channels) or ""
+    if not shift:
+      skipped.append(f"{node.name}: no per-channel shift right after it to re-fit")
+      continue
+    sites.append(Site("affine", node.name, readers[0][0].outputs[0], axis, weight, waxis,
+                      multiplier, scale, shift))
+  return sites, skipped
+
+
+class _Stats:
+  """Per-channel mean and standard deviation, accumulated over batches in float64."""
+
+  def __init__(self):
+    self.n, self.s, self.ss = 0, 0.0, 0.0
+
+  def add(self, count, total, squares):
+    self.n += count
+    self.s = self.s + total
+    self.ss = self.ss + squares
+
+  def result(self) -> tuple[np.ndarray, np.ndarray]:
+    mean = self.s / self.n
+    return mean, np.sqrt(np.maximum(self.ss / self.n - mean * mean, 0.0))
+
+
+def _moments_fn(call, tensors: list[str], axes: list[int]):
+  @tf.function
+  def fn(x):
+    outs = call(x, tensors)
+    res = []
+    for t, axis in zip(outs, axes):
+      red = [a for a in range(t.shape.rank) if a != axis]
+      t = tf.cast(t, tf.float64)
+      res.append((tf.cast(tf.reduce_prod(tf.gather(tf.shape(t), red)), tf.float64),
+                  tf.reduce_sum(t, red), tf.reduce_sum(t * t, red)))
+    return res
+  return fn
+
+
+def _moments(fn, x: np.ndarray, count: int, batch: int = 256) -> list[tuple[np.ndarray, ...]]:
+  stats = None
+  for i in range(0, len(x), batch):
+    res = fn(tf.constant(x[i:i + batch]))
+    stats = stats or [_Stats() for _ in res]
+    for st, (n, s, ss) in zip(stats, res):
+      st.add(float(n), s.numpy(), ss.numpy())
+  return [st.result() for st in stats[:count]]
+
+
+def _calibration(data: recover_lib.Data, samples: int) -> np.ndarray:
+  rows = [x for x, _ in data.train.take(samples).batch(1024).as_numpy_iterator()]
+  return np.concatenate(rows)
+
+
+def recalibrate(original: tf_model.TFModel, pruned: tf_model.TFModel,
+                kept: Mapping[str, np.ndarray], data: recover_lib.Data,
+                options: recover_lib.Options) -> tuple[tf_model.TFModel, dict]:
+  x = _calibration(data, options.calibration_samples)
+  graph = tf_model.to_view(pruned)
+  sites, skipped = find_sites(graph)
+  affine = [s for s in sites if s.kind == "affine"]
+  # The original's statistics at every affine site, in one pass.
+  target = {}
+  if affine:
+    teacher = tf_trainable.Trainable(original, trainable=())
+    fn = _moments_fn(lambda xb, ts: teacher(xb, fetches=ts), [s.tensor for s in affine],
+                     [s.axis for s in affine])
+    for site, (mean, std) in zip(affine, _moments(fn, x, len(affine))):
+      positions = kept.get(site.tensor)
+      if positions is None:
+        positions = np.arange(len(mean))
+      target[site.tensor] = (mean[positions], std[positions])
+  student = tf_trainable.Trainable(
+      pruned, trainable=sorted({c for s in sites for c in
+                                (s.weight, s.scale, s.shift, s.mean, s.variance) if c}))
+  adjusted = 0
+  for site in sites:
+    fn = _moments_fn(lambda xb, ts: student(xb, fetches=ts), [site.tensor], [site.axis])
+    mean_p, std_p = _moments(fn, x, 1)[0]
+    values = student.values()
+    if site.kind == "batchnorm":
+      shape = values[site.mean].shape
+      student.assign({site.mean: mean_p.reshape(shape).astype(values[site.mean].dtype),
+                      site.variance: (std_p ** 2).reshape(shape).astype(
+                          values[site.variance].dtype)})
+      adjusted += 1
+      continue
+    mean_o, std_o = target[site.tensor]
+    if len(mean_o) != len(mean_p):
+      skipped.append(f"{site.node}: {len(mean_p)} channels, original statistics for "
+                     f"{len(mean_o)}")
+      continue
+    # z = a * (z_p - b) + b' keeps the linear part's shape: scale a per channel.
+    a = np.where(std_p > _EPS, std_o / np.maximum(std_p, _EPS), 1.0)
+    b = values[site.shift].reshape(-1).astype(np.float64)
+    new_shift = mean_o - a * (mean_p - b)
+    update = {site.shift: new_shift.reshape(values[site.shift].shape).astype(
+        values[site.shift].dtype)}
+    if site.scale:
+      s = values[site.scale]
+      update[site.scale] = (s.reshape(-1) * a).reshape(s.shape).astype(s.dtype)
+    else:
+      w = values[site.weight]
+      shape = [1] * w.ndim
+      if site.multiplier > 1:  # depthwise [H, W, C, M]: output channel c * M + m
+        factor = a.reshape(w.shape[2], w.shape[3])[np.newaxis, np.newaxis]
+      else:
+        shape[site.weight_axis] = -1
+        factor = a.reshape(shape)
+      update[site.weight] = (w * factor).astype(w.dtype)
+    student.assign(update)
+    adjusted += 1
+  logging.info("recover bn_recalibrate: %d of %d sites re-fitted on %d samples", adjusted,
+               len(sites), len(x))
+  return student.model(), {"calibration_samples": int(len(x)), "sites": len(sites),
+                           "sites_adjusted": adjusted, "skipped": skipped[:20]}

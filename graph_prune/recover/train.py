@@ -1,0 +1,176 @@
+"""Distillation and fine-tuning of a pruned frozen graph, with checkpoints that resume.
+
+Loss per sample: distill, T^2 * KL(softmax(teacher/T) || softmax(student/T)) (Hinton
+et al.), needing no labels; finetune, cross-entropy on the labels, mixed with the
+distillation term by --distill_weight. Adam, linear warm-up then cosine decay.
+
+The data order is a function of the seed and the step alone (seeded shuffle,
+repeat, batch, skip the steps already done), so a resumed run sees the batches an
+uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Optional
+
+from absl import logging
+import numpy as np
+
+from graph_prune import errors
+from graph_prune.adapters import tf_model
+from graph_prune.adapters import tf_trainable
+from graph_prune.recover import recover as recover_lib
+
+tf = tf_model.tf
+
+_SHUFFLE_BUFFER = 16384
+_FINGERPRINT_FILE = "recovery.json"
+
+
+def _optimizer(options: recover_lib.Options):
+  import keras  # pylint: disable=g-import-not-at-top
+  steps = max(options.train_steps, 1)
+  warmup = min(steps // 10, 500)
+  schedule = keras.optimizers.schedules.CosineDecay(
+      initial_learning_rate=0.0 if warmup else options.learning_rate,
+      decay_steps=max(steps - warmup, 1), alpha=0.0,
+      warmup_target=options.learning_rate if warmup else None, warmup_steps=warmup)
+  return keras.optimizers.Adam(schedule), schedule
+
+
+def _per_sample_loss(student, teacher, labels, options: recover_lib.Options):
+  t = options.temperature
+  soft = tf.nn.softmax(teacher / t)
+  kd = tf.reduce_sum(soft * (tf.math.log(soft + 1e-12) - tf.nn.log_softmax(student / t)),
+                     axis=-1) * (t * t)
+  if options.method == recover_lib.DISTILL:
+    return kd
+  classes = tf.shape(student, out_type=tf.int64)[-1]
+  with tf.control_dependencies([
+      tf.debugging.assert_non_negative(labels, message="label below 0"),
+      tf.debugging.assert_less(labels, classes, message="label not below the class count")]):
+    ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=student)
+  w = options.distill_weight
+  return (1.0 - w) * ce + w * kd if w else ce
+
+
+def _checkpoint_dir(path: Optional[str], pruned: tf_model.TFModel,
+                    options: recover_lib.Options) -> Optional[str]:
+  """Checks that a directory with checkpoints belongs to this recovery."""
+  if not path:
+    return None
+  recover_lib.ensure_dir(path)
+  marker = os.path.join(path, _FINGERPRINT_FILE)
+  fp = recover_lib.fingerprint(pruned, options)
+  if os.path.exists(marker):
+    with open(marker, encoding="utf-8") as f:
+      if json.load(f).get("fingerprint") != fp:
+        raise errors.UsageError(f"--checkpoint_dir '{path}' holds checkpoints of another model "
+                                "or other recovery flags; give an empty directory")
+  elif tf.train.latest_checkpoint(path):
+    raise errors.UsageError(f"--checkpoint_dir '{path}' holds checkpoints graph_prune did not "
+                            "write; give an empty directory")
+  else:
+    tmp = marker + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump({"fingerprint": fp, "method": options.method}, f)
+    os.replace(tmp, marker)
+  return path
+
+
+def train(original: tf_model.TFModel, pruned: tf_model.TFModel, logits: str,
+          data: recover_lib.Data, options: recover_lib.Options,
+          checkpoint_dir: Optional[str] = None) -> tuple[tf_model.TFModel, dict]:
+  """Trains the pruned model's weights against the original (and labels); returns
+  the model with the trained weights and the training report."""
+  checkpoint_dir = _checkpoint_dir(checkpoint_dir, pruned, options)
+  strategy = recover_lib.make_strategy(options.strategy)
+  replicas = strategy.num_replicas_in_sync
+  if options.batch_size % replicas:
+    raise errors.UsageError(f"--recover_batch_size {options.batch_size} does not split over "
+                            f"{replicas} replicas; give a multiple of {replicas}")
+  teacher = recover_lib.frozen_function(original, logits)
+  with strategy.scope():
+    student = tf_trainable.Trainable(pruned, fetches=[logits])
+    optimizer, schedule = _optimizer(options)
+    optimizer.build(student.weights)
+  ckpt = tf.train.Checkpoint(weights=student.weights, optimizer=optimizer)
+  manager = None
+  start = 0
+  if checkpoint_dir:
+    manager = tf.train.CheckpointManager(ckpt, checkpoint_dir, max_to_keep=2)
+    if manager.latest_checkpoint:
+      ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+      start = int(optimizer.iterations.numpy())
+      logging.info("recover %s: resuming from step %d (%s)", options.method, start,
+                   manager.latest_checkpoint)
+  steps = options.train_steps
+  ds = (data.train.shuffle(_SHUFFLE_BUFFER, seed=options.seed, reshuffle_each_iteration=True)
+        .repeat().batch(options.batch_size, drop_remainder=True).skip(start)
+        .prefetch(tf.data.AUTOTUNE))
+  iterator = iter(strategy.experimental_distribute_dataset(ds))
+  global_batch = options.batch_size
+
+  def replica_step(x, labels):
+    t = teacher(x)
+    with tf.GradientTape() as tape:
+      s = student(x)[0]
+      loss = tf.nn.compute_average_loss(_per_sample_loss(s, t, labels, options),
+                                        global_batch_size=global_batch)
+    grads = tape.gradient(loss, student.weights)
+    optimizer.apply_gradients(zip(grads, student.weights))
+    same = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(s, -1), tf.argmax(t, -1)), tf.float32))
+    return loss, same
+
+  @tf.function
+  def step(it):
+    x, labels = next(it)
+    loss, same = strategy.run(replica_step, args=(x, labels))
+    return (strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None),
+            strategy.reduce(tf.distribute.ReduceOp.SUM, same, axis=None))
+
+  history = []
+  window_loss, window_same, window_n = 0.0, 0.0, 0
+  t0 = time.perf_counter()
+  last = t0
+  for i in range(start, steps):
+    try:
+      loss, same = step(iterator)
+    except tf.errors.OutOfRangeError:
+      raise errors.InputError(f"recovery data '{data.spec}' has no samples") from None
+    except tf.errors.InvalidArgumentError as e:
+      msg = e.message.strip().splitlines()[0]
+      if "label" in msg:
+        raise errors.InputError(f"recovery data '{data.spec}' has a label out of range "
+                                f"(labels must be 0..classes-1): {msg[:200]}") from None
+      raise errors.InputError(f"recovery step failed: {msg[:300]}") from None
+    window_loss += float(loss)
+    window_same += float(same)
+    window_n += 1
+    done = i + 1
+    if done % options.log_every == 0 or done == steps:
+      now = time.perf_counter()
+      entry = {"step": done, "loss": window_loss / window_n,
+               "agreement": window_same / (window_n * global_batch),
+               "learning_rate": float(schedule(done)), "steps_per_s": window_n / (now - last)}
+      history.append(entry)
+      logging.info("recover %s: step %d/%d  loss %.4f  batch agreement %.3f  lr %.2e  "
+                   "%.1f steps/s", options.method, done, steps, entry["loss"],
+                   entry["agreement"], entry["learning_rate"], entry["steps_per_s"])
+      window_loss, window_same, window_n, last = 0.0, 0.0, 0, now
+    if manager and (done % options.checkpoint_every == 0 or done == steps):
+      manager.save(checkpoint_number=done)
+  train_s = time.perf_counter() - t0
+  doc = {"train_steps": steps, "resumed_from_step": start, "batch_size": global_batch,
+         "learning_rate": options.learning_rate, "strategy": options.strategy,
+         "replicas": replicas, "train_s": round(train_s, 3), "history": history,
+         "trainable_constants": len(student.weight_names),
+         "trainable_params": int(sum(np.prod(w.shape) for w in student.weights))}
+  if options.method == recover_lib.DISTILL or options.distill_weight:
+    doc["temperature"] = options.temperature
+  if options.method == recover_lib.FINETUNE:
+    doc["distill_weight"] = options.distill_weight
+  return student.model(), doc
