@@ -43,11 +43,19 @@ def weight_constants(model: tf_model.TFModel) -> tuple[str, ...]:
 
 def logits_tensor(model: tf_model.TFModel, output: Optional[str] = None) -> str:
   """The tensor to distil on: the output, or the input of a Softmax that produces it
-  (Keras applications end in softmax; soft targets need the logits)."""
+  (through Identity nodes; Keras applications end in softmax and soft targets need
+  the logits)."""
   output = output or model.outputs[0]
-  producer = {n.name: n for n in model.graph_def.node}.get(output.split(":")[0])
-  if producer is not None and producer.op in _LOGITS_OPS and output.endswith(":0"):
-    return tf_model.tensor_name(producer.input[0])
+  nodes = {n.name: n for n in model.graph_def.node}
+  tensor = output
+  while tensor.endswith(":0") and tensor.split(":")[0] in nodes:
+    node = nodes[tensor.split(":")[0]]
+    if node.op == "Identity":
+      tensor = tf_model.tensor_name(node.input[0])
+    elif node.op in _LOGITS_OPS:
+      return tf_model.tensor_name(node.input[0])
+    else:
+      break
   return output
 
 

@@ -28,6 +28,7 @@ tf = tf_model.tf
 
 _SHUFFLE_BUFFER = 16384
 _FINGERPRINT_FILE = "recovery.json"
+_LABEL_CHECK = "graph_prune: label out of range"
 
 
 def _optimizer(options: recover_lib.Options):
@@ -50,8 +51,8 @@ def _per_sample_loss(student, teacher, labels, options: recover_lib.Options):
     return kd
   classes = tf.shape(student, out_type=tf.int64)[-1]
   with tf.control_dependencies([
-      tf.debugging.assert_non_negative(labels, message="label below 0"),
-      tf.debugging.assert_less(labels, classes, message="label not below the class count")]):
+      tf.debugging.assert_non_negative(labels, message=_LABEL_CHECK),
+      tf.debugging.assert_less(labels, classes, message=_LABEL_CHECK)]):
     ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=student)
   w = options.distill_weight
   return (1.0 - w) * ce + w * kd if w else ce
@@ -142,11 +143,12 @@ def train(original: tf_model.TFModel, pruned: tf_model.TFModel, logits: str,
     except tf.errors.OutOfRangeError:
       raise errors.InputError(f"recovery data '{data.spec}' has no samples") from None
     except tf.errors.InvalidArgumentError as e:
-      msg = e.message.strip().splitlines()[0]
-      if "label" in msg:
+      lines = [l.strip() for l in e.message.strip().splitlines() if l.strip()]
+      if any(_LABEL_CHECK in l for l in lines):
         raise errors.InputError(f"recovery data '{data.spec}' has a label out of range "
-                                f"(labels must be 0..classes-1): {msg[:200]}") from None
-      raise errors.InputError(f"recovery step failed: {msg[:300]}") from None
+                                "(labels must be 0 .. number of classes - 1)") from None
+      detail = next((l for l in lines if "Error" not in l[:20]), lines[0] if lines else "")
+      raise errors.InputError(f"recovery step failed: {detail[:300]}") from None
     window_loss += float(loss)
     window_same += float(same)
     window_n += 1

@@ -1,0 +1,350 @@
+"""Recovery after pruning: the trainable round trip, distillation, fine-tuning,
+batch-norm recalibration, increments, strategies, resumption and bad input.
+
+The model is the built-in default one (trained on Fashion-MNIST); the data is the
+Fashion-MNIST training set from the Debian package.
+"""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from absl.testing import absltest
+import numpy as np
+
+import graph_prune
+from graph_prune import errors
+from graph_prune import pipeline
+from graph_prune.adapters import tf_model
+from graph_prune.adapters import tf_trainable
+from graph_prune.data import preprocess
+from graph_prune.recover import calibrate
+from graph_prune.recover import recover
+from tests import keras_zoo
+
+tf = tf_model.tf
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(graph_prune.__file__)))
+_PB = os.path.join(_ROOT, "models", "default", "fmnist_vgg_bn.pb")
+_SM = os.path.join(_ROOT, "models", "default", "fmnist_vgg_bn_savedmodel")
+_DATA = "fashion-mnist:train"
+_SCALE = preprocess.Preprocess(scale=1 / 255)
+_FAST = recover.Options(data=_DATA, preprocess=_SCALE, holdout_samples=1000,
+                        calibration_samples=1024, log_every=50)
+
+
+def _cli(*args, timeout=600):
+  env = dict(os.environ, PYTHONPATH=_ROOT, TF_CPP_MIN_LOG_LEVEL="3", TF_DETERMINISTIC_OPS="1")
+  return subprocess.run([sys.executable, os.path.join(_ROOT, "tools", "prune.py"), *args],
+                        capture_output=True, text=True, env=env, timeout=timeout, check=False)
+
+
+def _error_lines(stderr):
+  return [l for l in stderr.splitlines() if l.startswith("prune: ")]
+
+
+def _test_images(n=1000):
+  from graph_prune.data import idx  # pylint: disable=g-import-not-at-top
+  x, _ = idx.load_split(idx.FASHION_MNIST_DIR, "test")  # float32 [N, 28, 28, 1] in [0, 1]
+  return x[:n]
+
+
+def _top1(model, x):
+  runner = tf_model.Runner(model)
+  try:
+    return np.argmax(runner([x])[0], axis=-1)
+  finally:
+    runner.close()
+
+
+class TrainableRoundTripTest(absltest.TestCase):
+  """Constants -> variables -> constants is exact before any training step."""
+
+  def _check(self, model, x):
+    trainable = tf_trainable.Trainable(model)
+    self.assertGreater(len(trainable.weights), 3)
+    back = trainable.model()
+    self.assertEqual(back.graph_def.SerializeToString(deterministic=True),
+                     model.graph_def.SerializeToString(deterministic=True))
+    runner = tf_model.Runner(model)
+    try:
+      frozen = runner([x])
+    finally:
+      runner.close()
+    traced = [t.numpy() for t in trainable(tf.constant(x))]
+    for a, b in zip(frozen, traced):
+      np.testing.assert_array_equal(a, b)
+
+  def test_default_model(self):
+    self._check(tf_model.normalise(tf_model.load(_PB)), _test_images(64))
+
+  def test_pruned_keras_model_with_softmax_head(self):
+    model, _ = keras_zoo.make_planted_model(seed=3)
+    gd, inp, out = keras_zoo.freeze(model)
+    tfm = tf_model.normalise(tf_model.TFModel(tf_model.GRAPHDEF, gd, (inp,), (out,)))
+    prepared = pipeline.prepare_model(pipeline.format_for("m.pb"), tfm)
+    pruned = pipeline.rewrite(prepared, pipeline.make_plan(prepared, pipeline.Options()))
+    x = keras_zoo.sample_input("planted", batch=4)
+    self._check(pruned, x)
+    # Keras applications end in softmax: distillation must see the logits before it.
+    logits = tf_trainable.logits_tensor(pruned)
+    nodes = {n.name: n for n in pruned.graph_def.node}
+    node = nodes[pruned.outputs[0].split(":")[0]]
+    while node.op == "Identity":
+      node = nodes[node.input[0].split(":")[0]]
+    self.assertEqual(node.op, "Softmax")
+    self.assertEqual(logits, tf_model.tensor_name(node.input[0]))
+    self.assertEqual(nodes[logits.split(":")[0]].op, "BiasAdd")
+
+  def test_writes_changed_values_only(self):
+    model = tf_model.normalise(tf_model.load(_PB))
+    trainable = tf_trainable.Trainable(model)
+    name = trainable.weight_names[0]
+    value = trainable.values()[name]
+    trainable.assign({name: value * 2.0})
+    back = trainable.model()
+    got = {n.name: n for n in back.graph_def.node}[name.split(":")[0]]
+    np.testing.assert_array_equal(tf.make_ndarray(got.attr["value"].tensor), value * 2.0)
+    self.assertEqual(len(back.graph_def.node), len(model.graph_def.node))
+
+
+class RecoveryTest(absltest.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.tmp = absltest.get_default_test_tmpdir()
+    cls.x = _test_images(1000)
+    cls.original = tf_model.normalise(tf_model.load(_PB))
+    cls.teacher = _top1(cls.original, cls.x)
+    out = os.path.join(cls.tmp, "unrecovered.pb")
+    pipeline.prune(_PB, out, pipeline.Options(ratio=0.5, overwrite=True))
+    cls.unrecovered = np.mean(_top1(tf_model.load(out), cls.x) == cls.teacher)
+
+  def _prune(self, name, options, source=_PB, **kw):
+    out = os.path.join(self.tmp, name)
+    doc = pipeline.prune(source, out, pipeline.Options(ratio=0.5, overwrite=True, recover=options,
+                                                     **kw))
+    return out, doc
+
+  def _agreement(self, path):
+    return float(np.mean(_top1(tf_model.load(path), self.x) == self.teacher))
+
+  def test_distillation_raises_agreement(self):
+    out, doc = self._prune("distilled.pb", dataclasses.replace(_FAST, train_steps=200))
+    rec = doc["recovery"]
+    self.assertEqual(rec["method"], "distill")
+    self.assertGreater(rec["holdout_agreement_after"], rec["holdout_agreement_before"] + 0.4)
+    # Measured again on test images the recovery never saw, from the written file.
+    after = self._agreement(out)
+    self.assertLess(self.unrecovered, 0.5)
+    self.assertGreater(after, 0.8)
+    self.assertGreater(after, self.unrecovered + 0.4)
+    self.assertEqual(doc["params_after"], 72506)  # recovery changes values, not shapes
+    self.assertTrue(doc["verify"]["passed"])
+    losses = [h["loss"] for h in rec["history"]]
+    self.assertLess(losses[-1], losses[0])
+
+  def test_finetune_on_labels(self):
+    out, doc = self._prune("finetuned.pb", dataclasses.replace(
+        _FAST, method=recover.FINETUNE, train_steps=200, distill_weight=0.5))
+    self.assertEqual(doc["recovery"]["distill_weight"], 0.5)
+    self.assertGreater(self._agreement(out), self.unrecovered + 0.4)
+
+  def test_bn_recalibration_raises_agreement_without_training(self):
+    out, doc = self._prune("recalibrated.pb", dataclasses.replace(
+        _FAST, method=recover.BN_RECALIBRATE))
+    rec = doc["recovery"]
+    self.assertEqual(rec["sites_adjusted"], rec["sites"])
+    self.assertEqual(rec["sites"], 7)  # five conv+BN, fc1+BN, logits
+    self.assertGreater(self._agreement(out), self.unrecovered + 0.15)
+
+  def test_recalibrated_layers_match_the_original_statistics(self):
+    prepared = pipeline.prepare(_PB)
+    plan = pipeline.make_plan(prepared, pipeline.Options(ratio=0.5))
+    pruned = pipeline.rewrite(prepared, plan)
+    kept = pipeline.kept_positions(prepared.analysis, plan)
+    data = recover.load_data(pruned, _FAST, labels=False)
+    out, _ = calibrate.recalibrate(prepared.model, pruned, kept, data, _FAST)
+    sites, _ = calibrate.find_sites(tf_model.to_view(out))
+    x = calibrate._calibration(data, _FAST.calibration_samples)  # pylint: disable=protected-access
+    tensors = [site.tensor for site in sites]
+    self.assertLen(tensors, 7)
+
+    def stats(model):
+      fn, _ = tf_model.concrete_function(model.graph_def, list(model.inputs), tensors)
+      outs = [o.numpy().astype(np.float64) for o in fn(tf.constant(x))]
+      return [(o.mean(tuple(range(o.ndim - 1))), o.std(tuple(range(o.ndim - 1)))) for o in outs]
+    want = [(m[kept[t]], s[kept[t]]) if t in kept else (m, s)
+            for t, (m, s) in zip(tensors, stats(prepared.model))]
+    before, got = stats(pruned), stats(out)
+    # Every layer after the first sees fewer inputs: its statistics were off ...
+    self.assertGreater(max(np.abs(b[1] - w[1]).max() for b, w in zip(before[1:], want[1:])), 0.05)
+    # ... and each is fitted to the original's, in graph order.
+    for (gm, gs), (wm, ws) in zip(got, want):
+      np.testing.assert_allclose(gm, wm, atol=1e-4)
+      np.testing.assert_allclose(gs, ws, rtol=1e-4)
+
+  def test_two_increments_reach_the_single_shot_counts(self):
+    out, doc = self._prune("steps.pb", dataclasses.replace(_FAST, method=recover.BN_RECALIBRATE),
+                           steps=2)
+    self.assertEqual(doc["steps"], 2)
+    self.assertLen(doc["increments"], 2)
+    for inc in doc["increments"]:
+      self.assertTrue(inc["verify"]["passed"])
+      self.assertIn("recovery", inc)
+    single = pipeline.prune(_PB, os.path.join(self.tmp, "single.pb"),
+                            pipeline.Options(ratio=0.5, overwrite=True))
+    self.assertEqual([g["channels_after"] for g in doc["groups"]],
+                     [g["channels_after"] for g in single["groups"]])
+    self.assertEqual(doc["params_after"], single["params_after"])
+
+  def test_saved_model_in_saved_model_out(self):
+    out, doc = self._prune("recovered_sm", dataclasses.replace(_FAST, train_steps=50),
+                           source=_SM)
+    self.assertTrue(os.path.isdir(out))
+    loaded = tf.saved_model.load(out)
+    serve = loaded.signatures["serving_default"]
+    self.assertEqual(list(serve.structured_outputs), ["logits"])
+    logits = serve(images=tf.constant(self.x[:8]))["logits"].numpy()
+    self.assertEqual(logits.shape, (8, 10))
+    self.assertGreater(doc["recovery"]["holdout_agreement_after"],
+                       doc["recovery"]["holdout_agreement_before"])
+
+  def test_mirrored_strategy_with_two_replicas(self):
+    script = (
+        "import tensorflow as tf\n"
+        "cpu = tf.config.list_physical_devices('CPU')[0]\n"
+        "tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()]"
+        " * 2)\n"
+        "import json, sys\n"
+        "from graph_prune import pipeline\n"
+        "from graph_prune.data import preprocess\n"
+        "from graph_prune.recover import recover\n"
+        "o = recover.Options(data='fashion-mnist:train', preprocess=preprocess.Preprocess("
+        "scale=1/255), holdout_samples=500, train_steps=60, strategy='mirrored')\n"
+        "doc = pipeline.prune(sys.argv[1], sys.argv[2], pipeline.Options(ratio=0.5, recover=o, overwrite=True))\n"
+        "print('RESULT', json.dumps(doc['recovery']))\n")
+    env = dict(os.environ, PYTHONPATH=_ROOT, TF_CPP_MIN_LOG_LEVEL="3")
+    r = subprocess.run([sys.executable, "-c", script, _PB, os.path.join(self.tmp, "mirror.pb")],
+                       capture_output=True, text=True, env=env, timeout=600, check=False)
+    self.assertEqual(r.returncode, 0, r.stderr[-2000:])
+    rec = json.loads(r.stdout.split("RESULT ", 1)[1])
+    self.assertEqual(rec["replicas"], 2)
+    self.assertGreater(rec["holdout_agreement_after"], rec["holdout_agreement_before"] + 0.3)
+
+
+class ResumeTest(absltest.TestCase):
+
+  def test_interrupted_recovery_resumes_from_its_checkpoint(self):
+    tmp = self.create_tempdir().full_path
+    common = [f"--in={_PB}", "--ratio=0.5", "--recover=distill", f"--recover_data={_DATA}",
+              "--scale=1/255", "--recover_train_steps=120", "--checkpoint_every=40",
+              "--log_every=20", "--holdout_samples=500"]
+    ckpt = os.path.join(tmp, "ckpt")
+    env = dict(os.environ, PYTHONPATH=_ROOT, TF_CPP_MIN_LOG_LEVEL="3", TF_DETERMINISTIC_OPS="1")
+    proc = subprocess.Popen([sys.executable, os.path.join(_ROOT, "tools", "prune.py"), *common,
+                             f"--out={tmp}/resumed.pb", f"--checkpoint_dir={ckpt}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 300
+    while not os.path.exists(os.path.join(ckpt, "ckpt-40.index")) and time.time() < deadline:
+      self.assertIsNone(proc.poll(), "recovery ended before its first checkpoint")
+      time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    self.assertFalse(os.path.exists(f"{tmp}/resumed.pb"))
+    r = _cli(*common, f"--out={tmp}/resumed.pb", f"--checkpoint_dir={ckpt}",
+             f"--report={tmp}/resumed.json")
+    self.assertEqual(r.returncode, 0, r.stderr[-2000:])
+    self.assertRegex(r.stderr, r"resuming from step (40|80)")
+    resumed = json.load(open(f"{tmp}/resumed.json"))["recovery"]
+    self.assertIn(resumed["resumed_from_step"], (40, 80))
+    self.assertEqual(resumed["history"][-1]["step"], 120)
+    # Same batches, same optimizer state: the result equals an uninterrupted run.
+    r = _cli(*common, f"--out={tmp}/straight.pb", f"--report={tmp}/straight.json")
+    self.assertEqual(r.returncode, 0, r.stderr[-2000:])
+    x = _test_images(200)
+    a = tf_model.Runner(tf_model.load(f"{tmp}/resumed.pb"))([x])[0]
+    b = tf_model.Runner(tf_model.load(f"{tmp}/straight.pb"))([x])[0]
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    # A finished recovery re-run resumes at its end and does no more steps.
+    r = _cli(*common, f"--out={tmp}/again.pb", f"--checkpoint_dir={ckpt}",
+             f"--report={tmp}/again.json")
+    self.assertEqual(r.returncode, 0, r.stderr[-2000:])
+    self.assertEqual(json.load(open(f"{tmp}/again.json"))["recovery"]["resumed_from_step"], 120)
+
+
+class BadInputTest(absltest.TestCase):
+  """One line, exit 2, nothing written."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.tmp = absltest.get_default_test_tmpdir()
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (200, 28, 28, 1)).astype(np.float32)
+    cls.labels_out_of_range = os.path.join(cls.tmp, "labels.npz")
+    np.savez(cls.labels_out_of_range, x=x, y=rng.integers(5, 15, 200))
+    cls.wrong_shape = os.path.join(cls.tmp, "shape.npz")
+    np.savez(cls.wrong_shape, x=x[:, :20, :20], y=np.zeros(200, np.int64))
+    cls.empty = os.path.join(cls.tmp, "empty.npz")
+    np.savez(cls.empty, x=x[:0], y=np.zeros(0, np.int64))
+    cls.unlabelled = os.path.join(cls.tmp, "unlabelled.npz")
+    np.savez(cls.unlabelled, x=x)
+
+  def _fails(self, *args, match):
+    out = os.path.join(self.tmp, f"out_{abs(hash(args))}.pb")
+    r = _cli(f"--in={_PB}", f"--out={out}", "--scale=1/255", "--recover_train_steps=20", *args)
+    self.assertEqual(r.returncode, 2, r.stderr[-2000:])
+    lines = _error_lines(r.stderr)
+    self.assertLen(lines, 1, r.stderr[-2000:])
+    self.assertRegex(lines[0], match)
+    self.assertNotIn("Traceback", r.stderr)
+    self.assertFalse(os.path.exists(out))
+
+  def test_labels_out_of_range(self):
+    self._fails("--recover=finetune", f"--recover_data={self.labels_out_of_range}",
+                match="label out of range")
+
+  def test_images_of_the_wrong_shape(self):
+    self._fails("--recover=distill", f"--recover_data={self.wrong_shape}",
+                match=r"shape \[20, 20, 1\].*takes \[28, 28, 1\]")
+
+  def test_empty_dataset(self):
+    self._fails("--recover=distill", f"--recover_data={self.empty}", match="no samples")
+
+  def test_missing_data_path(self):
+    self._fails("--recover=distill", f"--recover_data={self.tmp}/nowhere.npz",
+                match="does not exist")
+
+  def test_finetune_needs_labels(self):
+    self._fails("--recover=finetune", f"--recover_data={self.unlabelled}", match="no array 'y'")
+
+  def test_no_data(self):
+    self._fails("--recover=distill", match="needs --recover_data")
+
+  def test_onnx_input(self):
+    onnx_path = os.path.join(self.tmp, "m.onnx")
+    with open(onnx_path, "wb") as f:
+      f.write(b"not read: the flag check comes first")
+    out = os.path.join(self.tmp, "m_out.onnx")
+    r = _cli(f"--in={onnx_path}", f"--out={out}", "--recover=distill", f"--recover_data={_DATA}")
+    self.assertEqual(r.returncode, 2)
+    self.assertRegex(_error_lines(r.stderr)[0], "--recover trains TensorFlow graphs")
+
+  def test_checkpoint_dir_of_another_recovery(self):
+    ckpt = os.path.join(self.tmp, "other_ckpt")
+    r = _cli(f"--in={_PB}", f"--out={self.tmp}/first.pb", "--scale=1/255",
+             "--recover=distill", f"--recover_data={self.unlabelled}", "--recover_train_steps=5",
+             f"--checkpoint_dir={ckpt}", "--holdout_samples=20", "--overwrite")
+    self.assertEqual(r.returncode, 0, r.stderr[-2000:])
+    self._fails("--recover=distill", f"--recover_data={self.unlabelled}", "--ratio=0.25",
+                f"--checkpoint_dir={ckpt}", match="checkpoints of another model")
+
+
+if __name__ == "__main__":
+  absltest.main()
