@@ -61,13 +61,13 @@ def input_size(name):
     return ARCHITECTURES[name][1]
 
 
-def sample_input(name, batch=2, seed=0):
+def sample_input(name, batch=2, seed=0, size=None):
     """Return a float32 NHWC batch in the value range ``name`` expects.
 
     Architectures with built-in preprocessing get raw pixels in [0, 255],
-    all others get values in [-1, 1].
+    all others get values in [-1, 1]. ``size`` overrides ``input_size(name)``.
     """
-    size = input_size(name)
+    size = size or input_size(name)
     rng = np.random.default_rng(seed)
     x = rng.uniform(-1.0, 1.0, size=(batch, size, size, 3))
     if name in _RAW_PIXEL_INPUT:
@@ -232,7 +232,7 @@ def _calibrate_logits(model, layers, x):
     raise RuntimeError(f"could not de-saturate the softmax of {model.name}")
 
 
-def build(name, seed=0):
+def build(name, seed=0, size=None):
     """Build architecture ``name`` with seeded random, non-trivial weights.
 
     ``weights=None`` models have zero biases and identity batch norm, which
@@ -243,10 +243,14 @@ def build(name, seed=0):
     classifier rescaled so the softmax output is informative.  The final
     softmax stays in the model, as Keras builds it.
 
+    ``size`` overrides the architecture's test input size (benchmarks use
+    224, the size the published architectures were designed for).
+
     The Keras session is cleared first so that auto-generated layer names,
     and hence node names in the frozen graph, are identical on every call.
     """
-    constructor, size = ARCHITECTURES[name]
+    constructor, test_size = ARCHITECTURES[name]
+    size = size or test_size
     keras.backend.clear_session()
     model = constructor(
         weights=None,
@@ -261,7 +265,7 @@ def build(name, seed=0):
     # Calibrate on a batch that tests are unlikely to reuse verbatim; 32
     # samples because the last stages are only 2x2 (or 1x1) spatially and
     # the statistics of 8 samples there are too noisy.
-    x = sample_input(name, batch=32, seed=seed + 1_000_003)
+    x = sample_input(name, batch=32, seed=seed + 1_000_003, size=size)
     _calibrate_batch_norm(model, layers, x, rng)
     _calibrate_logits(model, layers, x)
     return model

@@ -1,0 +1,200 @@
+"""Builds, prunes and strips the models that benchmarks/gpu_xla.py times on a GPU.
+
+  bazel run //benchmarks:gpu_xla_prepare -- --out_dir=DIR [--models=VGG16,ResNet50]
+      [--size=224] [--ratios=0.5] [--round_to=1,auto] [--work_dir=DIR]
+
+Runs here, with TensorFlow. For each Keras application (tests/keras_zoo.py:
+seeded random weights, calibrated batch-norm statistics, frozen) at --size:
+tf2onnx (opset 17), then graph_prune's pipeline (l1, verified in ONNX Runtime)
+at each of --ratios for every --round_to; `auto` is the GPU's multiple (8, tensor-core
+tiles), as --round_to=auto chooses on a GPU.
+
+DIR receives each graph without its large weights, so that a VGG16 (550 MB)
+travels as a few kilobytes: every float initializer of at least --strip_bytes
+keeps its name, dtype and shape, is marked as external data at the location
+`STRIPPED`, and holds no values. onnx_jax.load refills those with seeded random
+values of the right shape on the device; dense convolutions and matrix
+products take the same time whatever the values. Small initializers (shape
+constants, most biases) stay as they are. DIR/manifest.json records, per
+model, the pruning report's figures (FLOPs, parameters, verification) and
+which round_to gave which file; a round_to that yields the same graph as
+another is recorded as such.
+"""
+
+import contextlib
+import gc
+import hashlib
+import json
+import os
+import tempfile
+import threading
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from benchmarks import onnx_jax
+
+_OUT_DIR = flags.DEFINE_string("out_dir", None, "Folder for the stripped graphs and manifest.json.")
+_MODELS = flags.DEFINE_list("models", ["VGG16", "ResNet50"], "Keras applications (keras_zoo).")
+_SIZE = flags.DEFINE_integer("size", 224, "Input height and width.")
+_RATIOS = flags.DEFINE_list("ratios", ["0.5"],
+                            "Fractions of channels removed from every group; the first is the "
+                            "primary one.")
+_CRITERION = flags.DEFINE_string("criterion", "l1", "Importance criterion.")
+_ROUND_TO = flags.DEFINE_list("round_to", ["1", "auto"],
+                              "Channel multiples; 'auto' is the GPU's (8, tensor-core tiles).")
+_WORK_DIR = flags.DEFINE_string("work_dir", None,
+                                "Keep the full-weight conversions here and reuse them "
+                                "(default: a temporary folder).")
+_STRIP_BYTES = flags.DEFINE_integer("strip_bytes", 1024,
+                                    "Float initializers of at least this size lose their values.")
+
+def _round_to(value):
+  """(multiple, label) for one --round_to entry."""
+  if value == "auto":
+    from graph_prune.bench import widths  # pylint: disable=g-import-not-at-top
+    m = widths.KNOWN_MULTIPLE["gpu"]
+    return m, f"auto ({m}, GPU tensor-core tiles)"
+  return int(value), value
+
+
+@contextlib.contextmanager
+def _collecting_garbage(interval_s=1.0):
+  """Runs a full garbage collection every interval_s while the block runs.
+
+  tf2onnx's optimizer deep-copies the graph for each of its passes; the
+  copies are reference cycles holding every weight array, and they are few
+  objects, so the generational collector seldom reaches them. On VGG16 at
+  224x224 (550 MB of weights) the copies took the conversion past 24 GB;
+  collected as they go, it peaks below 10 GB.
+  """
+  done = threading.Event()
+
+  def collect():
+    while not done.wait(interval_s):
+      gc.collect()
+
+  thread = threading.Thread(target=collect, daemon=True)
+  thread.start()
+  try:
+    yield
+  finally:
+    done.set()
+    thread.join()
+
+
+def _onnx_of(name, size, path):
+  """keras_zoo model at size x size -> frozen GraphDef -> tf2onnx (opset 17)."""
+  import keras  # pylint: disable=g-import-not-at-top
+  import tf2onnx  # pylint: disable=g-import-not-at-top
+  from tests import keras_zoo  # pylint: disable=g-import-not-at-top
+  graph_def, inp, out = keras_zoo.freeze(keras_zoo.build(name, size=size))
+  keras.backend.clear_session()  # the Keras model's weights are no longer needed
+  gc.collect()
+  with _collecting_garbage():
+    tf2onnx.convert.from_graph_def(graph_def, input_names=[inp], output_names=[out], opset=17,
+                                   output_path=path)
+
+
+def _strip_model(model, min_bytes):
+  """In-place: empties the float initializers of >= min_bytes; returns values removed."""
+  import onnx  # pylint: disable=g-import-not-at-top
+  from onnx import numpy_helper  # pylint: disable=g-import-not-at-top
+  floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
+  removed = 0
+  for t in model.graph.initializer:
+    if t.data_type not in floats:
+      continue
+    array = numpy_helper.to_array(t)
+    if array.nbytes < min_bytes:
+      continue
+    name, dims, dtype = t.name, list(t.dims), t.data_type
+    t.Clear()
+    t.name, t.data_type = name, dtype
+    t.dims.extend(dims)
+    t.data_location = onnx.TensorProto.EXTERNAL
+    t.external_data.add(key="location", value=onnx_jax.STRIPPED)
+    removed += array.size
+  for node in model.graph.node:
+    if node.op_type == "Constant" and any(
+        a.t.data_type in floats and numpy_helper.to_array(a.t).nbytes >= min_bytes
+        for a in node.attribute if a.name == "value"):
+      raise ValueError(f"{node.name}: large float Constant node; only initializers are stripped")
+  return removed
+
+
+def prepare(out_dir, models, size, ratios, criterion, round_tos, min_bytes, work_dir=None):
+  """Builds, prunes and strips every model; returns the manifest (also written).
+
+  The full-weight ONNX conversions are kept in work_dir when given (and
+  reused from there), else in a temporary folder.
+  """
+  import onnx  # pylint: disable=g-import-not-at-top
+  from graph_prune import pipeline  # pylint: disable=g-import-not-at-top
+  os.makedirs(out_dir, exist_ok=True)
+  manifest = {"size": size, "ratios": ratios, "criterion": criterion, "models": {}}
+  with tempfile.TemporaryDirectory() as tmp:
+    for name in models:
+      src = os.path.join(work_dir or tmp, f"{name}_{size}.onnx")
+      if not os.path.exists(src):
+        logging.info("%s: build and convert at %dx%d", name, size, size)
+        _onnx_of(name, size, src + ".tmp")
+        os.replace(src + ".tmp", src)
+      entry = {"original": f"{name}.onnx", "pruned": {}}
+      first_key = {}  # sha256 of a pruned file -> the variant that made it first
+      files = [(src, f"{name}.onnx")]
+      for ratio in ratios:
+        for value in round_tos:
+          multiple, label = _round_to(value)
+          key = f"{ratio}/{value}"
+          base = f"{name}_p{round(100 * ratio)}_r{multiple}.onnx"
+          out = os.path.join(tmp, base)
+          logging.info("%s: prune at %s, round_to %s", name, ratio, label)
+          doc = pipeline.prune(src, out, pipeline.Options(
+              ratio=ratio, criterion=criterion, round_to=multiple,
+              round_to_how=label if value == "auto" else ""))
+          digest = hashlib.sha256(open(out, "rb").read()).hexdigest()
+          same = first_key.get(digest)
+          if same is None:
+            first_key[digest] = key
+            files.append((out, base))
+          entry["pruned"][key] = {
+              "file": entry["pruned"][same]["file"] if same else base,
+              "ratio": ratio, "round_to": multiple, "label": label,
+              "same_model_as": same,
+              "widths": [g["channels_after"] for g in doc["groups"]],
+              "flops_before": doc["flops_before"], "flops_after": doc["flops_after"],
+              "params_before": doc["params_before"], "params_after": doc["params_after"],
+              "groups_pruned": doc["groups_pruned"],
+              "verify_max_rel_diff": doc["verify"]["max_rel_diff"]}
+      for path, base in files:
+        model = onnx.load(path)
+        removed = _strip_model(model, min_bytes)
+        onnx.save(model, os.path.join(out_dir, base))
+        logging.info("%s: %d values stripped", base, removed)
+      manifest["models"][name] = entry
+  with open(os.path.join(out_dir, "manifest.json"), "w") as f:
+    json.dump(manifest, f, indent=1, sort_keys=True)
+    f.write("\n")
+  return manifest
+
+
+def _path(p):
+  """Paths are relative to where `bazel run` was called from."""
+  if p is None or os.path.isabs(p):
+    return p
+  return os.path.join(os.environ.get("BUILD_WORKING_DIRECTORY", ""), p)
+
+
+def main(argv):
+  del argv
+  manifest = prepare(_path(_OUT_DIR.value), _MODELS.value, _SIZE.value,
+                     [float(r) for r in _RATIOS.value], _CRITERION.value, _ROUND_TO.value,
+                     _STRIP_BYTES.value, _path(_WORK_DIR.value))
+  print(json.dumps(manifest, indent=1, sort_keys=True))
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("out_dir")  # here, so that tests can import the module
+  app.run(main)
