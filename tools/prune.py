@@ -10,6 +10,7 @@ from absl import app
 from absl import flags
 
 from graph_prune import errors
+from tools import recover_flags
 
 _IN = flags.DEFINE_string("in", None,
                           "Input: frozen GraphDef (.pb/.pbtxt), SavedModel dir, or .onnx file.")
@@ -38,45 +39,15 @@ _OUT_FORMAT = flags.DEFINE_string("out_format", "same",
                                   "'same' as the input, or 'onnx' (TensorFlow input, tf2onnx).")
 _OPSET = flags.DEFINE_integer("opset", 17, "ONNX opset for --out_format=onnx.")
 
-# Recovery after pruning (TensorFlow models).
-_RECOVER = flags.DEFINE_enum(
-    "recover", "none", ["none", "distill", "finetune", "bn_recalibrate"],
-    "After pruning: distill from the original on unlabelled data, finetune on labels "
-    "(optionally mixed with distillation), or bn_recalibrate (no gradient steps).")
+# Recovery after pruning (TensorFlow models): the --recover* flags are in recover_flags.
 _STEPS = flags.DEFINE_integer("steps", 1, "Prune in this many increments, recovering after "
                               "each (geometric schedule to --ratio).")
-_RECOVER_DATA = flags.DEFINE_string(
-    "recover_data", None, "Recovery data: .npz (x, and y for finetune), TFRecords, class "
-    "folders, IDX files or fashion-mnist:train.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Fashion-MNIST directory for "
                                 "fashion-mnist:SPLIT (default: the Debian package's).")
-_SPLIT = flags.DEFINE_string("split", "train", "IDX split (train or test) of an IDX directory.")
-_RESIZE = flags.DEFINE_string("resize", None, "H,W: resize images (bilinear) to this size.")
-_SCALE = flags.DEFINE_string("scale", "1", "Multiply pixels by this, e.g. 1/255.")
-_MEAN = flags.DEFINE_list("mean", [], "Subtract per channel (after --scale): one value or C.")
-_STD = flags.DEFINE_list("std", [], "Then divide per channel: one value or C.")
-_RECOVER_BATCH = flags.DEFINE_integer("recover_batch_size", 64,
-                                      "Global batch size of recovery training.")
-_RECOVER_STEPS = flags.DEFINE_integer("recover_train_steps", 1000,
-                                      "Gradient steps of each recovery.")
-_LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-3, "Peak Adam learning rate "
-                                    "(linear warm-up, cosine decay).")
-_TEMPERATURE = flags.DEFINE_float("temperature", 4.0, "Distillation temperature.")
-_DISTILL_WEIGHT = flags.DEFINE_float("distill_weight", 0.0,
-                                     "finetune: weight of the distillation term, [0, 1].")
-_CALIBRATION = flags.DEFINE_integer("calibration_samples", 2048,
-                                    "bn_recalibrate: samples the statistics come from.")
-_HOLDOUT = flags.DEFINE_integer("holdout_samples", 2000, "Samples kept out of recovery; "
-                                "agreement with the original is reported on them.")
-_STRATEGY = flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "tpu"],
-                              "tf.distribute strategy of recovery training: one device, "
-                              "mirrored over local GPUs, or TPU.")
-_CHECKPOINT_DIR = flags.DEFINE_string(
-    "checkpoint_dir", None, "Recovery checkpoints; a re-run with the same flags resumes there.")
-_CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", 200, "Steps between checkpoints.")
-_LOG_EVERY = flags.DEFINE_integer("log_every", 100, "Steps between progress lines.")
-_RECOVER_OUTPUT = flags.DEFINE_string("recover_output", None, "Output with the class scores "
-                                      "(default: the first; a Softmax's input is used).")
+_RESIZE = flags.DEFINE_string("resize", None, "Recovery data: resize images (bilinear) to H,W.")
+_SCALE = flags.DEFINE_string("scale", "1", "Recovery data: multiply pixels by this, e.g. 1/255.")
+_MEAN = flags.DEFINE_list("mean", [], "Recovery data: subtract per channel (after --scale).")
+_STD = flags.DEFINE_list("std", [], "Recovery data: then divide per channel.")
 
 flags.mark_flags_as_required(["in", "out"])
 
@@ -118,24 +89,12 @@ def _round_to(value):
 
 def _recover_options():
   """recover.Options from the flags, or None without --recover."""
-  if _RECOVER.value == "none":
-    return None
   from graph_prune.data import preprocess  # pylint: disable=g-import-not-at-top
-  from graph_prune.recover import recover  # pylint: disable=g-import-not-at-top
-  return recover.Options(
-      method=_RECOVER.value, data=_path(_RECOVER_DATA.value) or "",
-      data_dir=_path(_DATA_DIR.value), split=_SPLIT.value,
-      preprocess=preprocess.Preprocess(
-          resize=preprocess.parse_resize(_RESIZE.value),
-          scale=preprocess.parse_scale(_SCALE.value),
-          mean=preprocess.parse_floats(_MEAN.value, "mean"),
-          std=preprocess.parse_floats(_STD.value, "std")),
-      batch_size=_RECOVER_BATCH.value, train_steps=_RECOVER_STEPS.value,
-      learning_rate=_LEARNING_RATE.value, temperature=_TEMPERATURE.value,
-      distill_weight=_DISTILL_WEIGHT.value, calibration_samples=_CALIBRATION.value,
-      holdout_samples=_HOLDOUT.value, strategy=_STRATEGY.value,
-      checkpoint_dir=_path(_CHECKPOINT_DIR.value), checkpoint_every=_CHECKPOINT_EVERY.value,
-      log_every=_LOG_EVERY.value, seed=_SEED.value, output=_RECOVER_OUTPUT.value)
+  prep = preprocess.Preprocess(
+      resize=preprocess.parse_resize(_RESIZE.value), scale=preprocess.parse_scale(_SCALE.value),
+      mean=preprocess.parse_floats(_MEAN.value, "mean"),
+      std=preprocess.parse_floats(_STD.value, "std"))
+  return recover_flags.options(_path, prep, _path(_DATA_DIR.value), _SEED.value)
 
 
 def main(argv):

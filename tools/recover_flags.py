@@ -1,0 +1,59 @@
+"""The recovery flags, shared by //tools:prune and //tools:sweep.
+
+The preprocessing flags (--resize, --scale, --mean, --std) and --data_dir belong to
+each tool: the recovery data is preprocessed like the tool's other data, for the
+same model input.
+"""
+
+from absl import flags
+
+from graph_prune.data import preprocess as preprocess_lib
+
+RECOVER = flags.DEFINE_enum(
+    "recover", "none", ["none", "distill", "finetune", "bn_recalibrate"],
+    "After pruning: distill from the original on unlabelled data, finetune on labels "
+    "(optionally mixed with distillation), or bn_recalibrate (no gradient steps).")
+RECOVER_DATA = flags.DEFINE_string(
+    "recover_data", None, "Recovery data: .npz (x, and y for finetune), TFRecords, class "
+    "folders, IDX files or fashion-mnist:train.")
+RECOVER_SPLIT = flags.DEFINE_string("recover_split", "train",
+                                    "IDX split (train or test) of an IDX directory.")
+RECOVER_BATCH = flags.DEFINE_integer("recover_batch_size", 64,
+                                     "Global batch size of recovery training.")
+RECOVER_STEPS = flags.DEFINE_integer("recover_train_steps", 1000,
+                                     "Gradient steps of each recovery.")
+LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-3, "Peak Adam learning rate "
+                                   "(linear warm-up, cosine decay).")
+TEMPERATURE = flags.DEFINE_float("temperature", 4.0, "Distillation temperature.")
+DISTILL_WEIGHT = flags.DEFINE_float("distill_weight", 0.0,
+                                    "finetune: weight of the distillation term, [0, 1].")
+CALIBRATION = flags.DEFINE_integer("calibration_samples", 2048,
+                                   "bn_recalibrate: samples the statistics come from.")
+HOLDOUT = flags.DEFINE_integer("holdout_samples", 2000, "Samples kept out of recovery; "
+                               "agreement with the original is reported on them.")
+STRATEGY = flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "tpu"],
+                             "tf.distribute strategy of recovery training: one device, "
+                             "mirrored over local GPUs, or TPU.")
+CHECKPOINT_DIR = flags.DEFINE_string(
+    "checkpoint_dir", None, "Recovery checkpoints; a re-run with the same flags resumes there.")
+CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", 200, "Steps between checkpoints.")
+LOG_EVERY = flags.DEFINE_integer("log_every", 100, "Steps between progress lines.")
+RECOVER_OUTPUT = flags.DEFINE_string("recover_output", None, "Output with the class scores "
+                                     "(default: the first; a Softmax's input is used).")
+
+
+def options(path, preprocess: preprocess_lib.Preprocess, data_dir, seed: int):
+  """recover.Options from the flags, or None without --recover; `path` resolves
+  relative paths the way the calling tool does."""
+  if RECOVER.value == "none":
+    return None
+  from graph_prune.recover import recover  # pylint: disable=g-import-not-at-top
+  return recover.Options(
+      method=RECOVER.value, data=path(RECOVER_DATA.value) or "", data_dir=data_dir,
+      split=RECOVER_SPLIT.value, preprocess=preprocess,
+      batch_size=RECOVER_BATCH.value, train_steps=RECOVER_STEPS.value,
+      learning_rate=LEARNING_RATE.value, temperature=TEMPERATURE.value,
+      distill_weight=DISTILL_WEIGHT.value, calibration_samples=CALIBRATION.value,
+      holdout_samples=HOLDOUT.value, strategy=STRATEGY.value,
+      checkpoint_dir=path(CHECKPOINT_DIR.value), checkpoint_every=CHECKPOINT_EVERY.value,
+      log_every=LOG_EVERY.value, seed=seed, output=RECOVER_OUTPUT.value)
