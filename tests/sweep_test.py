@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -136,6 +137,14 @@ class RowsFileTest(absltest.TestCase):
     data = rows_lib.to_csv([{"key": "a", "ok": True, "v": None}, {"key": "b", "extra": 2}],
                            ["key", "v"])
     self.assertEqual(data.decode(), "key,v,ok,extra\na,,true,\nb,,,2\n")
+    path = os.path.join(self.create_tempdir().full_path, "rows.csv")
+    old = os.umask(0o022)
+    try:
+      rows_lib.write_csv(path, [{"key": "a"}])
+    finally:
+      os.umask(old)
+    self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o644)  # readable, like any output
+    self.assertEqual([n for n in os.listdir(os.path.dirname(path))], ["rows.csv"])
 
 
 class _FakeRecovery:
@@ -397,6 +406,7 @@ class SweepTest(parameterized.TestCase):
     self.assertTrue(all(json.loads(l)["status"] == "ok" for l in _lines(jsonl)))
     progress = [l for l in r.stderr.splitlines() if l.startswith("sweep: [")]
     self.assertLen(progress, 3 - done)
+    self.assertNotIn("bench: batch 1: timing", r.stderr)  # the benchmark's log only with -v 0
     self.assertTrue(progress[-1].startswith("sweep: [3/3] r0.6_l1_rt1: ok, FLOPs "), progress)
 
   def test_flagfile_and_flags_are_the_same_sweep(self):

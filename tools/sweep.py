@@ -72,9 +72,6 @@ _PLOTS_ONLY = flags.DEFINE_boolean("plots_only", False,
 
 # --in is not marked required: --plots_only needs none.
 flags.mark_flag_as_required("out_dir")
-# The per-run progress line is the output; the benchmark's own log lines come
-# with --verbosity=0.
-flags.FLAGS.set_default("verbosity", logging.WARNING)
 
 
 def _path(p):
@@ -116,6 +113,9 @@ def _progress(i, n, row, total_s):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not flags.FLAGS["verbosity"].present:
+    # The per-run progress line is the output; the benchmark's log lines come with -v 0.
+    logging.set_verbosity(logging.WARNING)
   # Imported here so that flag errors and --help do not pay for the imports.
   from graph_prune.bench import benchmark  # pylint: disable=g-import-not-at-top
   from graph_prune.bench import timing  # pylint: disable=g-import-not-at-top

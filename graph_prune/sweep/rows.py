@@ -196,6 +196,7 @@ def write_atomic(path: str, data: bytes) -> None:
   fd, tmp = tempfile.mkstemp(prefix=".gp_tmp_", dir=parent)
   try:
     with os.fdopen(fd, "wb") as f:
+      os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; these are for reading
       f.write(data)
       f.flush()
       os.fsync(f.fileno())
@@ -204,6 +205,12 @@ def write_atomic(path: str, data: bytes) -> None:
     if os.path.exists(tmp):
       os.remove(tmp)
   sync_dir(parent)
+
+
+def _umask() -> int:
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
 
 
 def _csv_value(value: Any) -> Any:
