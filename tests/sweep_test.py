@@ -433,6 +433,37 @@ class SweepTest(parameterized.TestCase):
     self._check_error(r, "holds another sweep (ratios: [0.3, 0.6] there, [0.3, 0.7] now)")
     self.assertEqual(_lines(os.path.join(copy, "rows.jsonl")), before)
 
+  def test_recovery_step_adds_accuracy_after_recovery(self):
+    out = self.create_tempdir().full_path
+    common = [f"--in={_MODEL}", f"--out_dir={out}", "--ratios=0.5", "--criteria=l1",
+              "--batch_sizes=1", "--max_seconds=0.3", "--min_runs=3", "--nomemory",
+              "--data=fashion-mnist:test", "--max_samples=1000", "--scale=1/255",
+              "--recover=distill", "--recover_data=fashion-mnist:train",
+              "--holdout_samples=500"]
+    r = _cli(*common, "--recover_train_steps=150")
+    self.assertEqual(r.returncode, 0, r.stderr[-3000:])
+    (row,) = [json.loads(l) for l in _lines(os.path.join(out, "rows.jsonl"))]
+    self.assertEqual(row["status"], "ok")
+    self.assertEqual(row["recover_method"], "distill")
+    self.assertEqual(row["recover_train_steps"], 150)
+    # Pruning at 0.5 without recovery leaves a near-constant classifier; 150 steps of
+    # distillation bring most of the agreement back, measured on test images.
+    self.assertLess(row["agreement_top1"], 0.5)
+    self.assertGreater(row["agreement_recovered"], row["agreement_top1"] + 0.3)
+    self.assertGreater(row["top1_recovered"], row["top1"] + 0.3)
+    self.assertAlmostEqual(row["top1_recovered_drop"], row["top1_orig"] - row["top1_recovered"])
+    self.assertGreater(row["holdout_agreement_after"], row["holdout_agreement_before"])
+    with open(os.path.join(out, "rows.csv"), newline="", encoding="utf-8") as f:
+      header = next(csv.reader(f))
+    self.assertIn("top1_recovered", header)
+    with open(os.path.join(out, "plots", "accuracy_vs_speedup.png"), "rb") as f:
+      self.assertEqual(f.read(8), _PNG)
+    self.assertTrue(os.path.exists(os.path.join(out, "models", "r0.5_l1_rt1_recovered.pb")))
+    self.assertFalse(os.path.exists(os.path.join(out, "checkpoints", "r0.5_l1_rt1")))
+    # Another recovery budget is another sweep.
+    r = _cli(*common, "--recover_train_steps=300")
+    self._check_error(r, "holds another sweep")
+
   def _check_error(self, r, needle):
     self.assertEqual(r.returncode, 2, r.stderr[-3000:])
     lines = [l for l in r.stderr.splitlines() if l.startswith("sweep: ")]

@@ -20,6 +20,7 @@ from absl import flags
 from absl import logging
 
 from graph_prune import errors
+from tools import recover_flags
 
 _IN = flags.DEFINE_string("in", None,
                           "Input: frozen GraphDef (.pb/.pbtxt), SavedModel dir, or .onnx file.")
@@ -119,6 +120,7 @@ def main(argv):
   # Imported here so that flag errors and --help do not pay for the imports.
   from graph_prune.bench import benchmark  # pylint: disable=g-import-not-at-top
   from graph_prune.bench import timing  # pylint: disable=g-import-not-at-top
+  from graph_prune.data import preprocess  # pylint: disable=g-import-not-at-top
   from graph_prune.sweep import sweep  # pylint: disable=g-import-not-at-top
   out_dir = _path(_OUT_DIR.value)
   try:
@@ -144,7 +146,15 @@ def main(argv):
         inputs=tuple(_INPUTS.value), outputs=tuple(_OUTPUTS.value), data=_data(sweep),
         keep_models=_KEEP_MODELS.value, widths_cache=_path(_WIDTHS_CACHE.value),
         overwrite=_OVERWRITE.value)
-    summary = sweep.run(config, progress=_progress, notify=_say)
+    steps = []
+    recovery = recover_flags.options(_path, preprocess.Preprocess(
+        resize=config.data.resize, scale=config.data.scale, mean=config.data.mean,
+        std=config.data.std) if config.data else preprocess.Preprocess(),
+                                     _path(_DATA_DIR.value), _SEED.value)
+    if recovery is not None:
+      from graph_prune.sweep import recovery as recovery_lib  # pylint: disable=g-import-not-at-top
+      steps.append(recovery_lib.RecoveryStep(recovery))
+    summary = sweep.run(config, steps, progress=_progress, notify=_say)
   except errors.GraphPruneError as e:
     print(f"sweep: error: {e}", file=sys.stderr)
     return 2

@@ -449,7 +449,8 @@ def _model_spec(config: Config, path: str):
       output=config.outputs[0] if len(config.outputs) == 1 else None)
 
 
-def _evaluate(config: Config, path: str, reference: Optional[str]) -> dict[str, Any]:
+def evaluate_model(config: Config, path: str, reference: Optional[str]) -> dict[str, Any]:
+  """The evaluate report of the model at `path` on the sweep's data."""
   from graph_prune.evaluate import evaluate  # pylint: disable=g-import-not-at-top
   return evaluate.evaluate(_model_spec(config, path), config.data.spec,
                            _eval_options(config, reference))
@@ -479,7 +480,7 @@ def measure_original(config: Config, notify: Notify = logging.info) -> dict[str,
          "accuracy": None}
   if config.data:
     notify(f"sweep: evaluating the original on {config.data.spec}")
-    e = _evaluate(config, config.model, None)
+    e = evaluate_model(config, config.model, None)
     out["accuracy"] = {"top1": e["top1"], "top5": e["top5"], "samples": e["samples"]}
   return out
 
@@ -570,7 +571,7 @@ def _bench(config: Config, path: str, baseline: Mapping[str, Any], row: dict) ->
 def _accuracy(config: Config, path: str, baseline: Mapping[str, Any], row: dict) -> None:
   t0 = time.perf_counter()
   try:
-    e = _evaluate(config, path, config.model)
+    e = evaluate_model(config, path, config.model)
   except errors.GraphPruneError as err:
     raise _Failed("eval_failed", err) from None
   orig = baseline["accuracy"]
