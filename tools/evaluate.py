@@ -13,13 +13,13 @@ Debian package dataset-fashion-mnist). Images are given to the model as stored u
 --resize/--scale/--mean/--std say otherwise.
 """
 
-import os
 import sys
 
 from absl import app
 from absl import flags
 
 from graph_prune import errors
+from tools import cli
 
 _MODEL = flags.DEFINE_string("model", None,
                              "Model: frozen GraphDef (.pb/.pbtxt), SavedModel dir, or .onnx.")
@@ -60,18 +60,6 @@ _REFERENCE_OUTPUT = flags.DEFINE_string("reference_output", None,
 flags.mark_flags_as_required(["model", "data"])
 
 
-def _path(p):
-  """Paths are relative to where `bazel run` was called from."""
-  if p is None or os.path.isabs(p):
-    return p
-  return os.path.join(os.environ.get("BUILD_WORKING_DIRECTORY", ""), p)
-
-
-def _data_path(spec):
-  # 'fashion-mnist:SPLIT' is a name, not a path; globs are resolved like paths.
-  return spec if spec.startswith("fashion-mnist:") else _path(spec)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -81,11 +69,12 @@ def main(argv):
   try:
     reference = None
     if _REFERENCE.value:
-      reference = evaluate.ModelSpec(_path(_REFERENCE.value), signature=_REFERENCE_SIGNATURE.value,
+      reference = evaluate.ModelSpec(cli.path(_REFERENCE.value),
+                                     signature=_REFERENCE_SIGNATURE.value,
                                      output=_REFERENCE_OUTPUT.value)
     options = evaluate.Options(
-        reference=reference, report=_path(_REPORT.value), data_format=_DATA_FORMAT.value,
-        data_dir=_path(_DATA_DIR.value), split=_SPLIT.value, image_key=_IMAGE_KEY.value,
+        reference=reference, report=cli.path(_REPORT.value), data_format=_DATA_FORMAT.value,
+        data_dir=cli.path(_DATA_DIR.value), split=_SPLIT.value, image_key=_IMAGE_KEY.value,
         label_key=_LABEL_KEY.value,
         preprocess=preprocess.Preprocess(
             resize=preprocess.parse_resize(_RESIZE.value),
@@ -93,9 +82,9 @@ def main(argv):
             mean=preprocess.parse_floats(_MEAN.value, "mean"),
             std=preprocess.parse_floats(_STD.value, "std")),
         batch_size=_BATCH_SIZE.value, max_samples=_MAX_SAMPLES.value)
-    model = evaluate.ModelSpec(_path(_MODEL.value), signature=_SIGNATURE.value,
+    model = evaluate.ModelSpec(cli.path(_MODEL.value), signature=_SIGNATURE.value,
                                input=_INPUT.value, output=_OUTPUT.value, layout=_LAYOUT.value)
-    doc = evaluate.evaluate(model, _data_path(_DATA.value), options)
+    doc = evaluate.evaluate(model, cli.data_path(_DATA.value), options)
   except errors.GraphPruneError as e:
     print(f"evaluate: error: {e}", file=sys.stderr)
     return 2

@@ -10,13 +10,13 @@ convolution under XLA (--noxla for plain TensorFlow), whatever the model's
 format.
 """
 
-import os
 import sys
 
 from absl import app
 from absl import flags
 
 from graph_prune import errors
+from tools import cli
 
 _IN = flags.DEFINE_string("in", None, "Model: .pb/.pbtxt, SavedModel directory or .onnx.")
 _LAYER = flags.DEFINE_string("layer", None, "Name of a convolution node of the model.")
@@ -27,12 +27,6 @@ _XLA = flags.DEFINE_boolean("xla", True, "Compile with XLA.")
 _CACHE = flags.DEFINE_string("cache", None, "Latency table (default: the user cache).")
 
 flags.mark_flags_as_required(["in", "layer"])
-
-
-def _path(p):
-  if p is None or os.path.isabs(p):
-    return p
-  return os.path.join(os.environ.get("BUILD_WORKING_DIRECTORY", ""), p)
 
 
 def layer_of(path, name):
@@ -82,9 +76,9 @@ def main(argv):
   del argv
   from graph_prune.bench import widths  # pylint: disable=g-import-not-at-top
   try:
-    layer, cout = layer_of(_path(flags.FLAGS["in"].value), _LAYER.value)
+    layer, cout = layer_of(cli.path(flags.FLAGS["in"].value), _LAYER.value)
     width_list = _range(_WIDTHS.value, cout)
-    cache = widths.Cache(_path(_CACHE.value) or widths.default_cache())
+    cache = widths.Cache(cli.path(_CACHE.value) or widths.default_cache())
     latency = widths.profile(layer, width_list, cache, _XLA.value, _BATCH.value, _RUNS.value)
   except errors.GraphPruneError as e:
     print(f"profile_widths: error: {e}", file=sys.stderr)

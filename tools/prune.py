@@ -3,13 +3,13 @@
   bazel run //tools:prune -- --in=model.pb --out=pruned.pb --ratio=0.5 --criterion=l1
 """
 
-import os
 import sys
 
 from absl import app
 from absl import flags
 
 from graph_prune import errors
+from tools import cli
 from tools import recover_flags
 
 _IN = flags.DEFINE_string("in", None,
@@ -49,14 +49,8 @@ _SCALE = flags.DEFINE_string("scale", "1", "Recovery data: multiply pixels by th
 _MEAN = flags.DEFINE_list("mean", [], "Recovery data: subtract per channel (after --scale).")
 _STD = flags.DEFINE_list("std", [], "Recovery data: then divide per channel.")
 
+flags.adopt_module_key_flags(recover_flags)  # listed by --help with this tool's own
 flags.mark_flags_as_required(["in", "out"])
-
-
-def _path(p):
-  """Paths are relative to where `bazel run` was called from."""
-  if p is None or os.path.isabs(p):
-    return p
-  return os.path.join(os.environ.get("BUILD_WORKING_DIRECTORY", ""), p)
 
 
 def _overrides(specs):
@@ -83,7 +77,7 @@ def _round_to(value):
   from graph_prune.bench import runners  # pylint: disable=g-import-not-at-top
   from graph_prune.bench import widths  # pylint: disable=g-import-not-at-top
   kind = runners.resolve_device("auto", "graphdef").kind
-  return widths.auto_round_to(kind, widths.Cache(_path(_WIDTHS_CACHE.value)
+  return widths.auto_round_to(kind, widths.Cache(cli.path(_WIDTHS_CACHE.value)
                                                  or widths.default_cache()))
 
 
@@ -94,7 +88,7 @@ def _recover_options():
       resize=preprocess.parse_resize(_RESIZE.value), scale=preprocess.parse_scale(_SCALE.value),
       mean=preprocess.parse_floats(_MEAN.value, "mean"),
       std=preprocess.parse_floats(_STD.value, "std"))
-  return recover_flags.options(_path, prep, _path(_DATA_DIR.value), _SEED.value)
+  return recover_flags.options(cli, prep, cli.path(_DATA_DIR.value), _SEED.value)
 
 
 def main(argv):
@@ -108,12 +102,12 @@ def main(argv):
         ratio=_RATIO.value, criterion=_CRITERION.value, round_to=round_to,
         round_to_how=round_to_how,
         overrides=_overrides(_LAYER_RATIO.value), exclude=tuple(_EXCLUDE.value),
-        seed=_SEED.value, plan_in=_path(_PLAN_IN.value), plan_out=_path(_PLAN_OUT.value),
-        report=_path(_REPORT.value), verify=_VERIFY.value, tolerance=_TOLERANCE.value,
+        seed=_SEED.value, plan_in=cli.path(_PLAN_IN.value), plan_out=cli.path(_PLAN_OUT.value),
+        report=cli.path(_REPORT.value), verify=_VERIFY.value, tolerance=_TOLERANCE.value,
         signature=_SIGNATURE.value, inputs=tuple(_INPUTS.value), outputs=tuple(_OUTPUTS.value),
         overwrite=_OVERWRITE.value, out_format=_OUT_FORMAT.value, opset=_OPSET.value,
         steps=_STEPS.value, recover=_recover_options())
-    doc = pipeline.prune(_path(flags.FLAGS["in"].value), _path(_OUT.value), options)
+    doc = pipeline.prune(cli.path(flags.FLAGS["in"].value), cli.path(_OUT.value), options)
   except errors.GraphPruneError as e:
     print(f"prune: error: {e}", file=sys.stderr)
     return 2

@@ -42,18 +42,18 @@ RECOVER_OUTPUT = flags.DEFINE_string("recover_output", None, "Output with the cl
                                      "(default: the first; a Softmax's input is used).")
 
 
-def options(path, preprocess: preprocess_lib.Preprocess, data_dir, seed: int):
-  """recover.Options from the flags, or None without --recover; `path` resolves
-  relative paths the way the calling tool does."""
+def options(cli, preprocess: preprocess_lib.Preprocess, data_dir, seed: int):
+  """recover.Options from the flags, or None without --recover; `cli` (tools/cli.py)
+  resolves relative paths the way the calling tool does."""
   if RECOVER.value == "none":
     return None
   from graph_prune.recover import recover  # pylint: disable=g-import-not-at-top
   return recover.Options(
-      method=RECOVER.value, data=path(RECOVER_DATA.value) or "", data_dir=data_dir,
+      method=RECOVER.value, data=cli.data_path(RECOVER_DATA.value) or "", data_dir=data_dir,
       split=RECOVER_SPLIT.value, preprocess=preprocess,
       batch_size=RECOVER_BATCH.value, train_steps=RECOVER_STEPS.value,
       learning_rate=LEARNING_RATE.value, temperature=TEMPERATURE.value,
       distill_weight=DISTILL_WEIGHT.value, calibration_samples=CALIBRATION.value,
       holdout_samples=HOLDOUT.value, strategy=STRATEGY.value,
-      checkpoint_dir=path(CHECKPOINT_DIR.value), checkpoint_every=CHECKPOINT_EVERY.value,
+      checkpoint_dir=cli.path(CHECKPOINT_DIR.value), checkpoint_every=CHECKPOINT_EVERY.value,
       log_every=LOG_EVERY.value, seed=seed, output=RECOVER_OUTPUT.value)

@@ -20,8 +20,12 @@ from absl import flags
 from absl import logging
 
 from graph_prune import errors
+from tools import cli
 from tools import recover_flags
 
+_BENCH = cli.BenchFlags()
+flags.adopt_module_key_flags(cli)  # listed by --help with this tool's own
+flags.adopt_module_key_flags(recover_flags)  # listed by --help with this tool's own
 _IN = flags.DEFINE_string("in", None,
                           "Input: frozen GraphDef (.pb/.pbtxt), SavedModel dir, or .onnx file.")
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Directory of the sweep (created if missing).")
@@ -32,16 +36,6 @@ _CRITERIA = flags.DEFINE_list("criteria", ["l1", "l2", "bn_scale", "fpgm", "rand
 _ROUND_TO = flags.DEFINE_list("round_to", ["1"],
                               "Channel multiples: positive integers and/or 'auto' (resolved "
                               "once per sweep, as //tools:prune does).")
-_BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1"], "Benchmark batch sizes, e.g. 1,32.")
-_DEVICE = flags.DEFINE_string("device", "auto", "auto (TPU, GPU, else CPU), cpu, gpu[:N], tpu[:N].")
-_XLA = flags.DEFINE_boolean("xla", True, "Compile TensorFlow models with XLA (jit_compile).")
-_MAX_SECONDS = flags.DEFINE_float(
-    "max_seconds", 10.0, "Benchmark: time budget of the timed loop per model and batch size.")
-_TARGET_RSE = flags.DEFINE_float(
-    "target_rse", 0.01, "Benchmark: stop once every median has this relative standard error.")
-_WARMUP = flags.DEFINE_integer("warmup", 2, "Benchmark: untimed calls per model and batch size.")
-_MIN_RUNS = flags.DEFINE_integer("min_runs", 5, "Benchmark: timed calls per model always run.")
-_MEMORY = flags.DEFINE_boolean("memory", True, "Measure peak memory (a child process each).")
 _MEMORY_RUNS = flags.DEFINE_integer("memory_runs", 3, "Calls per memory measurement.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for the random criterion and all random inputs.")
 _TOLERANCE = flags.DEFINE_float("tolerance", 1e-4, "Verification: largest relative difference.")
@@ -75,18 +69,6 @@ _PLOTS_ONLY = flags.DEFINE_boolean("plots_only", False,
 flags.mark_flag_as_required("out_dir")
 
 
-def _path(p):
-  """Paths are relative to where `bazel run` was called from."""
-  if p is None or os.path.isabs(p):
-    return p
-  return os.path.join(os.environ.get("BUILD_WORKING_DIRECTORY", ""), p)
-
-
-def _data_path(spec):
-  # 'fashion-mnist:SPLIT' is a name, not a path.
-  return spec if spec.startswith("fashion-mnist:") else _path(spec)
-
-
 def _data(sweep):
   if not _DATA.value:
     return None
@@ -94,8 +76,8 @@ def _data(sweep):
   if _MAX_SAMPLES.value < 0 or _EVAL_BATCH_SIZE.value < 1:
     raise errors.UsageError("--max_samples must be >= 0 and --eval_batch_size >= 1")
   return sweep.Data(
-      spec=_data_path(_DATA.value), data_format=_DATA_FORMAT.value,
-      data_dir=_path(_DATA_DIR.value), split=_SPLIT.value,
+      spec=cli.data_path(_DATA.value), data_format=_DATA_FORMAT.value,
+      data_dir=cli.path(_DATA_DIR.value), split=_SPLIT.value,
       resize=preprocess.parse_resize(_RESIZE.value), scale=preprocess.parse_scale(_SCALE.value),
       mean=preprocess.parse_floats(_MEAN.value, "mean"),
       std=preprocess.parse_floats(_STD.value, "std"),
@@ -119,10 +101,9 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   # Imported here so that flag errors and --help do not pay for the imports.
   from graph_prune.bench import benchmark  # pylint: disable=g-import-not-at-top
-  from graph_prune.bench import timing  # pylint: disable=g-import-not-at-top
   from graph_prune.data import preprocess  # pylint: disable=g-import-not-at-top
   from graph_prune.sweep import sweep  # pylint: disable=g-import-not-at-top
-  out_dir = _path(_OUT_DIR.value)
+  out_dir = cli.path(_OUT_DIR.value)
   try:
     if _PLOTS_ONLY.value:
       for path in sweep.plots_only(out_dir):
@@ -130,27 +111,23 @@ def main(argv):
       return 0
     if not flags.FLAGS["in"].value:
       raise errors.UsageError("--in is required (the model to sweep)")
-    try:
-      settings = timing.Settings(warmup=_WARMUP.value, min_runs=_MIN_RUNS.value,
-                                 max_seconds=_MAX_SECONDS.value, target_rse=_TARGET_RSE.value)
-    except ValueError as e:
-      raise errors.UsageError(f"{e} (--warmup, --min_runs, --max_seconds, --target_rse)"
-                              ) from None
+    settings = _BENCH.timing()
     config = sweep.Config(
-        model=_path(flags.FLAGS["in"].value), out_dir=out_dir,
+        model=cli.path(flags.FLAGS["in"].value), out_dir=out_dir,
         ratios=sweep.parse_ratios(_RATIOS.value), criteria=sweep.parse_criteria(_CRITERIA.value),
         round_to=sweep.parse_round_to(_ROUND_TO.value),
-        batch_sizes=benchmark.parse_batch_sizes(_BATCH_SIZES.value), device=_DEVICE.value,
-        xla=_XLA.value, timing=settings, memory=_MEMORY.value, memory_runs=_MEMORY_RUNS.value,
+        batch_sizes=benchmark.parse_batch_sizes(_BENCH.batch_sizes.value),
+        device=_BENCH.device.value, xla=_BENCH.xla.value, timing=settings,
+        memory=_BENCH.memory.value, memory_runs=_MEMORY_RUNS.value,
         seed=_SEED.value, tolerance=_TOLERANCE.value, signature=_SIGNATURE.value,
         inputs=tuple(_INPUTS.value), outputs=tuple(_OUTPUTS.value), data=_data(sweep),
-        keep_models=_KEEP_MODELS.value, widths_cache=_path(_WIDTHS_CACHE.value),
+        keep_models=_KEEP_MODELS.value, widths_cache=cli.path(_WIDTHS_CACHE.value),
         overwrite=_OVERWRITE.value)
     steps = []
-    recovery = recover_flags.options(_path, preprocess.Preprocess(
+    recovery = recover_flags.options(cli, preprocess.Preprocess(
         resize=config.data.resize, scale=config.data.scale, mean=config.data.mean,
         std=config.data.std) if config.data else preprocess.Preprocess(),
-                                     _path(_DATA_DIR.value), _SEED.value)
+                                     cli.path(_DATA_DIR.value), _SEED.value)
     if recovery is not None:
       from graph_prune.sweep import recovery as recovery_lib  # pylint: disable=g-import-not-at-top
       steps.append(recovery_lib.RecoveryStep(recovery))

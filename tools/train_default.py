@@ -26,6 +26,7 @@ from absl import flags
 from absl import logging
 
 from graph_prune.data import idx
+from tools import cli
 
 _DATA_DIR = flags.DEFINE_string(
     "data_dir", idx.FASHION_MNIST_DIR,
@@ -52,13 +53,6 @@ _INPUT_NAME = "images"
 _OUTPUT_NAME = "logits"
 _NUM_CLASSES = 10
 _EVAL_BATCH = 1000  # Bounds the activation memory of inference on the 10k test images.
-
-
-def _path(p):
-  """Paths are relative to where `bazel run` was called from (as in tools/prune.py)."""
-  if p is None or os.path.isabs(p):
-    return p
-  return os.path.join(os.environ.get("BUILD_WORKING_DIRECTORY", ""), p)
 
 
 def _default_out_dir():
@@ -345,7 +339,7 @@ or without Bazel: `PYTHONPATH=. .venv/bin/python tools/train_default.py {flags_u
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  train(data_dir=_path(_DATA_DIR.value), out_dir=_path(_OUT_DIR.value) or _default_out_dir(),
+  train(data_dir=cli.path(_DATA_DIR.value), out_dir=cli.path(_OUT_DIR.value) or _default_out_dir(),
         epochs=_EPOCHS.value, batch_size=_BATCH_SIZE.value, learning_rate=_LEARNING_RATE.value,
         seed=_SEED.value, deterministic=_DETERMINISTIC.value, min_accuracy=_MIN_ACCURACY.value)
 
