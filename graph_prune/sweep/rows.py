@@ -50,7 +50,12 @@ every column of its sweep (null where a figure does not apply: a failed run, no
   mean_kl          mean KL(softmax(original) || softmax(pruned)), nats
   eval_samples, eval_s
   then:
-  <columns of extra steps>   e.g. accuracy after recovery (see sweep.Step)
+  <columns of extra steps>   (see sweep.Step); the recovery step
+                   (graph_prune/sweep/recovery.py) adds recover_method,
+                   recover_train_steps, top1_recovered, top5_recovered,
+                   top1_recovered_drop (top1_orig - top1_recovered),
+                   agreement_recovered, holdout_agreement_before/after (on the
+                   samples kept out of recovery), recover_s
   elapsed_s        seconds of the whole run
   finished_at      UTC time the row was written, ISO 8601
 

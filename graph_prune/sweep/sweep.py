@@ -647,6 +647,8 @@ def progress_line(i: int, n: int, row: Mapping[str, Any], total_s: float) -> str
     parts.append("speedup " + " ".join(speed))
   if row.get("top1") is not None:
     parts.append(f"top-1 {row['top1']:.4f}")
+  if row.get("top1_recovered") is not None:
+    parts.append(f"after recovery {row['top1_recovered']:.4f}")
   parts.append(f"{row['elapsed_s']:.1f} s (total {total_s:.0f} s)")
   return ", ".join(parts)
 
