@@ -17,6 +17,7 @@ import stat
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import numpy as np
 from absl.testing import absltest
@@ -24,6 +25,7 @@ from absl.testing import parameterized
 
 import graph_prune
 from graph_prune import errors
+from graph_prune import pipeline
 from graph_prune.bench import timing
 from graph_prune.bench import widths
 from graph_prune.sweep import rows as rows_lib
@@ -367,6 +369,30 @@ class SweepTest(parameterized.TestCase):
     again = sweep.run(config, steps=[step], notify=lambda l: None)
     self.assertEqual((again.new, again.round_to_auto["multiple"]), (2, 16))
     self.assertFalse(os.path.exists(cache_path))
+
+  def test_failed_verification_is_a_row_not_a_crash(self):
+    real_prune = pipeline.prune
+
+    def prune(in_path, out_path, options):
+      if options.ratio == 0.5:  # as the oracle reports a pruned model that differs
+        raise errors.VerificationError("verification failed: pruned differs from the masked "
+                                       "original by 0.3 (relative; tolerance 0.0001)")
+      return real_prune(in_path, out_path, options)
+
+    out = os.path.join(self.create_tempdir().full_path, "failing")
+    config = sweep.Config(model=_MODEL, out_dir=out, ratios=(0.5, 0.25), criteria=("l1",),
+                          device="cpu", timing=_SHORT, memory=False)
+    with mock.patch.object(pipeline, "prune", side_effect=prune):
+      summary = sweep.run(config, notify=lambda l: None)
+    rows = [json.loads(l) for l in _lines(os.path.join(out, "rows.jsonl"))]
+    self.assertEqual([(r["key"], r["status"]) for r in rows],
+                     [("r0.5_l1_rt1", "verify_failed"), ("r0.25_l1_rt1", "ok")])
+    self.assertIn("differs from the masked original by 0.3", rows[0]["error"])
+    self.assertIsNone(rows[0]["b1_speedup_median"])
+    self.assertGreater(rows[1]["b1_speedup_median"], 0)
+    self.assertEqual(summary.failed, 1)
+    self.assertFalse(os.path.exists(os.path.join(out, "models", "r0.5_l1_rt1.pb")))
+    self.assertLen(summary.plots, 3)  # drawn from the rows that are ok
 
   def test_resume_after_sigkill(self):
     out = os.path.join(self.create_tempdir().full_path, "killed")
