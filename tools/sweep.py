@@ -86,13 +86,14 @@ def _data_path(spec):
   return spec if spec.startswith("fashion-mnist:") else _path(spec)
 
 
-def _data(sweep):
+def _data():
   if not _DATA.value:
     return None
   from graph_prune.data import preprocess  # pylint: disable=g-import-not-at-top
+  from graph_prune.sweep import config  # pylint: disable=g-import-not-at-top
   if _MAX_SAMPLES.value < 0 or _EVAL_BATCH_SIZE.value < 1:
     raise errors.UsageError("--max_samples must be >= 0 and --eval_batch_size >= 1")
-  return sweep.Data(
+  return config.Data(
       spec=_data_path(_DATA.value), data_format=_DATA_FORMAT.value,
       data_dir=_path(_DATA_DIR.value), split=_SPLIT.value,
       resize=preprocess.parse_resize(_RESIZE.value), scale=preprocess.parse_scale(_SCALE.value),
@@ -119,6 +120,7 @@ def main(argv):
   # Imported here so that flag errors and --help do not pay for the imports.
   from graph_prune.bench import benchmark  # pylint: disable=g-import-not-at-top
   from graph_prune.bench import timing  # pylint: disable=g-import-not-at-top
+  from graph_prune.sweep import config  # pylint: disable=g-import-not-at-top
   from graph_prune.sweep import sweep  # pylint: disable=g-import-not-at-top
   out_dir = _path(_OUT_DIR.value)
   try:
@@ -129,22 +131,23 @@ def main(argv):
     if not flags.FLAGS["in"].value:
       raise errors.UsageError("--in is required (the model to sweep)")
     try:
-      settings = timing.Settings(warmup=_WARMUP.value, min_runs=_MIN_RUNS.value,
-                                 max_seconds=_MAX_SECONDS.value, target_rse=_TARGET_RSE.value)
+      budget = timing.Settings(warmup=_WARMUP.value, min_runs=_MIN_RUNS.value,
+                               max_seconds=_MAX_SECONDS.value, target_rse=_TARGET_RSE.value)
     except ValueError as e:
       raise errors.UsageError(f"{e} (--warmup, --min_runs, --max_seconds, --target_rse)"
                               ) from None
-    config = sweep.Config(
+    settings = config.Config(
         model=_path(flags.FLAGS["in"].value), out_dir=out_dir,
-        ratios=sweep.parse_ratios(_RATIOS.value), criteria=sweep.parse_criteria(_CRITERIA.value),
-        round_to=sweep.parse_round_to(_ROUND_TO.value),
+        ratios=config.parse_ratios(_RATIOS.value),
+        criteria=config.parse_criteria(_CRITERIA.value),
+        round_to=config.parse_round_to(_ROUND_TO.value),
         batch_sizes=benchmark.parse_batch_sizes(_BATCH_SIZES.value), device=_DEVICE.value,
-        xla=_XLA.value, timing=settings, memory=_MEMORY.value, memory_runs=_MEMORY_RUNS.value,
+        xla=_XLA.value, timing=budget, memory=_MEMORY.value, memory_runs=_MEMORY_RUNS.value,
         seed=_SEED.value, tolerance=_TOLERANCE.value, signature=_SIGNATURE.value,
-        inputs=tuple(_INPUTS.value), outputs=tuple(_OUTPUTS.value), data=_data(sweep),
+        inputs=tuple(_INPUTS.value), outputs=tuple(_OUTPUTS.value), data=_data(),
         keep_models=_KEEP_MODELS.value, widths_cache=_path(_WIDTHS_CACHE.value),
         overwrite=_OVERWRITE.value)
-    summary = sweep.run(config, progress=_progress, notify=_say)
+    summary = sweep.run(settings, progress=_progress, notify=_say)
   except errors.GraphPruneError as e:
     print(f"sweep: error: {e}", file=sys.stderr)
     return 2
