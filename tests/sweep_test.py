@@ -17,6 +17,7 @@ import stat
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import numpy as np
 from absl.testing import absltest
@@ -24,8 +25,10 @@ from absl.testing import parameterized
 
 import graph_prune
 from graph_prune import errors
+from graph_prune import pipeline
 from graph_prune.bench import timing
 from graph_prune.bench import widths
+from graph_prune.sweep import config
 from graph_prune.sweep import rows as rows_lib
 from graph_prune.sweep import sweep
 
@@ -68,11 +71,11 @@ class ParseTest(parameterized.TestCase):
   """The list flags and the run keys (no models)."""
 
   def test_ratios(self):
-    self.assertEqual(sweep.parse_ratios(["0.1", "0.2", "...", "0.9"]),
+    self.assertEqual(config.parse_ratios(["0.1", "0.2", "...", "0.9"]),
                      (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9))
-    self.assertEqual(sweep.parse_ratios(["0", "0.25", "...", "0.75", "0.8"]),
+    self.assertEqual(config.parse_ratios(["0", "0.25", "...", "0.75", "0.8"]),
                      (0.0, 0.25, 0.5, 0.75, 0.8))
-    self.assertEqual(sweep.parse_ratios([" 0.5 "]), (0.5,))
+    self.assertEqual(config.parse_ratios([" 0.5 "]), (0.5,))
 
   @parameterized.parameters(
       (["0.1", "x"], "not a number"), (["1.0"], "outside"), (["-0.1"], "outside"),
@@ -81,25 +84,25 @@ class ParseTest(parameterized.TestCase):
       (["0.3", "0.2", "...", "0.1"], "not reached"), (["nan"], "finite"))
   def test_bad_ratios(self, values, needle):
     with self.assertRaisesRegex(errors.UsageError, needle):
-      sweep.parse_ratios(values)
+      config.parse_ratios(values)
 
   def test_criteria_and_round_to(self):
-    self.assertEqual(sweep.parse_criteria(["l1", "fpgm"]), ("l1", "fpgm"))
-    self.assertEqual(sweep.parse_round_to(["1", "auto", "16"]), (1, "auto", 16))
+    self.assertEqual(config.parse_criteria(["l1", "fpgm"]), ("l1", "fpgm"))
+    self.assertEqual(config.parse_round_to(["1", "auto", "16"]), (1, "auto", 16))
     for bad in (["l3"], [], ["l1", "l1"]):
       with self.assertRaises(errors.UsageError):
-        sweep.parse_criteria(bad)
+        config.parse_criteria(bad)
     for bad in (["0"], ["x"], [], ["8", "8"], ["-8"]):
       with self.assertRaises(errors.UsageError):
-        sweep.parse_round_to(bad)
+        config.parse_round_to(bad)
 
   def test_plan_keys(self):
-    config = sweep.Config(_MODEL, "unused", (0.25, 0.5), ("l1", "random"), (1, "auto"))
-    keys = [s.key for s in sweep.plan_runs(config)]
+    settings = config.Config(_MODEL, "unused", (0.25, 0.5), ("l1", "random"), (1, "auto"))
+    keys = [s.key for s in config.plan_runs(settings)]
     self.assertEqual(keys, ["r0.25_l1_rt1", "r0.25_l1_rtauto", "r0.25_random_rt1",
                             "r0.25_random_rtauto", "r0.5_l1_rt1", "r0.5_l1_rtauto",
                             "r0.5_random_rt1", "r0.5_random_rtauto"])
-    self.assertEqual(sweep.model_path(config, keys[0]),
+    self.assertEqual(config.model_path(settings, keys[0]),
                      os.path.join("unused", "models", "r0.25_l1_rt1.pb"))
 
 
@@ -172,10 +175,10 @@ class SweepTest(parameterized.TestCase):
     _labelled_npz(cls.npz)
     cls.dir = os.path.join(tmp, "sweep")
     shutil.rmtree(cls.dir, ignore_errors=True)
-    cls.config = sweep.Config(
+    cls.config = config.Config(
         model=_MODEL, out_dir=cls.dir, ratios=(0.3, 0.6), criteria=("l1", "fpgm"),
         round_to=(1,), batch_sizes=(1, 2), device="cpu", timing=_SHORT, memory=True,
-        memory_runs=1, data=sweep.Data(cls.npz))
+        memory_runs=1, data=config.Data(cls.npz))
     cls.progress = []
     cls.summary = sweep.run(cls.config, progress=lambda *a: cls.progress.append(a),
                             notify=lambda line: None)
@@ -337,12 +340,12 @@ class SweepTest(parameterized.TestCase):
     cache.save()
     out = self._copy()  # another sweep is there: --overwrite replaces it
     step = _FakeRecovery()
-    config = sweep.Config(
+    settings = config.Config(
         model=_MODEL, out_dir=out, ratios=(0.3, 0.5), criteria=("l2",), round_to=("auto",),
         device="cpu", timing=_SHORT, memory=False, keep_models=False, widths_cache=cache_path)
     with self.assertRaisesRegex(errors.UsageError, "holds another sweep"):
-      sweep.run(config, steps=[step], notify=lambda l: None)
-    summary = sweep.run(dataclasses.replace(config, overwrite=True), steps=[step],
+      sweep.run(settings, steps=[step], notify=lambda l: None)
+    summary = sweep.run(dataclasses.replace(settings, overwrite=True), steps=[step],
                         notify=lambda l: None)
     self.assertEqual(summary.round_to_auto["multiple"], 16)
     rows = [json.loads(l) for l in _lines(os.path.join(out, "rows.jsonl"))]
@@ -364,9 +367,33 @@ class SweepTest(parameterized.TestCase):
     # The recorded multiple is used on resume, whatever the cache says now.
     os.remove(cache_path)
     os.remove(os.path.join(out, "rows.jsonl"))
-    again = sweep.run(config, steps=[step], notify=lambda l: None)
+    again = sweep.run(settings, steps=[step], notify=lambda l: None)
     self.assertEqual((again.new, again.round_to_auto["multiple"]), (2, 16))
     self.assertFalse(os.path.exists(cache_path))
+
+  def test_failed_verification_is_a_row_not_a_crash(self):
+    real_prune = pipeline.prune
+
+    def prune(in_path, out_path, options):
+      if options.ratio == 0.5:  # as the oracle reports a pruned model that differs
+        raise errors.VerificationError("verification failed: pruned differs from the masked "
+                                       "original by 0.3 (relative; tolerance 0.0001)")
+      return real_prune(in_path, out_path, options)
+
+    out = os.path.join(self.create_tempdir().full_path, "failing")
+    settings = config.Config(model=_MODEL, out_dir=out, ratios=(0.5, 0.25), criteria=("l1",),
+                          device="cpu", timing=_SHORT, memory=False)
+    with mock.patch.object(pipeline, "prune", side_effect=prune):
+      summary = sweep.run(settings, notify=lambda l: None)
+    rows = [json.loads(l) for l in _lines(os.path.join(out, "rows.jsonl"))]
+    self.assertEqual([(r["key"], r["status"]) for r in rows],
+                     [("r0.5_l1_rt1", "verify_failed"), ("r0.25_l1_rt1", "ok")])
+    self.assertIn("differs from the masked original by 0.3", rows[0]["error"])
+    self.assertIsNone(rows[0]["b1_speedup_median"])
+    self.assertGreater(rows[1]["b1_speedup_median"], 0)
+    self.assertEqual(summary.failed, 1)
+    self.assertFalse(os.path.exists(os.path.join(out, "models", "r0.5_l1_rt1.pb")))
+    self.assertLen(summary.plots, 3)  # drawn from the rows that are ok
 
   def test_resume_after_sigkill(self):
     out = os.path.join(self.create_tempdir().full_path, "killed")

@@ -69,13 +69,14 @@ _PLOTS_ONLY = flags.DEFINE_boolean("plots_only", False,
 flags.mark_flag_as_required("out_dir")
 
 
-def _data(sweep):
+def _data():
   if not _DATA.value:
     return None
   from graph_prune.data import preprocess  # pylint: disable=g-import-not-at-top
+  from graph_prune.sweep import config  # pylint: disable=g-import-not-at-top
   if _MAX_SAMPLES.value < 0 or _EVAL_BATCH_SIZE.value < 1:
     raise errors.UsageError("--max_samples must be >= 0 and --eval_batch_size >= 1")
-  return sweep.Data(
+  return config.Data(
       spec=cli.data_path(_DATA.value), data_format=_DATA_FORMAT.value,
       data_dir=cli.path(_DATA_DIR.value), split=_SPLIT.value,
       resize=preprocess.parse_resize(_RESIZE.value), scale=preprocess.parse_scale(_SCALE.value),
@@ -102,6 +103,7 @@ def main(argv):
   # Imported here so that flag errors and --help do not pay for the imports.
   from graph_prune.bench import benchmark  # pylint: disable=g-import-not-at-top
   from graph_prune.data import preprocess  # pylint: disable=g-import-not-at-top
+  from graph_prune.sweep import config  # pylint: disable=g-import-not-at-top
   from graph_prune.sweep import sweep  # pylint: disable=g-import-not-at-top
   out_dir = cli.path(_OUT_DIR.value)
   try:
@@ -111,27 +113,28 @@ def main(argv):
       return 0
     if not flags.FLAGS["in"].value:
       raise errors.UsageError("--in is required (the model to sweep)")
-    settings = _BENCH.timing()
-    config = sweep.Config(
+    settings = config.Config(
         model=cli.path(flags.FLAGS["in"].value), out_dir=out_dir,
-        ratios=sweep.parse_ratios(_RATIOS.value), criteria=sweep.parse_criteria(_CRITERIA.value),
-        round_to=sweep.parse_round_to(_ROUND_TO.value),
+        ratios=config.parse_ratios(_RATIOS.value),
+        criteria=config.parse_criteria(_CRITERIA.value),
+        round_to=config.parse_round_to(_ROUND_TO.value),
         batch_sizes=benchmark.parse_batch_sizes(_BENCH.batch_sizes.value),
-        device=_BENCH.device.value, xla=_BENCH.xla.value, timing=settings,
+        device=_BENCH.device.value, xla=_BENCH.xla.value, timing=_BENCH.timing(),
         memory=_BENCH.memory.value, memory_runs=_MEMORY_RUNS.value,
         seed=_SEED.value, tolerance=_TOLERANCE.value, signature=_SIGNATURE.value,
-        inputs=tuple(_INPUTS.value), outputs=tuple(_OUTPUTS.value), data=_data(sweep),
+        inputs=tuple(_INPUTS.value), outputs=tuple(_OUTPUTS.value), data=_data(),
         keep_models=_KEEP_MODELS.value, widths_cache=cli.path(_WIDTHS_CACHE.value),
         overwrite=_OVERWRITE.value)
     steps = []
+    data = settings.data
     recovery = recover_flags.options(cli, preprocess.Preprocess(
-        resize=config.data.resize, scale=config.data.scale, mean=config.data.mean,
-        std=config.data.std) if config.data else preprocess.Preprocess(),
+        resize=data.resize, scale=data.scale, mean=data.mean, std=data.std)
+                                     if data else preprocess.Preprocess(),
                                      cli.path(_DATA_DIR.value), _SEED.value)
     if recovery is not None:
       from graph_prune.sweep import recovery as recovery_lib  # pylint: disable=g-import-not-at-top
       steps.append(recovery_lib.RecoveryStep(recovery))
-    summary = sweep.run(config, steps, progress=_progress, notify=_say)
+    summary = sweep.run(settings, steps, progress=_progress, notify=_say)
   except errors.GraphPruneError as e:
     print(f"sweep: error: {e}", file=sys.stderr)
     return 2

@@ -21,6 +21,7 @@ import matplotlib
 matplotlib.use("Agg")
 from matplotlib.backends import backend_agg  # pylint: disable=g-import-not-at-top
 from matplotlib import figure as figure_lib  # pylint: disable=g-import-not-at-top
+from matplotlib import ticker  # pylint: disable=g-import-not-at-top
 
 from graph_prune.sweep import rows as rows_lib  # pylint: disable=g-import-not-at-top
 
@@ -86,17 +87,27 @@ def _empty(ax) -> None:
   ax.text(0.5, 0.5, "no successful runs", ha="center", va="center", transform=ax.transAxes)
 
 
-def _points(members, x_col: str, y_col: str):
+def _points(members, x_col: str, y_col: str, order: Optional[str] = None):
+  """(x, y, row) of the rows that have both, sorted by x or by the column `order`."""
   pts = [(r[x_col], r[y_col], r) for r in members
          if r.get(x_col) is not None and r.get(y_col) is not None]
-  return sorted(pts, key=lambda p: p[0])
+  return sorted(pts, key=lambda p: p[0] if order is None else p[2][order])
+
+
+def _ratio_axis(axis) -> None:
+  """A log2 axis of ratios, labelled 1x, 2x, 4x, ..."""
+  axis.set_major_locator(ticker.LogLocator(base=2))
+  axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+  axis.set_minor_formatter(ticker.NullFormatter())
 
 
 def speedup_vs_flops(rows, batch: int, model: str, path: str) -> None:
+  """Log-log, so that FLOPs ratios from 1.1x to 70x fit and the ideal line stays
+  the diagonal; it runs off the top where the speedup falls short."""
   fig = figure_lib.Figure(figsize=(7.5, 5.5))
   ax = fig.add_subplot()
   col = rows_lib.batch_column
-  top = 1.0
+  x_top, y_low, y_top = 2.0, 1.0, 2.0
   for label, style, members in _series(rows):
     pts = _points(members, "flops_reduction", col(batch, "speedup_median"))
     if not pts:
@@ -105,23 +116,34 @@ def speedup_vs_flops(rows, batch: int, model: str, path: str) -> None:
     lo = [max(0.0, y - (p[2].get(col(batch, "speedup_p10")) or y)) for y, p in zip(ys, pts)]
     hi = [max(0.0, (p[2].get(col(batch, "speedup_p90")) or y) - y) for y, p in zip(ys, pts)]
     ax.errorbar(xs, ys, yerr=[lo, hi], label=label, capsize=2, **style)
-    top = max(top, max(xs), max(y + h for y, h in zip(ys, hi)))
+    x_top = max(x_top, max(xs))
+    y_low = min(y_low, min(y - l for y, l in zip(ys, lo)))
+    y_top = max(y_top, max(y + h for y, h in zip(ys, hi)))
   if not rows:
     _empty(ax)
-  ax.plot([1.0, top], [1.0, top], color="black", linewidth=1, label="ideal: speedup = FLOPs ratio")
+  ax.plot([1.0, x_top], [1.0, x_top], color="black", linewidth=1,
+          label="ideal: speedup = FLOPs ratio")
   ax.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
-  ax.set_xlabel("FLOPs reduction (original FLOPs / pruned FLOPs)")
-  ax.set_ylabel("speedup (original / pruned latency, median of A-B pairs)")
+  ax.set_xscale("log", base=2)
+  ax.set_yscale("log", base=2)
+  ax.set_xlim(0.9, x_top * 1.15)
+  ax.set_ylim(max(0.05, y_low * 0.9), y_top * 1.25)
+  _ratio_axis(ax.xaxis)
+  _ratio_axis(ax.yaxis)
+  ax.set_xlabel("FLOPs reduction (original FLOPs / pruned FLOPs), log scale")
+  ax.set_ylabel("speedup (original / pruned latency), log scale\n"
+                "median of A-B pairs, bars p10-p90")
   ax.set_title(f"Speedup vs FLOPs reduction, batch {batch}\n{_subtitle(rows, model)}",
                fontsize=10)
-  ax.grid(True, alpha=0.3)
-  ax.legend(fontsize=7, loc="upper left")
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend(fontsize=7, loc="lower right")
   _save(fig, path)
 
 
 def _per_batch(rows, batch_sizes, model: str, path: str, title: str, y_col: str, y_label: str,
-               orig_col: str, scale: float = 1.0) -> None:
-  """A panel per batch size: y_col (scaled) against the ratio, with the original's line."""
+               orig_col: str, scale: float = 1.0, per_run_original: bool = False) -> None:
+  """A panel per batch size: y_col (scaled) against the ratio, with the original's
+  median line (and with per_run_original its figure from each run)."""
   fig = figure_lib.Figure(figsize=(5.5 * len(batch_sizes), 5.0))
   axes = fig.subplots(1, len(batch_sizes), squeeze=False)[0]
   col = rows_lib.batch_column
@@ -130,9 +152,15 @@ def _per_batch(rows, batch_sizes, model: str, path: str, title: str, y_col: str,
       pts = _points(members, "ratio", col(b, y_col))
       if pts:
         ax.plot([p[0] for p in pts], [p[1] * scale for p in pts], label=label, **style)
+    if per_run_original:
+      # Measured next to each pruned model: shows how far the machine drifted.
+      pts = _points(rows, "ratio", col(b, orig_col))
+      if pts:
+        ax.plot([p[0] for p in pts], [p[1] * scale for p in pts], linestyle="none", marker="x",
+                color="black", alpha=0.5, markersize=4, label="original, same run")
     orig = _median([r.get(col(b, orig_col)) for r in rows])
     if orig is not None:
-      ax.axhline(orig * scale, color="black", linewidth=1, label="original")
+      ax.axhline(orig * scale, color="black", linewidth=1, label="original, median")
     if not rows:
       _empty(ax)
     ax.set_xlabel("pruning ratio (fraction of channels removed per group)")
@@ -153,11 +181,12 @@ def accuracy_vs_speedup(rows, batch_sizes, model: str, path: str) -> None:
   recovered = any(r.get("top1_recovered") is not None for r in rows)
   for ax, b in zip(axes, batch_sizes):
     for label, style, members in _series(rows):
-      pts = _points(members, col(b, "speedup_median"), "top1")
+      # Joined in ratio order: the path a criterion takes as it prunes more.
+      pts = _points(members, col(b, "speedup_median"), "top1", order="ratio")
       if pts:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label, **style)
       # The seam for recovery: a step that adds top1_recovered gets its own markers.
-      pts = _points(members, col(b, "speedup_median"), "top1_recovered")
+      pts = _points(members, col(b, "speedup_median"), "top1_recovered", order="ratio")
       if pts:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], label=f"{label}, recovered",
                 **dict(style, markerfacecolor="none", linestyle=":"))
@@ -189,7 +218,8 @@ def write_all(all_rows: Sequence[dict[str, Any]], batch_sizes: Sequence[int], mo
     speedup_vs_flops(ok, b, model, paths[-1])
   paths.append(os.path.join(out_dir, "latency_vs_ratio.png"))
   _per_batch(ok, batch_sizes, model, paths[-1], "Latency of the pruned model vs ratio",
-             "latency_pruned_median_ms", "latency, median (ms)", "latency_orig_median_ms")
+             "latency_pruned_median_ms", "latency, median (ms)", "latency_orig_median_ms",
+             per_run_original=True)
   paths.append(os.path.join(out_dir, "memory_vs_ratio.png"))
   _per_batch(ok, batch_sizes, model, paths[-1], "Peak memory of the pruned model vs ratio",
              "peak_pruned_bytes", "peak memory (MiB)", "peak_orig_bytes", scale=2.0**-20)

@@ -1,7 +1,7 @@
 """A sweep: every ratio x criterion x round_to of one model pruned, verified,
 benchmarked against the original and, with data, evaluated; one row per run.
 
-  summary = sweep.run(sweep.Config(model="model.pb", out_dir="out", ratios=(0.25, 0.5),
+  summary = sweep.run(config.Config(model="model.pb", out_dir="out", ratios=(0.25, 0.5),
                                    criteria=("l1", "fpgm"), round_to=(1, "auto")))
 
 Files in out_dir:
@@ -39,14 +39,11 @@ import dataclasses
 import datetime
 import fcntl
 import glob
-import hashlib
 import json
-import math
 import os
 import shutil
-import tempfile
 import time
-from typing import Any, Callable, Mapping, Optional, Protocol, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Protocol, Sequence
 
 from absl import logging
 
@@ -54,73 +51,22 @@ from graph_prune import errors
 from graph_prune import pipeline
 from graph_prune.bench import benchmark
 from graph_prune.bench import memory
-from graph_prune.bench import runners
 from graph_prune.bench import timing
 from graph_prune.bench import widths
-from graph_prune.criteria import importance
+from graph_prune.sweep import config as config_lib
 from graph_prune.sweep import plots
 from graph_prune.sweep import rows as rows_lib
 
 SCHEMA = "graph_prune.sweep/1"
-SWEEP_JSON, ROWS_JSONL, ROWS_CSV, MODELS_DIR, PLOTS_DIR, LOCK = (
-    "sweep.json", "rows.jsonl", "rows.csv", "models", "plots", ".sweep.lock")
-AUTO = "auto"
-
-RoundTo = Union[int, str]   # a multiple, or "auto"
-
-
-@dataclasses.dataclass(frozen=True)
-class Data:
-  """Labelled data for the accuracy columns, as graph_prune.evaluate reads it."""
-  spec: str                                  # .npz, TFRecord, folder, IDX, fashion-mnist:SPLIT
-  data_format: str = "auto"
-  data_dir: Optional[str] = None             # Fashion-MNIST IDX directory
-  split: str = "test"
-  resize: Optional[tuple[int, int]] = None
-  scale: float = 1.0
-  mean: tuple[float, ...] = ()
-  std: tuple[float, ...] = ()
-  max_samples: int = 0                       # 0: all
-  batch_size: int = 256
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-  model: str
-  out_dir: str
-  ratios: tuple[float, ...]
-  criteria: tuple[str, ...]
-  round_to: tuple[RoundTo, ...] = (1,)
-  batch_sizes: tuple[int, ...] = (1,)
-  device: str = "auto"
-  xla: bool = True
-  timing: timing.Settings = timing.Settings()
-  memory: bool = True
-  memory_runs: int = 3
-  seed: int = 0
-  tolerance: float = 1e-4
-  signature: Optional[str] = None
-  inputs: tuple[str, ...] = ()
-  outputs: tuple[str, ...] = ()
-  data: Optional[Data] = None
-  keep_models: bool = True
-  widths_cache: Optional[str] = None         # for round_to "auto" (default: user cache)
-  overwrite: bool = False
-
-
-@dataclasses.dataclass(frozen=True)
-class RunSpec:
-  key: str
-  ratio: float
-  criterion: str
-  round_to: RoundTo          # as requested
+SWEEP_JSON, ROWS_JSONL, ROWS_CSV, PLOTS_DIR, LOCK = (
+    "sweep.json", "rows.jsonl", "rows.csv", "plots", ".sweep.lock")
 
 
 @dataclasses.dataclass(frozen=True)
 class RunContext:
   """What an extra step sees of one run: its spec, the models, the row so far."""
-  config: Config
-  run: RunSpec
+  config: config_lib.Config
+  run: config_lib.RunSpec
   original: str
   pruned: str                # exists while the steps run
   row: Mapping[str, Any]
@@ -156,185 +102,6 @@ Progress = Callable[[int, int, dict[str, Any], float], None]
 Notify = Callable[[str], None]
 
 
-# --- parsing of list flags --------------------------------------------------------
-
-
-def _number(text: str, flag: str) -> float:
-  try:
-    value = float(text)
-  except ValueError:
-    raise errors.UsageError(f"{flag}: '{text}' is not a number; give e.g. "
-                            f"{flag}=0.1,0.2,...,0.9") from None
-  if not math.isfinite(value):
-    raise errors.UsageError(f"{flag}: '{text}' is not a finite number")
-  return value
-
-
-def parse_ratios(values: Sequence[str], flag: str = "--ratios") -> tuple[float, ...]:
-  """'0.1', '0.2', '...', '0.9' -> (0.1, 0.2, ..., 0.9): '...' continues the step of
-  the two values before it up to the value after it."""
-  tokens = [str(v).strip() for v in values if str(v).strip()]
-  out: list[float] = []
-  i = 0
-  while i < len(tokens):
-    t = tokens[i]
-    if t == "...":
-      if len(out) < 2 or i + 1 >= len(tokens) or tokens[i + 1] == "...":
-        raise errors.UsageError(f"{flag}: '...' needs two values before it and one after, "
-                                f"e.g. {flag}=0.1,0.2,...,0.9")
-      step, end = out[-1] - out[-2], _number(tokens[i + 1], flag)
-      count = (end - out[-1]) / step if step else -1.0
-      if step <= 0 or count < 1 - 1e-9 or abs(count - round(count)) > 1e-6:
-        raise errors.UsageError(f"{flag}: {end:g} is not reached from {out[-2]:g}, {out[-1]:g} "
-                                "in equal increasing steps")
-      first = out[-1]
-      out += [round(first + k * step, 10) for k in range(1, int(round(count)) + 1)]
-      i += 2
-      continue
-    out.append(round(_number(t, flag), 10))
-    i += 1
-  if not out:
-    raise errors.UsageError(f"{flag} is empty; give e.g. {flag}=0.1,0.2,...,0.9")
-  for r in out:
-    if not 0.0 <= r < 1.0:
-      raise errors.UsageError(f"{flag}: ratio {r:g} is outside [0, 1)")
-  _no_repeats(out, flag)
-  return tuple(out)
-
-
-def parse_criteria(values: Sequence[str]) -> tuple[str, ...]:
-  out = tuple(str(v).strip() for v in values if str(v).strip())
-  if not out:
-    raise errors.UsageError(f"--criteria is empty; choose from {', '.join(importance.CRITERIA)}")
-  for c in out:
-    if c not in importance.CRITERIA:
-      raise errors.UsageError(f"--criteria: unknown criterion '{c}'; choose from "
-                              f"{', '.join(importance.CRITERIA)}")
-  _no_repeats(out, "--criteria")
-  return out
-
-
-def parse_round_to(values: Sequence[str]) -> tuple[RoundTo, ...]:
-  out: list[RoundTo] = []
-  for v in (str(v).strip() for v in values if str(v).strip()):
-    if v == AUTO:
-      out.append(AUTO)
-    elif v.isdecimal() and int(v) >= 1:
-      out.append(int(v))
-    else:
-      raise errors.UsageError(f"--round_to: '{v}' is not a positive integer or 'auto'; give "
-                              "e.g. --round_to=1,auto")
-  if not out:
-    raise errors.UsageError("--round_to is empty; give e.g. --round_to=1,auto")
-  _no_repeats(out, "--round_to")
-  return tuple(out)
-
-
-def _no_repeats(values: Sequence[Any], flag: str) -> None:
-  seen = set()
-  for v in values:
-    if v in seen:
-      raise errors.UsageError(f"{flag}: {v} is listed twice")
-    seen.add(v)
-
-
-# --- the runs and the sweep's files --------------------------------------------
-
-
-def key_of(ratio: float, criterion: str, round_to: RoundTo) -> str:
-  return f"r{ratio:.10g}_{criterion}_rt{round_to}"
-
-
-def plan_runs(config: Config) -> list[RunSpec]:
-  """Every run in order: ratio, then criterion, then round_to."""
-  return [RunSpec(key_of(r, c, t), r, c, t)
-          for r in config.ratios for c in config.criteria for t in config.round_to]
-
-
-def model_name(path: str) -> str:
-  base = os.path.basename(os.path.normpath(path))
-  for ext in (".onnx", ".pbtxt", ".pb"):
-    if base.endswith(ext):
-      return base[:-len(ext)]
-  return base
-
-
-def model_path(config: Config, key: str) -> str:
-  """Where the run's pruned model goes: the input's format, by extension."""
-  m = config.model.rstrip("/")
-  if os.path.isdir(m):
-    ext = ".savedmodel"
-  else:
-    ext = next((e for e in (".onnx", ".pbtxt") if m.endswith(e)), ".pb")
-  return os.path.join(config.out_dir, MODELS_DIR, key + ext)
-
-
-def fingerprint(path: str) -> str:
-  """sha256 of a model file, or of a directory's files (relative names and bytes)."""
-  h = hashlib.sha256()
-  if os.path.isdir(path):
-    for root, dirs, files in os.walk(path):
-      dirs.sort()
-      for name in sorted(files):
-        full = os.path.join(root, name)
-        h.update(os.path.relpath(full, path).encode() + b"\0")
-        _hash_file(h, full)
-  else:
-    _hash_file(h, path)
-  return h.hexdigest()
-
-
-def _hash_file(h, path: str) -> None:
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-
-
-def definition(config: Config, steps: Sequence[Step] = ()) -> dict[str, Any]:
-  """The settings that make a sweep what it is, JSON-ready."""
-  return json.loads(json.dumps({
-      "model": os.path.abspath(config.model), "model_sha256": fingerprint(config.model),
-      "ratios": list(config.ratios), "criteria": list(config.criteria),
-      "round_to": list(config.round_to), "batch_sizes": list(config.batch_sizes),
-      "device": config.device, "xla": config.xla, "memory": config.memory, "seed": config.seed,
-      "tolerance": config.tolerance, "signature": config.signature,
-      "inputs": list(config.inputs), "outputs": list(config.outputs),
-      "data": dataclasses.asdict(config.data) if config.data else None,
-      "steps": [s.name for s in steps],
-  }))
-
-
-def check(config: Config) -> None:
-  """Cheap checks before any framework import."""
-  if not os.path.exists(config.model):
-    raise errors.InputError(f"--in '{config.model}' does not exist; give a .pb/.pbtxt "
-                            "GraphDef, a SavedModel directory or an .onnx file")
-  if not config.ratios or not config.criteria or not config.round_to:
-    raise errors.UsageError("a sweep needs at least one ratio, criterion and round_to")
-  parse_ratios([str(r) for r in config.ratios])
-  parse_criteria(config.criteria)
-  parse_round_to([str(t) for t in config.round_to])
-  benchmark.parse_batch_sizes([str(b) for b in config.batch_sizes])
-  runners.check_device(config.device)
-  if config.memory_runs < 0:
-    raise errors.UsageError("--memory_runs must be >= 0")
-  if not 0 < config.tolerance:
-    raise errors.UsageError("--tolerance must be positive")
-  _check_out_dir(config.out_dir)
-
-
-def _check_out_dir(out_dir: str) -> None:
-  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-    raise errors.UsageError(f"--out_dir '{out_dir}' is a file; give a directory")
-  try:
-    os.makedirs(out_dir, exist_ok=True)
-    fd, probe = tempfile.mkstemp(prefix=".gp_probe_", dir=out_dir)
-    os.close(fd)
-    os.remove(probe)
-  except OSError as e:
-    raise errors.UsageError(f"--out_dir '{out_dir}' is not a writable directory "
-                            f"({e.strerror or e}); choose another") from None
-
 
 def _read_json(path: str) -> dict[str, Any]:
   try:
@@ -367,7 +134,7 @@ def _clear(out_dir: str) -> None:
     path = os.path.join(out_dir, name)
     if os.path.exists(path):
       os.remove(path)
-  for name in (MODELS_DIR, PLOTS_DIR):
+  for name in (config_lib.MODELS_DIR, PLOTS_DIR):
     shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
 
 
@@ -384,14 +151,14 @@ def _locked(out_dir: str):
                               "or choose another --out_dir") from None
     # Temporary files of atomic writes cut short by a kill.
     for tmp in (glob.glob(os.path.join(out_dir, ".gp_tmp_*"))
-                + glob.glob(os.path.join(out_dir, MODELS_DIR, ".gp_tmp_*"))):
+                + glob.glob(os.path.join(out_dir, config_lib.MODELS_DIR, ".gp_tmp_*"))):
       _remove(tmp)
     yield
   finally:
     os.close(fd)
 
 
-def _existing(config: Config, wanted: dict[str, Any]) -> Optional[dict[str, Any]]:
+def _existing(config: config_lib.Config, wanted: dict[str, Any]) -> Optional[dict[str, Any]]:
   """The sweep.json of a sweep to resume, None for a fresh one; refuses another sweep."""
   out = config.out_dir
   sweep_json, rows_jsonl = os.path.join(out, SWEEP_JSON), os.path.join(out, ROWS_JSONL)
@@ -423,14 +190,14 @@ def _one_line(e: BaseException) -> str:
   return (text[0] if text else type(e).__name__)[:500]
 
 
-def _bench_options(config: Config, model: str, baseline: Optional[str], **kw):
+def _bench_options(config: config_lib.Config, model: str, baseline: Optional[str], **kw):
   return benchmark.Options(
       model=model, baseline=baseline, batch_sizes=tuple(config.batch_sizes),
       device=config.device, xla=config.xla, seed=config.seed, signature=config.signature,
       inputs=tuple(config.inputs), outputs=tuple(config.outputs), **kw)
 
 
-def _eval_options(config: Config, reference: Optional[str]):
+def _eval_options(config: config_lib.Config, reference: Optional[str]):
   from graph_prune.data import preprocess  # pylint: disable=g-import-not-at-top
   from graph_prune.evaluate import evaluate  # pylint: disable=g-import-not-at-top
   d = config.data
@@ -441,7 +208,7 @@ def _eval_options(config: Config, reference: Optional[str]):
       batch_size=d.batch_size, max_samples=d.max_samples)
 
 
-def _model_spec(config: Config, path: str):
+def _model_spec(config: config_lib.Config, path: str):
   from graph_prune.evaluate import evaluate  # pylint: disable=g-import-not-at-top
   return evaluate.ModelSpec(
       path, signature=config.signature,
@@ -449,14 +216,15 @@ def _model_spec(config: Config, path: str):
       output=config.outputs[0] if len(config.outputs) == 1 else None)
 
 
-def evaluate_model(config: Config, path: str, reference: Optional[str]) -> dict[str, Any]:
+def evaluate_model(config: config_lib.Config, path: str, reference: Optional[str]
+                   ) -> dict[str, Any]:
   """The evaluate report of the model at `path` on the sweep's data."""
   from graph_prune.evaluate import evaluate  # pylint: disable=g-import-not-at-top
   return evaluate.evaluate(_model_spec(config, path), config.data.spec,
                            _eval_options(config, reference))
 
 
-def measure_original(config: Config, notify: Notify = logging.info) -> dict[str, Any]:
+def measure_original(config: config_lib.Config, notify: Notify = logging.info) -> dict[str, Any]:
   """What is measured of the original once per sweep: that it loads and has
   something to prune, its device, its peak memory per batch size, its accuracy.
   Bad input (a file that is not a model, a fixed batch size, bad data) fails here,
@@ -485,7 +253,7 @@ def measure_original(config: Config, notify: Notify = logging.info) -> dict[str,
   return out
 
 
-def resolve_auto(config: Config, device_label: str) -> dict[str, Any]:
+def resolve_auto(config: config_lib.Config, device_label: str) -> dict[str, Any]:
   """round_to "auto" on the sweep's device, as //tools:prune resolves it."""
   kind = device_label.split(":")[0]
   cache = widths.Cache(config.widths_cache or widths.default_cache())
@@ -505,7 +273,8 @@ class _Failed(Exception):
     self.status, self.error = status, error
 
 
-def _prune(config: Config, spec: RunSpec, used: int, how: str, path: str, row: dict) -> None:
+def _prune(config: config_lib.Config, spec: config_lib.RunSpec, used: int, how: str, path: str,
+           row: dict) -> None:
   options = pipeline.Options(
       ratio=spec.ratio, criterion=spec.criterion, round_to=used, round_to_how=how,
       seed=config.seed, verify=True, tolerance=config.tolerance, signature=config.signature,
@@ -531,7 +300,7 @@ def _prune(config: Config, spec: RunSpec, used: int, how: str, path: str, row: d
       output_change_max_rel=v.get("effect_max_rel"), round_to_used=report["round_to"])
 
 
-def _bench(config: Config, path: str, baseline: Mapping[str, Any], row: dict) -> None:
+def _bench(config: config_lib.Config, path: str, baseline: Mapping[str, Any], row: dict) -> None:
   t0 = time.perf_counter()
   try:
     doc = benchmark.run(_bench_options(config, path, config.model, memory=False,
@@ -568,7 +337,7 @@ def _bench(config: Config, path: str, baseline: Mapping[str, Any], row: dict) ->
   row["bench_s"] = time.perf_counter() - t0
 
 
-def _accuracy(config: Config, path: str, baseline: Mapping[str, Any], row: dict) -> None:
+def _accuracy(config: config_lib.Config, path: str, baseline: Mapping[str, Any], row: dict) -> None:
   t0 = time.perf_counter()
   try:
     e = evaluate_model(config, path, config.model)
@@ -588,22 +357,23 @@ def _remove(path: str) -> None:
     os.remove(path)
 
 
-def run_one(config: Config, spec: RunSpec, state: Mapping[str, Any], cols: Sequence[str],
-            steps: Sequence[Step] = ()) -> dict[str, Any]:
+def run_one(config: config_lib.Config, spec: config_lib.RunSpec, state: Mapping[str, Any],
+            cols: Sequence[str], steps: Sequence[Step] = ()) -> dict[str, Any]:
   """One run's row (never raises for a failure of the run itself, except OSError)."""
   t0 = time.perf_counter()
   auto = state.get("round_to_auto") or {}
-  used = auto["multiple"] if spec.round_to == AUTO else spec.round_to
+  used = auto["multiple"] if spec.round_to == config_lib.AUTO else spec.round_to
   baseline = state["baseline"]
   row = dict.fromkeys(cols)
-  row.update(key=spec.key, model=model_name(config.model), ratio=spec.ratio,
+  row.update(key=spec.key, model=config_lib.model_name(config.model), ratio=spec.ratio,
              criterion=spec.criterion, round_to=spec.round_to, round_to_used=used,
              device=baseline["device"], device_name=baseline["device_name"], xla=config.xla,
              runtime=baseline["runtime"])
-  path = model_path(config, spec.key)
+  path = config_lib.model_path(config, spec.key)
   _remove(path)  # left by a killed run
   try:
-    _prune(config, spec, used, auto.get("how", "") if spec.round_to == AUTO else "", path, row)
+    how = auto.get("how", "") if spec.round_to == config_lib.AUTO else ""
+    _prune(config, spec, used, how, path, row)
     _bench(config, path, baseline, row)
     if config.data:
       _accuracy(config, path, baseline, row)
@@ -657,29 +427,29 @@ def _log_progress(i: int, n: int, row: dict[str, Any], total_s: float) -> None:
   logging.info("%s", progress_line(i, n, row, total_s))
 
 
-def run(config: Config, steps: Sequence[Step] = (), progress: Optional[Progress] = None,
+def run(config: config_lib.Config, steps: Sequence[Step] = (), progress: Optional[Progress] = None,
         notify: Optional[Notify] = None) -> Summary:
   """Runs (or resumes) the sweep; returns its summary. `progress` gets each new row,
   `notify` the sweep's other messages (both default to the log). Raises a
   GraphPruneError for bad input or a sweep in out_dir that is not this one, before
   any run."""
   start = time.perf_counter()
-  check(config)
+  config_lib.check(config)
   with _locked(config.out_dir):
     return _run(config, steps, progress or _log_progress, notify or logging.info, start)
 
 
-def _run(config: Config, steps: Sequence[Step], progress: Progress, notify: Notify,
+def _run(config: config_lib.Config, steps: Sequence[Step], progress: Progress, notify: Notify,
          start: float) -> Summary:
-  specs = plan_runs(config)
-  wanted = definition(config, steps)
+  specs = config_lib.plan_runs(config)
+  wanted = config_lib.definition(config, [s.name for s in steps])
   state = _existing(config, wanted)
   out = config.out_dir
   jsonl, csv_path = os.path.join(out, ROWS_JSONL), os.path.join(out, ROWS_CSV)
   if state is None:
     baseline = measure_original(config, notify)
     auto = None
-    if AUTO in config.round_to:
+    if config_lib.AUTO in config.round_to:
       notify("sweep: resolving round_to=auto (a minute the first time on a machine)")
       auto = resolve_auto(config, baseline["device"])
       notify(f"sweep: round_to=auto: {auto['how']}")
@@ -687,7 +457,7 @@ def _run(config: Config, steps: Sequence[Step], progress: Progress, notify: Noti
              "round_to_auto": auto, "baseline": baseline}
     rows_lib.write_atomic(os.path.join(out, SWEEP_JSON),
                           (json.dumps(state, indent=1, sort_keys=True) + "\n").encode())
-  os.makedirs(os.path.join(out, MODELS_DIR), exist_ok=True)
+  os.makedirs(os.path.join(out, config_lib.MODELS_DIR), exist_ok=True)
   done, good_bytes, torn = rows_lib.read(jsonl)
   if torn:
     notify(f"sweep: dropped a torn last line of {jsonl} (its run runs again)")
@@ -714,7 +484,7 @@ def _run(config: Config, steps: Sequence[Step], progress: Progress, notify: Noti
     rows_lib.write_csv(csv_path, done, cols)
     new += 1
     progress(i, len(specs), row, time.perf_counter() - start)
-  paths = plots.write_all(done, config.batch_sizes, model_name(config.model),
+  paths = plots.write_all(done, config.batch_sizes, config_lib.model_name(config.model),
                           os.path.join(out, PLOTS_DIR))
   return Summary(out, len(specs), skipped, new,
                  sum(r.get("status") != rows_lib.STATUS_OK for r in done), torn,
@@ -729,5 +499,5 @@ def plots_only(out_dir: str) -> list[str]:
   state = _read_json(sweep_json)
   done, _, _ = rows_lib.read(os.path.join(out_dir, ROWS_JSONL))
   d = state["definition"]
-  return plots.write_all(done, d["batch_sizes"], model_name(d["model"]),
+  return plots.write_all(done, d["batch_sizes"], config_lib.model_name(d["model"]),
                          os.path.join(out_dir, PLOTS_DIR))
