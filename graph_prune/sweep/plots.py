@@ -136,7 +136,8 @@ def speedup_vs_flops(rows, batch: int, model: str, path: str) -> None:
   ax.set_title(f"Speedup vs FLOPs reduction, batch {batch}\n{_subtitle(rows, model)}",
                fontsize=10)
   ax.grid(True, which="both", alpha=0.3)
-  ax.legend(fontsize=7, loc="lower right")
+  if ax.get_legend_handles_labels()[0]:  # nothing measured: no empty legend
+    ax.legend(fontsize=7, loc="lower right")
   _save(fig, path)
 
 
@@ -168,7 +169,8 @@ def _per_batch(rows, batch_sizes, model: str, path: str, title: str, y_col: str,
     ax.set_title(f"batch {b}", fontsize=10)
     ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:  # nothing measured: no empty legend
+      ax.legend(fontsize=7)
   fig.suptitle(f"{title}\n{_subtitle(rows, model)}", fontsize=10)
   fig.tight_layout()
   _save(fig, path)
@@ -201,7 +203,8 @@ def accuracy_vs_speedup(rows, batch_sizes, model: str, path: str) -> None:
     ax.set_title(f"batch {b}", fontsize=10)
     ax.set_ylim(0, 1)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:  # nothing measured: no empty legend
+      ax.legend(fontsize=7)
   fig.suptitle(f"Top-1 accuracy vs speedup\n{_subtitle(rows, model)}", fontsize=10)
   fig.tight_layout()
   _save(fig, path)
