@@ -21,19 +21,18 @@ which round_to gave which file; a round_to that yields the same graph as
 another is recorded as such.
 """
 
-import contextlib
 import gc
 import hashlib
 import json
 import os
 import tempfile
-import threading
 
 from absl import app
 from absl import flags
 from absl import logging
 
 from benchmarks import onnx_jax
+from graph_prune.adapters import tf_to_onnx
 
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Folder for the stripped graphs and manifest.json.")
 _MODELS = flags.DEFINE_list("models", ["VGG16", "ResNet50"], "Keras applications (keras_zoo).")
@@ -59,31 +58,6 @@ def _round_to(value):
   return int(value), value
 
 
-@contextlib.contextmanager
-def _collecting_garbage(interval_s=1.0):
-  """Runs a full garbage collection every interval_s while the block runs.
-
-  tf2onnx's optimizer deep-copies the graph for each of its passes; the
-  copies are reference cycles holding every weight array, and they are few
-  objects, so the generational collector seldom reaches them. On VGG16 at
-  224x224 (550 MB of weights) the copies took the conversion past 24 GB;
-  collected as they go, it peaks below 10 GB.
-  """
-  done = threading.Event()
-
-  def collect():
-    while not done.wait(interval_s):
-      gc.collect()
-
-  thread = threading.Thread(target=collect, daemon=True)
-  thread.start()
-  try:
-    yield
-  finally:
-    done.set()
-    thread.join()
-
-
 def _onnx_of(name, size, path):
   """keras_zoo model at size x size -> frozen GraphDef -> tf2onnx (opset 17)."""
   import keras  # pylint: disable=g-import-not-at-top
@@ -92,7 +66,7 @@ def _onnx_of(name, size, path):
   graph_def, inp, out = keras_zoo.freeze(keras_zoo.build(name, size=size))
   keras.backend.clear_session()  # the Keras model's weights are no longer needed
   gc.collect()
-  with _collecting_garbage():
+  with tf_to_onnx.collecting_garbage(tf_to_onnx.GC_INTERVAL_S):  # tf2onnx's graph copies, see there
     tf2onnx.convert.from_graph_def(graph_def, input_names=[inp], output_names=[out], opset=17,
                                    output_path=path)
 
