@@ -146,6 +146,7 @@ class RecoveryTest(absltest.TestCase):
     self.assertGreater(after, self.unrecovered + 0.4)
     self.assertEqual(doc["params_after"], 72506)  # recovery changes values, not shapes
     self.assertTrue(doc["verify"]["passed"])
+    self.assertNotIn("accuracy", rec["history"][0])  # no labels in distillation
     losses = [h["loss"] for h in rec["history"]]
     self.assertLess(losses[-1], losses[0])
 
@@ -153,6 +154,9 @@ class RecoveryTest(absltest.TestCase):
     out, doc = self._prune("finetuned.pb", dataclasses.replace(
         _FAST, method=recover.FINETUNE, train_steps=200, distill_weight=0.5))
     self.assertEqual(doc["recovery"]["distill_weight"], 0.5)
+    history = doc["recovery"]["history"]
+    self.assertGreater(history[-1]["accuracy"], history[0]["accuracy"])
+    self.assertGreater(history[-1]["accuracy"], 0.7)
     self.assertGreater(self._agreement(out), self.unrecovered + 0.4)
 
   def test_bn_recalibration_raises_agreement_without_training(self):

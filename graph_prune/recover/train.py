@@ -123,23 +123,26 @@ def train(original: tf_model.TFModel, pruned: tf_model.TFModel, logits: str,
                                         global_batch_size=global_batch)
     grads = tape.gradient(loss, student.weights)
     optimizer.apply_gradients(zip(grads, student.weights))
-    same = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(s, -1), tf.argmax(t, -1)), tf.float32))
-    return loss, same
+    predicted = tf.argmax(s, -1)
+    same = tf.reduce_sum(tf.cast(tf.equal(predicted, tf.argmax(t, -1)), tf.float32))
+    # Label accuracy where there are labels (finetune); unlabelled samples read -1.
+    right = tf.reduce_sum(tf.cast(tf.equal(predicted, labels), tf.float32))
+    return loss, same, right
 
   @tf.function
   def step(it):
     x, labels = next(it)
-    loss, same = strategy.run(replica_step, args=(x, labels))
-    return (strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None),
-            strategy.reduce(tf.distribute.ReduceOp.SUM, same, axis=None))
+    per_replica = strategy.run(replica_step, args=(x, labels))
+    return tuple(strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for v in per_replica)
 
   history = []
-  window_loss, window_same, window_n = 0.0, 0.0, 0
+  labelled = options.method == recover_lib.FINETUNE
+  window_loss, window_same, window_right, window_n = 0.0, 0.0, 0.0, 0
   t0 = time.perf_counter()
   last = t0
   for i in range(start, steps):
     try:
-      loss, same = step(iterator)
+      loss, same, right = step(iterator)
     except tf.errors.OutOfRangeError:
       raise errors.InputError(f"recovery data '{data.spec}' has no samples") from None
     except tf.errors.InvalidArgumentError as e:
@@ -151,6 +154,7 @@ def train(original: tf_model.TFModel, pruned: tf_model.TFModel, logits: str,
       raise errors.InputError(f"recovery step failed: {detail[:300]}") from None
     window_loss += float(loss)
     window_same += float(same)
+    window_right += float(right)
     window_n += 1
     done = i + 1
     if done % options.log_every == 0 or done == steps:
@@ -158,11 +162,15 @@ def train(original: tf_model.TFModel, pruned: tf_model.TFModel, logits: str,
       entry = {"step": done, "loss": window_loss / window_n,
                "agreement": window_same / (window_n * global_batch),
                "learning_rate": float(schedule(done)), "steps_per_s": window_n / (now - last)}
+      if labelled:
+        entry["accuracy"] = window_right / (window_n * global_batch)
       history.append(entry)
-      logging.info("recover %s: step %d/%d  loss %.4f  batch agreement %.3f  lr %.2e  "
+      logging.info("recover %s: step %d/%d  loss %.4f  batch agreement %.3f%s  lr %.2e  "
                    "%.1f steps/s", options.method, done, steps, entry["loss"],
-                   entry["agreement"], entry["learning_rate"], entry["steps_per_s"])
-      window_loss, window_same, window_n, last = 0.0, 0.0, 0, now
+                   entry["agreement"],
+                   f"  batch accuracy {entry['accuracy']:.3f}" if labelled else "",
+                   entry["learning_rate"], entry["steps_per_s"])
+      window_loss, window_same, window_right, window_n, last = 0.0, 0.0, 0.0, 0, now
     if manager and (done % options.checkpoint_every == 0 or done == steps):
       manager.save(checkpoint_number=done)
   train_s = time.perf_counter() - t0
