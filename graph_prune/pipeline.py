@@ -7,15 +7,14 @@ The one module that chains the stages; the CLIs only turn flags into a call of
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import tempfile
 import time
 from typing import Any, Optional
 
 import numpy as np
 
 from graph_prune import errors
+from graph_prune import files
 from graph_prune import plan as plan_lib
 from graph_prune.analysis import cost as cost_lib
 from graph_prune.analysis import groups as groups_lib
@@ -130,13 +129,6 @@ def make_plan(prepared: Prepared, options: Options) -> plan_lib.Plan:
         + (f" ({'; '.join(reasons)})" if reasons else " (no convolution or dense layer found)"))
   scores = importance.score(analysis, options.criterion, options.seed)
   return allocation.allocate(analysis, scores, spec, options.criterion)
-
-
-def _write_text(path: str, text: str) -> None:
-  fd, tmp = tempfile.mkstemp(prefix=".gp_tmp_", dir=os.path.dirname(os.path.abspath(path)))
-  with os.fdopen(fd, "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(tmp, path)
 
 
 def run_oracle(adapter, original, masked, pruned, graph, options: Options) -> oracle.Verification:
@@ -302,10 +294,9 @@ def prune(in_path: str, out_path: str, options: Options = Options()) -> dict[str
     doc["round_to_auto"] = options.round_to_how
   adapter.write(pruned, out_path)
   if options.plan_out:
-    _write_text(options.plan_out, final_plan.to_json())
+    files.write_text(options.plan_out, final_plan.to_json())
   if options.report:
-    _write_text(options.report, json.dumps(doc, indent=1, sort_keys=True, default=_json_default)
-                + "\n")
+    files.write_json(options.report, doc, default=_json_default)
   return doc
 
 

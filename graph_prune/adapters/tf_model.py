@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from graph_prune import errors
+from graph_prune import files
 from graph_prune.graph import view
 from graph_prune.graph.edits import Edits
 
@@ -315,14 +316,7 @@ def write(model: TFModel, path: str) -> None:
     return
   data = (text_format.MessageToString(graph_def).encode("utf-8") if model.kind == GRAPHDEF_TEXT
           else graph_def.SerializeToString(deterministic=True))
-  fd, tmp = tempfile.mkstemp(prefix=".gp_tmp_", dir=parent)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  files.write_atomic(path, data)
 
 
 def _replace_dir(src: str, dst: str) -> None:

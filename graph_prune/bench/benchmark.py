@@ -62,9 +62,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import os
-import tempfile
 import time
 from typing import Any, Optional, Sequence
 
@@ -72,6 +70,7 @@ from absl import logging
 import numpy as np
 
 from graph_prune import errors
+from graph_prune import files
 from graph_prune.bench import memory
 from graph_prune.bench import runners
 from graph_prune.bench import timing
@@ -266,14 +265,7 @@ def _model_doc(m: _Model, runner, options: Options) -> dict[str, Any]:
 
 def write(doc: dict[str, Any], path: str) -> None:
   """Writes the report as JSON, atomically."""
-  fd, tmp = tempfile.mkstemp(prefix=".gp_tmp_", dir=os.path.dirname(os.path.abspath(path)))
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(json.dumps(doc, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  files.write_json(path, doc)
 
 
 def _mib(n: Optional[int]) -> str:

@@ -15,11 +15,12 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
+
+from graph_prune import files
 
 # Fixed multiples where the hardware documents them; CPUs are measured.
 KNOWN_MULTIPLE = {"tpu": 128, "gpu": 8}
@@ -90,10 +91,7 @@ class Cache:
     if not self.path:
       return
     os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".widths_", dir=os.path.dirname(os.path.abspath(self.path)))
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      json.dump(self._table, f, indent=1, sort_keys=True)
-    os.replace(tmp, self.path)
+    files.write_json(self.path, self._table)
 
 
 def _time_conv(layer: Layer, width: int, xla: bool, batch: int, runs: int) -> float:

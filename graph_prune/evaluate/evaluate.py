@@ -10,16 +10,15 @@ from graph_prune.data as NHWC images; each model gets them in its own layout
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
-import tempfile
 import time
 from typing import Any, Optional
 
 import numpy as np
 
 from graph_prune import errors
+from graph_prune import files
 from graph_prune.data import preprocess as preprocess_lib
 from graph_prune.data import sources
 from graph_prune.evaluate import metrics
@@ -251,19 +250,6 @@ def _check_report_path(path: Optional[str]) -> None:
     raise errors.UsageError(f"directory of --report '{path}' does not exist")
 
 
-def _write_json(path: str, doc: dict) -> None:
-  """Atomically: a half-written report never appears under the final name."""
-  fd, tmp = tempfile.mkstemp(prefix=".gp_tmp_", dir=os.path.dirname(os.path.abspath(path)))
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      json.dump(doc, f, indent=2, sort_keys=True)
-      f.write("\n")
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
 def evaluate(model_spec: ModelSpec, data_spec: str, options: Options = Options()) -> dict:
   """Runs the model (and the reference) over the data; returns the report and writes it
   to options.report. On any error nothing is written."""
@@ -299,7 +285,7 @@ def evaluate(model_spec: ModelSpec, data_spec: str, options: Options = Options()
                      max_samples=options.max_samples)
   doc["timings"].update(load_s=round(load_s, 3), total_s=round(time.perf_counter() - start, 3))
   if options.report:
-    _write_json(options.report, doc)
+    files.write_json(options.report, doc, indent=2)
   return doc
 
 

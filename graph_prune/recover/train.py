@@ -20,6 +20,7 @@ from absl import logging
 import numpy as np
 
 from graph_prune import errors
+from graph_prune import files
 from graph_prune.adapters import tf_model
 from graph_prune.adapters import tf_trainable
 from graph_prune.recover import recover as recover_lib
@@ -75,10 +76,7 @@ def _checkpoint_dir(path: Optional[str], pruned: tf_model.TFModel,
     raise errors.UsageError(f"--checkpoint_dir '{path}' holds checkpoints graph_prune did not "
                             "write; give an empty directory")
   else:
-    tmp = marker + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump({"fingerprint": fp, "method": options.method}, f)
-    os.replace(tmp, marker)
+    files.write_json(marker, {"fingerprint": fp, "method": options.method})
   return path
 
 

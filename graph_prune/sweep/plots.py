@@ -23,6 +23,7 @@ from matplotlib.backends import backend_agg  # pylint: disable=g-import-not-at-t
 from matplotlib import figure as figure_lib  # pylint: disable=g-import-not-at-top
 from matplotlib import ticker  # pylint: disable=g-import-not-at-top
 
+from graph_prune import files  # pylint: disable=g-import-not-at-top
 from graph_prune.sweep import rows as rows_lib  # pylint: disable=g-import-not-at-top
 
 _COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown",
@@ -80,7 +81,7 @@ def _save(fig: figure_lib.Figure, path: str) -> None:
   backend_agg.FigureCanvasAgg(fig)
   buf = io.BytesIO()
   fig.savefig(buf, format="png", dpi=110)
-  rows_lib.write_atomic(path, buf.getvalue())
+  files.write_atomic(path, buf.getvalue())
 
 
 def _empty(ax) -> None:

@@ -72,10 +72,10 @@ import io
 import json
 import math
 import os
-import tempfile
 from typing import Any, Iterable, Optional, Sequence
 
 from graph_prune import errors
+from graph_prune import files
 
 STATUS_OK = "ok"
 
@@ -178,44 +178,7 @@ def append(path: str, row: dict[str, Any]) -> None:
   finally:
     os.close(fd)
   if new:
-    sync_dir(os.path.dirname(os.path.abspath(path)))
-
-
-def sync_dir(path: str) -> None:
-  """Makes a new or renamed directory entry durable."""
-  try:
-    fd = os.open(path, os.O_RDONLY)
-  except OSError:
-    return
-  try:
-    os.fsync(fd)
-  except OSError:
-    pass
-  finally:
-    os.close(fd)
-
-
-def write_atomic(path: str, data: bytes) -> None:
-  """Writes a file whole or not at all (temp file, fsync, rename)."""
-  parent = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(prefix=".gp_tmp_", dir=parent)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; these are for reading
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-  sync_dir(parent)
-
-
-def _umask() -> int:
-  mask = os.umask(0o022)
-  os.umask(mask)
-  return mask
+    files.sync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def _csv_value(value: Any) -> Any:
@@ -242,4 +205,4 @@ def to_csv(rows: Iterable[dict[str, Any]], cols: Optional[Sequence[str]] = None)
 
 def write_csv(path: str, rows: Iterable[dict[str, Any]],
               cols: Optional[Sequence[str]] = None) -> None:
-  write_atomic(path, to_csv(rows, cols))
+  files.write_atomic(path, to_csv(rows, cols))

@@ -48,6 +48,7 @@ from typing import Any, Callable, Mapping, Optional, Protocol, Sequence
 from absl import logging
 
 from graph_prune import errors
+from graph_prune import files
 from graph_prune import pipeline
 from graph_prune.bench import benchmark
 from graph_prune.bench import memory
@@ -455,8 +456,7 @@ def _run(config: config_lib.Config, steps: Sequence[Step], progress: Progress, n
       notify(f"sweep: round_to=auto: {auto['how']}")
     state = {"schema": SCHEMA, "created": _now(), "definition": wanted,
              "round_to_auto": auto, "baseline": baseline}
-    rows_lib.write_atomic(os.path.join(out, SWEEP_JSON),
-                          (json.dumps(state, indent=1, sort_keys=True) + "\n").encode())
+    files.write_json(os.path.join(out, SWEEP_JSON), state)
   os.makedirs(os.path.join(out, config_lib.MODELS_DIR), exist_ok=True)
   done, good_bytes, torn = rows_lib.read(jsonl)
   if torn:
