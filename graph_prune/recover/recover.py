@@ -106,10 +106,9 @@ class Data:
 
 def load_data(model: tf_model.TFModel, options: Options, labels: bool) -> Data:
   """The recovery data, checked against the model's input."""
-  view = tf_model.to_view(model)
   if len(model.inputs) != 1:
     raise errors.UsageError(f"recovery feeds one input; the model has {len(model.inputs)}")
-  shape = view.shape(model.inputs[0])
+  shape = _input_shape(model)
   want = tuple(shape[1:]) if shape is not None else None
   source = sources.resolve(options.data, options.data_format, options.data_dir, options.split)
   examples = sources.examples(source, labels=labels)
@@ -138,6 +137,18 @@ def load_data(model: tf_model.TFModel, options: Options, labels: bool) -> Data:
   if count == 0:
     raise errors.InputError(f"recovery data '{options.data}' has no samples left for training")
   return Data(ds.skip(holdout), held, count, options.data)
+
+
+def _input_shape(model: tf_model.TFModel):
+  """The input's shape: a Placeholder's attribute, read without importing the graph
+  (which would copy every weight); TensorFlow's shape inference for other tensors."""
+  name = model.inputs[0]
+  node = next((n for n in model.graph_def.node if n.name == name.split(":")[0]), None)
+  if node is not None and node.op == "Placeholder" and name.endswith(":0"):
+    shape = node.attr["shape"].shape
+    return None if shape.unknown_rank else tuple(d.size if d.size >= 0 else None
+                                                 for d in shape.dim)
+  return tf_model.to_view(model).shape(name)
 
 
 def kept_logits(model: tf_model.TFModel, options: Options) -> str:
@@ -186,7 +197,7 @@ def recover(original: tf_model.TFModel, pruned: tf_model.TFModel,
   if options.method == BN_RECALIBRATE:
     out, doc = calibrate.recalibrate(original, pruned, kept, data, options)
   else:
-    out, doc = train.train(original, pruned, logits, data, options,
+    out, doc = train.train(teacher, pruned, logits, data, options,
                            checkpoint_dir or options.checkpoint_dir)
   after = agreement(teacher, frozen_function(out, logits), data.holdout)
   doc.update(method=options.method, data=options.data, logits=logits,

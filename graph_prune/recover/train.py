@@ -80,18 +80,18 @@ def _checkpoint_dir(path: Optional[str], pruned: tf_model.TFModel,
   return path
 
 
-def train(original: tf_model.TFModel, pruned: tf_model.TFModel, logits: str,
+def train(teacher, pruned: tf_model.TFModel, logits: str,
           data: recover_lib.Data, options: recover_lib.Options,
           checkpoint_dir: Optional[str] = None) -> tuple[tf_model.TFModel, dict]:
-  """Trains the pruned model's weights against the original (and labels); returns
-  the model with the trained weights and the training report."""
+  """Trains the pruned model's weights against `teacher` (the original's logits as a
+  function of the input) and the labels; returns the model with the trained
+  weights and the training report."""
   checkpoint_dir = _checkpoint_dir(checkpoint_dir, pruned, options)
   strategy = recover_lib.make_strategy(options.strategy)
   replicas = strategy.num_replicas_in_sync
   if options.batch_size % replicas:
     raise errors.UsageError(f"--recover_batch_size {options.batch_size} does not split over "
                             f"{replicas} replicas; give a multiple of {replicas}")
-  teacher = recover_lib.frozen_function(original, logits)
   with strategy.scope():
     student = tf_trainable.Trainable(pruned, fetches=[logits])
     optimizer, schedule = _optimizer(options)
