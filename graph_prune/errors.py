@@ -23,3 +23,7 @@ class NothingToPruneError(GraphPruneError):
 
 class VerificationError(GraphPruneError):
   """The pruned model does not match the masked original."""
+
+
+class RunError(GraphPruneError):
+  """The runtime (TensorFlow, ONNX Runtime) failed to run a model."""

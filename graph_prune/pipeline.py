@@ -7,6 +7,7 @@ The one module that chains the stages; the CLIs only turn flags into a call of
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from typing import Any, Optional
@@ -47,6 +48,8 @@ class Options:
   opset: int = 17            # ONNX opset of that export
   steps: int = 1             # prune in this many increments (recovery after each)
   recover: Any = None        # graph_prune.recover.recover.Options, or None: no recovery
+  # (input name or "" for the only input, dims) for the verification inputs.
+  input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,17 +130,114 @@ def make_plan(prepared: Prepared, options: Options) -> plan_lib.Plan:
     raise errors.NothingToPruneError(
         "nothing prunable: every channel group is left whole"
         + (f" ({'; '.join(reasons)})" if reasons else " (no convolution or dense layer found)"))
+  if not any(g.prunable and not allocation.excluded_by(spec, g) for g in analysis.groups):
+    raise errors.NothingToPruneError(
+        f"nothing prunable: --exclude={','.join(spec.exclude)} matches every prunable group; "
+        "narrow the patterns")
+  check_finite(analysis)
   scores = importance.score(analysis, options.criterion, options.seed)
   return allocation.allocate(analysis, scores, spec, options.criterion)
+
+
+def check_finite(analysis: groups_lib.Analysis) -> None:
+  """Refuses NaN or infinite values in a constant that pruning would slice: a NaN
+  filter scores as the least important and would be removed although its channel
+  is live, turning a model that outputs NaN into one that does not."""
+  prunable = {g.id for g in analysis.groups if g.prunable}
+  seen = set()
+  for sl in analysis.slices:
+    if sl.const in seen or sl.by not in analysis.dims:
+      continue
+    seen.add(sl.const)
+    units = analysis.dims[sl.by].units
+    if not prunable.intersection(analysis.element_group[units].tolist()):
+      continue
+    value = analysis.graph.constants[sl.const]
+    if np.issubdtype(value.dtype, np.floating) and not np.all(np.isfinite(value)):
+      raise errors.InputError(
+          f"constant '{sl.const}' (read by '{sl.consumer}') holds NaN or infinite values; "
+          "the model's weights are broken, fix them before pruning")
+
+
+class _Checked:
+  """A runner whose failures say which of the oracle's models failed: the original
+  failing is a problem of the input (or of the inputs the oracle made up for it);
+  the masked or pruned model failing is a failed verification."""
+
+  def __init__(self, what: str, make, model):
+    self.what = what
+    self._runner = None
+    self._runner = self._guard(make, model)
+
+  def _guard(self, fn, *args):
+    try:
+      return fn(*args)
+    except errors.RunError as e:
+      if self.what == "original":
+        raise errors.InputError(f"the input model does not run on the verification inputs: {e}; "
+                                "give the input shape with --input_shape") from None
+      raise errors.VerificationError(f"verification failed: the {self.what} model does not run: "
+                                     f"{e}; nothing written") from None
+
+  def __call__(self, feeds):
+    return self._guard(self._runner, feeds)
+
+  def close(self):
+    if self._runner is not None:
+      self._runner.close()
+
+
+def oracle_inputs(graph, original: "_Checked", options: Options) -> list[list[np.ndarray]]:
+  """The oracle's input sets. Input dims the graph leaves unknown (besides the
+  batch) and --input_shape does not give take the first of oracle.SIZES at which
+  the original model runs: a 5x5 or an unpadded convolution needs more than a
+  few pixels, and a larger input only costs time."""
+  shapes = _input_shapes(graph, options)
+  if not oracle.unknown_dims(graph, shapes):
+    return oracle.input_sets(graph, options.seed, shapes=shapes)
+  failure = None
+  for size in oracle.SIZES:
+    sets = oracle.input_sets(graph, options.seed, size=size, shapes=shapes)
+    try:
+      for inputs in sets:
+        original(inputs)
+      return sets
+    except (errors.InputError, errors.VerificationError) as e:
+      failure = e
+  raise type(failure)(f"{failure} (unknown input dims tried at sizes "
+                      f"{', '.join(map(str, oracle.SIZES))})")
+
+
+def _input_shapes(graph, options: Options) -> dict[str, tuple[int, ...]]:
+  shapes = {}
+  for name, dims in options.input_shapes:
+    if not name:
+      if len(graph.inputs) != 1:
+        raise errors.UsageError(f"the model has {len(graph.inputs)} inputs; name the one each "
+                                "--input_shape is for: NAME:D0,D1,...")
+      name = graph.inputs[0]
+    match = [t for t in graph.inputs if t == name or t.split(":")[0] == name]
+    if not match:
+      raise errors.UsageError(f"--input_shape names '{name}', which is not a model input; "
+                              f"inputs: {', '.join(graph.inputs)}")
+    known = graph.shape(match[0])
+    if known is not None and (len(known) != len(dims) or any(
+        k is not None and k != d for k, d in zip(known, dims))):
+      raise errors.UsageError(f"--input_shape {list(dims)} does not fit input '{match[0]}' of "
+                              f"shape {['?' if k is None else k for k in known]}")
+    shapes[match[0]] = tuple(dims)
+  return shapes
 
 
 def run_oracle(adapter, original, masked, pruned, graph, options: Options) -> oracle.Verification:
   """Runs original, masked original and pruned model on the same seeded inputs;
   raises VerificationError (nothing is written) when they disagree."""
-  runners = [adapter.Runner(m) for m in (original, masked, pruned)]
+  runners = []
   try:
-    inputs = oracle.random_inputs(graph, options.seed)
-    verification = oracle.verify(*runners, inputs, options.tolerance, options.seed)
+    for what, m in (("original", original), ("masked original", masked), ("pruned", pruned)):
+      runners.append(_Checked(what, adapter.Runner, m))
+    sets = oracle_inputs(graph, runners[0], options)
+    verification = oracle.verify(*runners, sets, options.tolerance, options.seed)
   finally:
     for r in runners:
       r.close()
@@ -154,13 +254,19 @@ def _export_onnx(tf_adapter, pruned, graph, options: Options):
   from graph_prune.adapters import tf_to_onnx  # pylint: disable=g-import-not-at-top
   exported = tf_to_onnx.export(pruned, options.opset)
   onnx_adapter = format_for(".onnx").adapter
-  tf_run, onnx_run = tf_adapter.Runner(pruned), onnx_adapter.Runner(exported)
+  tf_run = _Checked("pruned", tf_adapter.Runner, pruned)
+  onnx_run = None
   try:
-    inputs = oracle.random_inputs(graph, options.seed + 1)
-    max_abs, max_rel = oracle.max_diff(tf_run(inputs), onnx_run(inputs))
+    onnx_run = _Checked("exported ONNX", onnx_adapter.Runner, exported)
+    max_abs = max_rel = 0.0
+    for inputs in oracle_inputs(graph, tf_run, dataclasses.replace(options,
+                                                                   seed=options.seed + 1)):
+      a, r = oracle.max_diff(tf_run(inputs), onnx_run(inputs))
+      max_abs, max_rel = max(max_abs, a), max(max_rel, r)
   finally:
     tf_run.close()
-    onnx_run.close()
+    if onnx_run is not None:
+      onnx_run.close()
   if not max_rel <= options.tolerance:
     raise errors.VerificationError(
         f"the ONNX export differs from the pruned TensorFlow model by {max_rel:.3g} "
@@ -183,7 +289,8 @@ def kept_positions(analysis: groups_lib.Analysis, plan: plan_lib.Plan) -> dict[s
 def _prune_checked(prepared: Prepared, plan: plan_lib.Plan, options: Options):
   """Rewrite, validate, verify (when asked): the pruned model, its view and the check."""
   adapter = prepared.format.adapter
-  pruned = rewrite(prepared, plan)
+  edits = slicing.build_edits(prepared.analysis, plan, slicing.SLICE)
+  pruned = adapter.apply_edits(prepared.model, edits)
   # Re-reading the pruned model runs the format's shape inference: it validates the rewrite.
   try:
     pruned_view = adapter.to_view(pruned)
@@ -195,7 +302,18 @@ def _prune_checked(prepared: Prepared, plan: plan_lib.Plan, options: Options):
     masked = adapter.apply_edits(prepared.model,
                                  slicing.build_edits(prepared.analysis, plan, slicing.MASK))
     verification = run_oracle(adapter, prepared.model, masked, pruned, prepared.graph, options)
-  return pruned, pruned_view, verification
+  return pruned, pruned_view, verification, copies_of(edits)
+
+
+def copies_of(edits) -> list[dict[str, Any]]:
+  """The shared constants that had to be copied, for the report: a constant read by
+  several layers that keep different channels of it needs one copy per distinct slice."""
+  counts: dict[str, int] = {}
+  for src, _ in edits.new_constants.values():
+    counts[src] = counts.get(src, 0) + 1
+  return [{"constant": src, "copies": n,
+           "why": "its readers keep different channels of it: one constant per distinct slice"}
+          for src, n in sorted(counts.items())]
 
 
 def _increment_plan(current: Prepared, options: Options, final: plan_lib.Plan, step: int
@@ -234,26 +352,32 @@ def prune(in_path: str, out_path: str, options: Options = Options()) -> dict[str
     raise errors.UsageError(f"unknown criterion '{options.criterion}'; choose one of "
                             f"{', '.join(importance.CRITERIA)}")
   spec = spec_of(options)  # validates ratio and round_to before any work
+  if not (math.isfinite(options.tolerance) and options.tolerance >= 0):
+    raise errors.UsageError(f"--tolerance is {options.tolerance}; give a finite relative "
+                            "difference >= 0, e.g. 1e-4")
   _check_recovery(format_for(in_path), options)
   timings = {"verify_s": 0.0, "recover_s": 0.0, "plan_and_rewrite_s": 0.0}
   t0 = time.perf_counter()
   prepared = prepare(in_path, options)
   timings["load_s"] = time.perf_counter() - t0
   plan = make_plan(prepared, options)
+  if not any(g.removed for g in plan.groups):
+    return _write_unchanged(in_path, out_path, prepared, plan, spec, options, timings)
   adapter = prepared.format.adapter
   current, original_keep = prepared, {g.sources: np.arange(g.channels) for g in plan.groups}
   tensor_keep: dict[str, np.ndarray] = {}
-  increments, verifications = [], []
+  increments, verifications, all_copies = [], [], []
   for step in range(1, options.steps + 1):
     t1 = time.perf_counter()
     step_plan = plan if options.steps == 1 else _increment_plan(current, options, plan, step)
-    pruned, pruned_view, verification = _prune_checked(current, step_plan, options)
+    pruned, pruned_view, verification, copies = _prune_checked(current, step_plan, options)
     t2 = time.perf_counter()
     for gp in step_plan.groups:
       original_keep[gp.sources] = original_keep[gp.sources][list(gp.keep)]
     for tensor, positions in kept_positions(current.analysis, step_plan).items():
       tensor_keep[tensor] = tensor_keep.get(tensor, np.arange(len(
           current.analysis.dims[tensor])))[positions]
+    all_copies.extend(copies)
     increment = {"step": step, "groups": len(step_plan.groups),
                  "verify": dataclasses.asdict(verification) if verification else None}
     t3 = time.perf_counter()
@@ -282,6 +406,7 @@ def prune(in_path: str, out_path: str, options: Options = Options()) -> dict[str
   doc = build_report(in_path, out_path, prepared.analysis, final_plan,
                      cost_lib.measure(prepared.graph), cost_lib.measure(pruned_view),
                      worst, {k: v for k, v in excluded.items() if v}, timings)
+  doc["shared_constants_copied"] = all_copies
   if options.steps > 1 or options.recover is not None:
     doc["steps"] = options.steps
     doc["increments"] = increments
@@ -295,6 +420,29 @@ def prune(in_path: str, out_path: str, options: Options = Options()) -> dict[str
   adapter.write(pruned, out_path)
   if options.plan_out:
     files.write_text(options.plan_out, final_plan.to_json())
+  if options.report:
+    files.write_json(options.report, doc, default=_json_default)
+  return doc
+
+
+def _write_unchanged(in_path: str, out_path: str, prepared: Prepared, plan: plan_lib.Plan,
+                     spec: allocation.Spec, options: Options, timings) -> dict[str, Any]:
+  """The plan removes nothing (--ratio=0, or rounding keeps every channel): the
+  output is the input model as it was read, not its normalised form, and there is
+  nothing to verify."""
+  adapter = prepared.format.adapter
+  model = adapter.load(in_path, options.signature, options.inputs, options.outputs)
+  cost = cost_lib.measure(prepared.graph)
+  excluded = {g.id: allocation.excluded_by(spec, g) for g in prepared.analysis.groups}
+  doc = build_report(in_path, out_path, prepared.analysis, plan, cost, cost, None,
+                     {k: v for k, v in excluded.items() if v}, timings)
+  doc["unchanged"] = True
+  if options.out_format == "onnx" and prepared.format.name != "onnx":
+    model, doc["export"] = _export_onnx(adapter, model, prepared.graph, options)
+    adapter = format_for(out_path).adapter
+  adapter.write(model, out_path)
+  if options.plan_out:
+    files.write_text(options.plan_out, plan.to_json())
   if options.report:
     files.write_json(options.report, doc, default=_json_default)
   return doc

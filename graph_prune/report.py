@@ -20,14 +20,20 @@ def build(in_path: str, out_path: str, analysis: groups_lib.Analysis, plan: plan
   planned = {g.group: g for g in plan.groups}
   groups, skipped = [], []
   for g in analysis.groups:
-    if g.id in planned:
+    if g.id in planned and len(planned[g.id].keep) < g.channels:
       gp = planned[g.id]
       groups.append({"id": g.id, "sources": list(g.sources), "members": list(g.members),
                      "channels_before": g.channels, "channels_after": len(gp.keep),
                      "criterion": gp.criterion})
     else:
-      reasons = list(g.blocked[:_MAX_REASONS]) if g.blocked else [
-          f"excluded by --exclude={excluded[g.id]}" if g.id in excluded else "not in the plan"]
+      if g.blocked:
+        reasons = list(g.blocked[:_MAX_REASONS])
+      elif g.id in excluded:
+        reasons = [f"excluded by --exclude={excluded[g.id]}"]
+      elif g.id in planned:
+        reasons = [f"nothing removed: the ratio and round_to keep all {g.channels} channels"]
+      else:
+        reasons = ["not in the plan"]
       skipped.append({"id": g.id, "sources": list(g.sources), "channels": g.channels,
                       "reasons": reasons, "more_reasons": max(0, len(g.blocked) - _MAX_REASONS)})
   doc = {
@@ -68,9 +74,14 @@ def text(doc: dict[str, Any]) -> str:
     lines.append(f"  whole   #{g['id']:<4} {g['channels']:>5}          {g['sources'][0]}: "
                  f"{g['reasons'][0]}" + (f" (+{len(g['reasons']) - 1 + g['more_reasons']} more)"
                                          if len(g['reasons']) > 1 else ""))
+  for c in doc.get("shared_constants_copied", ()):
+    lines.append(f"  copied  {c['constant']}: {c['copies']} extra "
+                 f"cop{'y' if c['copies'] == 1 else 'ies'} ({c['why']})")
   v = doc["verify"]
   lines.append("")
-  if v is None:
+  if doc.get("unchanged"):
+    lines.append("verification: not needed (nothing removed; the output is the input model)")
+  elif v is None:
     lines.append("verification: skipped (--noverify)")
   else:
     lines.append(f"verification: {'PASSED' if v['passed'] else 'FAILED'}  max abs diff "

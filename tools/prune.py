@@ -38,6 +38,10 @@ _OVERWRITE = flags.DEFINE_boolean("overwrite", False, "Replace existing output f
 _OUT_FORMAT = flags.DEFINE_string("out_format", "same",
                                   "'same' as the input, or 'onnx' (TensorFlow input, tf2onnx).")
 _OPSET = flags.DEFINE_integer("opset", 17, "ONNX opset for --out_format=onnx.")
+_INPUT_SHAPE = flags.DEFINE_multi_string(
+    "input_shape", [], "[NAME:]D0,D1,...: the shape of the verification inputs for an input "
+    "with unknown dims (default: the batch 2, other dims the smallest of 8, 32, ... 512 at "
+    "which the model runs).")
 
 # Recovery after pruning (TensorFlow models): the --recover* flags are in recover_flags.
 _STEPS = flags.DEFINE_integer("steps", 1, "Prune in this many increments, recovering after "
@@ -63,6 +67,21 @@ def _overrides(specs):
       sep = ""
     if not sep or not pattern:
       raise errors.UsageError(f"--layer_ratio '{spec}' is not PATTERN=RATIO, e.g. 'block1*=0.25'")
+  return tuple(out)
+
+
+def _input_shapes(specs):
+  out = []
+  for spec in specs:
+    name, _, dims = spec.rpartition(":")
+    try:
+      shape = tuple(int(d) for d in dims.split(","))
+    except ValueError:
+      shape = ()
+    if not shape or any(d < 1 for d in shape):
+      raise errors.UsageError(f"--input_shape '{spec}' is not [NAME:]D0,D1,... with positive "
+                              "dims, e.g. 'input:1,3,224,224'")
+    out.append((name, shape))
   return tuple(out)
 
 
@@ -106,7 +125,8 @@ def main(argv):
         report=cli.path(_REPORT.value), verify=_VERIFY.value, tolerance=_TOLERANCE.value,
         signature=_SIGNATURE.value, inputs=tuple(_INPUTS.value), outputs=tuple(_OUTPUTS.value),
         overwrite=_OVERWRITE.value, out_format=_OUT_FORMAT.value, opset=_OPSET.value,
-        steps=_STEPS.value, recover=_recover_options())
+        steps=_STEPS.value, recover=_recover_options(),
+        input_shapes=_input_shapes(_INPUT_SHAPE.value))
     doc = pipeline.prune(cli.path(flags.FLAGS["in"].value), cli.path(_OUT.value), options)
   except errors.GraphPruneError as e:
     print(f"prune: error: {e}", file=sys.stderr)

@@ -87,6 +87,39 @@ _UNFOLDABLE = {"Constant", "RandomNormal", "RandomUniform", "RandomNormalLike",
                "RandomUniformLike", "Multinomial", "Bernoulli", "If", "Loop", "Scan"}
 
 
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+  out = []
+  for a in node.attribute:
+    if a.type == onnx.AttributeProto.GRAPH:
+      out.append(a.g)
+    elif a.type == onnx.AttributeProto.GRAPHS:
+      out.extend(a.graphs)
+  return out
+
+
+def captures(node: onnx.NodeProto) -> tuple[str, ...]:
+  """Outer-scope tensors that the node's subgraphs (at any depth) read by name,
+  in first-read order."""
+  found: dict[str, None] = {}
+
+  def visit(graph: onnx.GraphProto, outer_defined: frozenset) -> None:
+    defined = set(outer_defined)
+    defined.update(i.name for i in graph.input)
+    defined.update(t.name for t in graph.initializer)
+    defined.update(t.values.name for t in graph.sparse_initializer)
+    for n in graph.node:
+      for t in n.input:
+        if t and t not in defined:
+          found.setdefault(t)
+      for sub in _subgraphs(n):
+        visit(sub, frozenset(defined))
+      defined.update(o for o in n.output if o)
+
+  for sub in _subgraphs(node):
+    visit(sub, frozenset())
+  return tuple(found)
+
+
 def normalise(model: ONNXModel) -> ONNXModel:
   """Folds nodes whose inputs are all constants (tf2onnx leaves shape arithmetic
   such as Gather/Slice/Concat/Cast over folded shapes) into initializers, using
@@ -127,10 +160,20 @@ def normalise(model: ONNXModel) -> ONNXModel:
       consts[name] = tensor
   if not folded:
     return model
-  # Folded tensors that nothing reads any more are dropped with their nodes.
-  read = {t for n in kept for t in n.input} | outputs
-  proto = _copy_model(src, nodes=kept)
+  # Folded tensors that nothing reads any more are dropped with their nodes
+  # (a read inside a subgraph counts).
+  read = {t for n in kept for t in (*n.input, *captures(n))} | outputs
+  # So are initializers that only folded nodes read.
+  kept_ids = {id(n) for n in kept}
+  only_folded = {t for n in graph.node if id(n) not in kept_ids for t in n.input} - read
+  proto = _copy_model(src, nodes=kept, drop=only_folded)
   proto.graph.initializer.extend(t for t in folded if t.name in read)
+  # Initializers listed as graph inputs too (always before IR 4; torch's
+  # keep_initializers_as_inputs) leave with their input entry.
+  inputs = [i for i in proto.graph.input if i.name not in only_folded]
+  if len(inputs) != len(proto.graph.input):
+    del proto.graph.input[:]
+    proto.graph.input.extend(inputs)
   return dataclasses.replace(model, proto=proto)
 
 
@@ -147,15 +190,18 @@ def _copy_fields(src, dst, skip=()) -> None:
       setattr(dst, field.name, value)
 
 
-def _copy_model(src: onnx.ModelProto, nodes=None, replace=None) -> onnx.ModelProto:
-  """A copy of src, with other nodes, and initializers replaced by name (`replace`:
-  name -> TensorProto). Replaced weights are never copied first."""
+def _copy_model(src: onnx.ModelProto, nodes=None, replace=None, drop=frozenset()
+                ) -> onnx.ModelProto:
+  """A copy of src, with other nodes, initializers replaced by name (`replace`:
+  name -> TensorProto) and initializers left out (`drop`). Replaced weights are
+  never copied first."""
   out = onnx.ModelProto()
   _copy_fields(src, out, skip=("graph",))
   _copy_fields(src.graph, out.graph, skip=("node", "initializer"))
   out.graph.node.extend(src.graph.node if nodes is None else nodes)
   replace = replace or {}
-  out.graph.initializer.extend(replace.get(t.name, t) for t in src.graph.initializer)
+  out.graph.initializer.extend(replace.get(t.name, t) for t in src.graph.initializer
+                               if t.name not in drop)
   return out
 
 
@@ -254,7 +300,8 @@ def to_view(model: ONNXModel) -> view.GraphView:
   nodes = []
   for name, node in zip(node_names(proto), proto.graph.node):
     attrs = {a.name: v for a in node.attribute if (v := _attr(a)) is not None}
-    nodes.append(view.Node(name, node.op_type, tuple(node.input), tuple(node.output), attrs))
+    nodes.append(view.Node(name, node.op_type, tuple(node.input), tuple(node.output), attrs,
+                           captures(node)))
     if node.op_type == "Constant":
       value = _constant_value(node)
       if value is not None:
@@ -303,8 +350,10 @@ def apply_edits(model: ONNXModel, edits: Edits) -> ONNXModel:
     kept = [a for a in node.attribute if a.name != attr]
     del node.attribute[:]
     node.attribute.extend(kept + [onnx.helper.make_attribute(attr, value)])
+  # An initializer listed among the graph inputs (before IR 4 all are; torch's
+  # keep_initializers_as_inputs) declares its shape there too.
   for inp in graph.input:
-    if inp.name in edits.constants and out.ir_version < 4:
+    if inp.name in edits.constants and inp.name in inits:
       value = edits.constants[inp.name]
       dims = inp.type.tensor_type.shape.dim
       for d, size in zip(dims, np.shape(value)):
@@ -351,6 +400,11 @@ def write(model: ONNXModel, path: str) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _first_line(e: Exception) -> str:
+  lines = [line for line in str(e).splitlines() if line.strip()]
+  return (lines[0] if lines else type(e).__name__)[:300]
+
+
 class Runner:
   """Runs a model in ONNX Runtime on the CPU: feeds in input order, fetches outputs."""
 
@@ -358,13 +412,19 @@ class Runner:
     import onnxruntime  # pylint: disable=g-import-not-at-top
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
-    self._session = onnxruntime.InferenceSession(model.proto.SerializeToString(), options,
-                                                 providers=["CPUExecutionProvider"])
+    try:
+      self._session = onnxruntime.InferenceSession(model.proto.SerializeToString(), options,
+                                                   providers=["CPUExecutionProvider"])
+    except Exception as e:  # pylint: disable=broad-except  (ORT raises its own many types)
+      raise errors.RunError(f"ONNX Runtime cannot load the model ({_first_line(e)})") from None
     self._inputs = list(model.inputs)
     self._outputs = list(model.outputs)
 
   def __call__(self, feeds: Sequence[np.ndarray]) -> list[np.ndarray]:
-    return self._session.run(self._outputs, dict(zip(self._inputs, feeds)))
+    try:
+      return self._session.run(self._outputs, dict(zip(self._inputs, feeds)))
+    except Exception as e:  # pylint: disable=broad-except
+      raise errors.RunError(f"ONNX Runtime failed to run the model ({_first_line(e)})") from None
 
   def close(self) -> None:
     self._session = None

@@ -225,17 +225,50 @@ def to_view(model: TFModel) -> view.GraphView:
         dtypes[t.name] = t.dtype.as_numpy_dtype.__name__
     if op.type == "Const":
       constants[op.outputs[0].name] = tf.make_ndarray(op.get_attr("value"))
-  return view.GraphView(_topological(nodes), constants, shapes, inputs, outputs, layout, dtypes)
+  return view.GraphView(_topological(_mark_loops(nodes)), constants, shapes, inputs, outputs,
+                        layout, dtypes)
+
+
+def _mark_loops(nodes: list[view.Node]) -> list[view.Node]:
+  """Marks the nodes of while-loop bodies (TensorFlow 1 control flow, which frozen
+  TF 2 loops and LSTMs are lowered to): everything reachable from an Enter node
+  without leaving through an Exit."""
+  readers: dict[str, list[view.Node]] = {}
+  for n in nodes:
+    for t in n.inputs:
+      readers.setdefault(_node_name(t), []).append(n)
+  frame: dict[str, str] = {}
+  stack = [(n, n.attrs.get("frame_name", n.name)) for n in nodes if n.op in _ENTER]
+  while stack:
+    n, name = stack.pop()
+    if n.name in frame:
+      continue
+    frame[n.name] = name
+    if n.op in _EXIT:
+      continue
+    stack.extend((r, name) for r in readers.get(n.name, ()) if r.name not in frame)
+  if not frame:
+    return nodes
+  return [dataclasses.replace(n, loop=frame[n.name]) if n.name in frame else n for n in nodes]
+
+
+_ENTER = ("Enter", "RefEnter")
+_EXIT = ("Exit", "RefExit")
+_NEXT = ("NextIteration", "RefNextIteration")
 
 
 def _topological(nodes: list[view.Node]) -> list[view.Node]:
+  """Nodes in topological order. The back edges of while loops (NextIteration into
+  Merge) are the only cycles allowed: they are left out of the ordering."""
   producer = {t: n.name for n in nodes for t in n.outputs}
-  pending = {n.name: sum(1 for t in n.inputs if t in producer) for n in nodes}
+  back = {n.name for n in nodes if n.op in _NEXT}
+  edges = {n.name: [t for t in n.inputs if t in producer and producer[t] not in back]
+           for n in nodes}
+  pending = {n.name: len(edges[n.name]) for n in nodes}
   readers: dict[str, list[str]] = {}
   for n in nodes:
-    for t in n.inputs:
-      if t in producer:
-        readers.setdefault(producer[t], []).append(n.name)
+    for t in edges[n.name]:
+      readers.setdefault(producer[t], []).append(n.name)
   by_name = {n.name: n for n in nodes}
   ready = [n.name for n in nodes if pending[n.name] == 0]
   order = []
@@ -247,8 +280,8 @@ def _topological(nodes: list[view.Node]) -> list[view.Node]:
       if pending[r] == 0:
         ready.append(r)
   if len(order) != len(nodes):
-    raise errors.InputError("the graph has a cycle (control flow?); only acyclic inference "
-                            "graphs can be pruned")
+    raise errors.InputError("the graph has a cycle that is not a while loop's back edge; only "
+                            "inference graphs can be pruned")
   return order
 
 
@@ -395,19 +428,31 @@ def _save_saved_model(sig: Signature, graph_def, path: str) -> None:
   tf.saved_model.save(module, path, signatures={sig.name: serve.get_concrete_function()})
 
 
+def _first_line(e: Exception) -> str:
+  text = e.message if isinstance(e, tf.errors.OpError) else str(e)
+  lines = [line for line in text.splitlines() if line.strip()]
+  return (lines[0] if lines else type(e).__name__)[:300]
+
+
 class Runner:
   """Runs a model's graph in a session of its own: feeds in input order, fetches outputs."""
 
   def __init__(self, model: TFModel):
     self._graph = tf.Graph()
-    with self._graph.as_default():
-      tf.compat.v1.import_graph_def(model.graph_def, name="")
+    try:
+      with self._graph.as_default():
+        tf.compat.v1.import_graph_def(model.graph_def, name="")
+    except (ValueError, tf.errors.OpError) as e:
+      raise errors.RunError(f"TensorFlow cannot import the graph ({_first_line(e)})") from None
     self._inputs = [self._graph.get_tensor_by_name(t) for t in model.inputs]
     self._outputs = [self._graph.get_tensor_by_name(t) for t in model.outputs]
     self._session = tf.compat.v1.Session(graph=self._graph)
 
   def __call__(self, feeds: Sequence[np.ndarray]) -> list[np.ndarray]:
-    return self._session.run(self._outputs, dict(zip(self._inputs, feeds)))
+    try:
+      return self._session.run(self._outputs, dict(zip(self._inputs, feeds)))
+    except (ValueError, TypeError, tf.errors.OpError) as e:
+      raise errors.RunError(f"TensorFlow failed to run the graph ({_first_line(e)})") from None
 
   def close(self) -> None:
     self._session.close()

@@ -212,6 +212,17 @@ def analyse(graph: view.GraphView, rules: Mapping[str, base.Rule]) -> Analysis:
       base.block_inputs(w, f"{base.describe(node)}: no channel rule for op type {node.op}")
     else:
       rule(w)
+    # A subgraph's reads of outer-scope tensors are not followed into the body:
+    # channels that reach one stay whole, so no branch is left inconsistent.
+    for t in node.captures:
+      d = w.dims.get(t)
+      if d is not None:
+        w.block(d.units, f"{base.describe(node)}: '{t}' is read inside a subgraph")
+    if node.loop:
+      for t in node.outputs:
+        d = w.dims.get(t)
+        if d is not None:
+          w.block(d.units, f"{base.describe(node)}: inside the body of loop '{node.loop}'")
   for out in graph.outputs:
     d = w.dims.get(out)
     if d is not None:

@@ -17,13 +17,23 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class Node:
-  """One operation: its inputs and outputs are tensor names."""
+  """One operation: its inputs and outputs are tensor names.
+
+  `captures` are the outer-scope tensors that the node's subgraphs (ONNX If,
+  Loop, Scan bodies) read by name: edges like the inputs, but with no input
+  slot of their own. A consumer reads a capture at index len(inputs) + k.
+  """
   name: str
   op: str
   inputs: tuple[str, ...]
   outputs: tuple[str, ...]
   attrs: Mapping[str, Any] = dataclasses.field(
       default_factory=lambda: types.MappingProxyType({}))
+  captures: tuple[str, ...] = ()
+  # Non-empty for a node that runs inside a loop body (a TensorFlow while-loop
+  # frame): its channels are never pruned, as a loop may run zero times on the
+  # oracle's inputs.
+  loop: str = ""
 
 
 # A static shape: a tuple of ints, with None for an unknown dimension.
@@ -52,7 +62,7 @@ class GraphView:
     for node in self.nodes:
       for t in node.outputs:
         self._producer[t] = node
-      for i, t in enumerate(node.inputs):
+      for i, t in enumerate(node.inputs + node.captures):
         self._consumers.setdefault(t, []).append((node, i))
 
   def node(self, name: str) -> Node:

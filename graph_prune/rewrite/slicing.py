@@ -81,24 +81,33 @@ def build_edits(analysis: groups_lib.Analysis, plan: plan_lib.Plan, mode: str) -
     readers = {n.name for n, _ in graph.consumers(const)}
     for name in readers - set(values):
       values[name] = original
-    distinct = list(values.values())
-    first = distinct[0]
-    # _apply returns the original object when it changes nothing: identity first.
-    if all(v is first or (v.shape == first.shape and np.array_equal(v, first))
-           for v in distinct[1:]):
-      if first is not original:
-        constants[const] = first
-      continue
+    # Readers that need the same value share one constant. The original name
+    # carries the value of the readers that keep it unchanged, or else of the
+    # largest set of readers; every other distinct value gets one copy, named
+    # after the first reader that needs it.
+    classes: list[tuple[np.ndarray, list[str]]] = []
     for consumer in sorted(values):
       v = values[consumer]
-      if v is original:
+      for value, names in classes:
+        if v is value or (v.shape == value.shape and np.array_equal(v, value)):
+          names.append(consumer)
+          break
+      else:
+        classes.append((v, [consumer]))
+    home = next((c for c in classes if c[0] is original), None)
+    if home is None:
+      home = max(classes, key=lambda c: len(c[1]))
+      constants[const] = home[0]
+    for value, names in classes:
+      if value is home[0]:
         continue
-      new_name = f"{const.split(':')[0]}/gp_copy/{consumer}"
-      new_constants[new_name] = (const, v)
-      node = graph.node(consumer)
-      for i, t in enumerate(node.inputs):
-        if t == const:
-          rewires.append((consumer, i, new_name))
+      new_name = f"{const.split(':')[0]}/gp_copy/{names[0]}"
+      new_constants[new_name] = (const, value)
+      for consumer in names:
+        node = graph.node(consumer)
+        for i, t in enumerate(node.inputs):
+          if t == const:
+            rewires.append((consumer, i, new_name))
   attrs = []
   if mode == SLICE:
     for ae in analysis.attr_entries:

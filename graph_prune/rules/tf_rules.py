@@ -75,8 +75,14 @@ def matmul(ctx: RuleContext) -> None:
     base.block_inputs(ctx, f"{describe(ctx.node)}: only x @ constant weights is supported")
     return
   in_axis, out_axis = (1, 0) if attrs.get("transpose_b") else (0, 1)
-  if ctx.dim(a) is not None:
-    ctx.slice_const(b, in_axis, a, base.SINK)
+  d = ctx.dim(a)
+  if d is not None:
+    if d.axis != 1:
+      # Channels on the rows are batch-like here: a @ W mixes nothing across them,
+      # but W's rows are indexed by a's columns, not by these channels.
+      ctx.block(d.units, f"{describe(ctx.node)}: channels are not the contracted axis")
+    else:
+      ctx.slice_const(b, in_axis, a, base.SINK)
   ctx.new_source(_out(ctx), 1, ctx.graph.constants[b].shape[out_axis], b, out_axis)
 
 
@@ -151,9 +157,14 @@ def pool(ctx: RuleContext) -> None:
   d = ctx.dim(ctx.node.inputs[0])
   if d is None:
     return
-  ksize = ctx.node.attrs.get("ksize") or [1, 1, 1, 1]
-  strides = ctx.node.attrs.get("strides") or [1, 1, 1, 1]
-  if len(ksize) > d.axis and (ksize[d.axis] != 1 or strides[d.axis] != 1):
+  if ctx.node.op == "MaxPoolV2":  # window and strides are inputs, not attributes
+    ksize, strides = (base.const_ints(ctx, t) for t in ctx.node.inputs[1:3])
+  else:
+    ksize, strides = ctx.node.attrs.get("ksize"), ctx.node.attrs.get("strides")
+  if ksize is None or strides is None or len(ksize) <= d.axis or len(strides) <= d.axis:
+    ctx.block(d.units, f"{describe(ctx.node)}: window or strides unknown")
+    return
+  if ksize[d.axis] != 1 or strides[d.axis] != 1:
     ctx.block(d.units, f"{describe(ctx.node)}: pools across channels")
     return
   ctx.set_dim(_out(ctx), d)
