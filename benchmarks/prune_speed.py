@@ -60,8 +60,8 @@ def _stage(model, graph):
   from graph_prune.criteria import allocation  # pylint: disable=g-import-not-at-top
   from graph_prune.criteria import importance  # pylint: disable=g-import-not-at-top
   from graph_prune.rewrite import slicing  # pylint: disable=g-import-not-at-top
-  from graph_prune.rules import tf_rules  # pylint: disable=g-import-not-at-top
-  analysis = groups.analyse(graph, tf_rules.RULES)
+  from graph_prune.ops import tf_ops  # pylint: disable=g-import-not-at-top
+  analysis = groups.analyse(graph, tf_ops.REGISTRY)
   plan = allocation.allocate(analysis, importance.score(analysis, "l1"), allocation.Spec(0.5),
                              "l1")
   edits = slicing.build_edits(analysis, plan, slicing.SLICE)

@@ -16,6 +16,7 @@ import numpy as np
 
 from graph_prune import errors
 from graph_prune import files
+from graph_prune import formats
 from graph_prune import plan as plan_lib
 from graph_prune.analysis import cost as cost_lib
 from graph_prune.analysis import groups as groups_lib
@@ -52,24 +53,11 @@ class Options:
   input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
 
-@dataclasses.dataclass(frozen=True)
-class Format:
-  """A format adapter (load/normalise/to_view/apply_edits/write/Runner) and its rules."""
-  name: str
-  adapter: Any
-  rules: Any
+Format = formats.Format
 
 
-def format_for(path: str) -> Format:
-  """Chooses the adapter by the input; each is imported only when used, so ONNX
-  work never pays for importing TensorFlow."""
-  if path.endswith(".onnx"):
-    from graph_prune.adapters import onnx_model  # pylint: disable=g-import-not-at-top
-    from graph_prune.rules import onnx_rules  # pylint: disable=g-import-not-at-top
-    return Format("onnx", onnx_model, onnx_rules.RULES)
-  from graph_prune.adapters import tf_model  # pylint: disable=g-import-not-at-top
-  from graph_prune.rules import tf_rules  # pylint: disable=g-import-not-at-top
-  return Format("tensorflow", tf_model, tf_rules.RULES)
+def format_for(path: str) -> formats.Format:
+  return formats.for_path(path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +94,7 @@ def prepare_model(fmt: Format, model: Any) -> Prepared:
   """Normalise a loaded model, view it and analyse its channel groups."""
   model = fmt.adapter.normalise(model)
   graph = fmt.adapter.to_view(model)
-  return Prepared(fmt, model, graph, groups_lib.analyse(graph, fmt.rules))
+  return Prepared(fmt, model, graph, groups_lib.analyse(graph, fmt.ops))
 
 
 def rewrite(prepared: Prepared, plan: plan_lib.Plan) -> Any:
@@ -127,9 +115,14 @@ def make_plan(prepared: Prepared, options: Options) -> plan_lib.Plan:
   spec = spec_of(options)
   if not any(g.prunable for g in analysis.groups):
     reasons = sorted({r for g in analysis.groups for r in g.blocked[:1]})[:3]
+    if not analysis.groups:
+      reasons = list(analysis.reasons[:3])
+      raise errors.NothingToPruneError(
+          "nothing prunable: no convolution or dense layer with constant weights found"
+          + (f" ({'; '.join(reasons)})" if reasons else ""))
     raise errors.NothingToPruneError(
         "nothing prunable: every channel group is left whole"
-        + (f" ({'; '.join(reasons)})" if reasons else " (no convolution or dense layer found)"))
+        + (f" ({'; '.join(reasons)})" if reasons else ""))
   if not any(g.prunable and not allocation.excluded_by(spec, g) for g in analysis.groups):
     raise errors.NothingToPruneError(
         f"nothing prunable: --exclude={','.join(spec.exclude)} matches every prunable group; "
@@ -229,13 +222,31 @@ def _input_shapes(graph, options: Options) -> dict[str, tuple[int, ...]]:
   return shapes
 
 
-def run_oracle(adapter, original, masked, pruned, graph, options: Options) -> oracle.Verification:
+def _probes(graph, cut) -> list[str]:
+  """Tensors the oracle compares besides the outputs: the computed inputs of the
+  ops that produce them (the logits under a Softmax, say), which pruning leaves
+  whole. An output squashed to 0 and 1 in float32 hides any difference; its
+  input does not."""
+  probes = []
+  for out in graph.outputs:
+    node = graph.producer(out)
+    for t in (node.inputs if node is not None else ()):
+      if (t not in graph.constants and t not in graph.outputs and t not in cut and
+          t not in probes and graph.producer(t) is not None and
+          np.issubdtype(np.dtype(graph.dtypes.get(t, "int32")), np.floating)):
+        probes.append(t)
+  return probes
+
+
+def run_oracle(adapter, original, masked, pruned, graph, options: Options,
+               cut=frozenset()) -> oracle.Verification:
   """Runs original, masked original and pruned model on the same seeded inputs;
   raises VerificationError (nothing is written) when they disagree."""
   runners = []
+  probes = _probes(graph, cut)
   try:
     for what, m in (("original", original), ("masked original", masked), ("pruned", pruned)):
-      runners.append(_Checked(what, adapter.Runner, m))
+      runners.append(_Checked(what, lambda model: adapter.Runner(model, probes), m))
     sets = oracle_inputs(graph, runners[0], options)
     verification = oracle.verify(*runners, sets, options.tolerance, options.seed)
   finally:
@@ -253,7 +264,7 @@ def _export_onnx(tf_adapter, pruned, graph, options: Options):
   """tf2onnx export of the pruned TensorFlow model, checked against it in ONNX Runtime."""
   from graph_prune.adapters import tf_to_onnx  # pylint: disable=g-import-not-at-top
   exported = tf_to_onnx.export(pruned, options.opset)
-  onnx_adapter = format_for(".onnx").adapter
+  onnx_adapter = formats.for_name(formats.ONNX).adapter
   tf_run = _Checked("pruned", tf_adapter.Runner, pruned)
   onnx_run = None
   try:
@@ -301,7 +312,8 @@ def _prune_checked(prepared: Prepared, plan: plan_lib.Plan, options: Options):
   if options.verify:
     masked = adapter.apply_edits(prepared.model,
                                  slicing.build_edits(prepared.analysis, plan, slicing.MASK))
-    verification = run_oracle(adapter, prepared.model, masked, pruned, prepared.graph, options)
+    verification = run_oracle(adapter, prepared.model, masked, pruned, prepared.graph, options,
+                              set(kept_positions(prepared.analysis, plan)))
   return pruned, pruned_view, verification, copies_of(edits)
 
 
@@ -331,7 +343,7 @@ def _check_recovery(fmt: Format, options: Options) -> None:
     raise errors.UsageError(f"--steps is {options.steps}; it must be at least 1")
   if options.recover is None:
     return
-  if fmt.name != "tensorflow":
+  if fmt.name != formats.TENSORFLOW:
     raise errors.UsageError("--recover trains TensorFlow graphs; for an ONNX deployment prune "
                             "the TensorFlow model with --out_format=onnx")
   if options.plan_in:
@@ -404,7 +416,8 @@ def prune(in_path: str, out_path: str, options: Options = Options()) -> dict[str
   excluded = {g.id: allocation.excluded_by(spec, g) for g in prepared.analysis.groups}
   worst = max(verifications, key=lambda v: v.max_rel_diff) if verifications else None
   doc = build_report(in_path, out_path, prepared.analysis, final_plan,
-                     cost_lib.measure(prepared.graph), cost_lib.measure(pruned_view),
+                     cost_lib.measure(prepared.graph, prepared.format.ops),
+                     cost_lib.measure(pruned_view, prepared.format.ops),
                      worst, {k: v for k, v in excluded.items() if v}, timings)
   doc["shared_constants_copied"] = all_copies
   if options.steps > 1 or options.recover is not None:
@@ -432,7 +445,7 @@ def _write_unchanged(in_path: str, out_path: str, prepared: Prepared, plan: plan
   nothing to verify."""
   adapter = prepared.format.adapter
   model = adapter.load(in_path, options.signature, options.inputs, options.outputs)
-  cost = cost_lib.measure(prepared.graph)
+  cost = cost_lib.measure(prepared.graph, prepared.format.ops)
   excluded = {g.id: allocation.excluded_by(spec, g) for g in prepared.analysis.groups}
   doc = build_report(in_path, out_path, prepared.analysis, plan, cost, cost, None,
                      {k: v for k, v in excluded.items() if v}, timings)

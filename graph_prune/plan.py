@@ -87,5 +87,9 @@ def rebind(plan: Plan, analysis: groups_lib.Analysis) -> Plan:
     if g.channels != gp.channels or not gp.keep or max(gp.keep) >= g.channels:
       raise errors.UsageError(f"plan group {list(gp.sources)[:3]} has {gp.channels} channels "
                               f"but the model has {g.channels}")
+    for units, why in analysis.needs.get(g.id, ()):
+      if not set(gp.keep).intersection(units.tolist()):
+        raise errors.UsageError(f"plan removes every channel of group {list(gp.sources)[:3]} "
+                                f"that {why.split(': ', 1)[0]} reads; keep at least one")
     out.append(dataclasses.replace(gp, group=g.id))
   return dataclasses.replace(plan, groups=tuple(out))

@@ -9,7 +9,7 @@ from graph_prune.criteria import allocation
 from graph_prune.criteria import importance
 from graph_prune.graph import view
 from graph_prune.rewrite import slicing
-from graph_prune.rules import tf_rules
+from graph_prune.ops import tf_ops
 
 
 class _Builder:
@@ -51,7 +51,7 @@ class _Builder:
 
 
 def _analyse(g):
-  return groups.analyse(g, tf_rules.RULES)
+  return groups.analyse(g, tf_ops.REGISTRY)
 
 
 def _group_of(analysis, source):

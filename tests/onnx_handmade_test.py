@@ -79,19 +79,21 @@ class HandmadeTest(parameterized.TestCase):
     h = n.op("Relu", [n.conv("x", 3, 8)])
     h = n.conv(h, 8, 16, group=8)          # depthwise, multiplier 2
     h = n.op("Relu", [n.conv(h, 16, 8, k=1)])
-    g = n.conv(h, 8, 8, group=2)            # grouped: left whole
+    g = n.conv(h, 8, 8, group=2)            # grouped: each group loses the same positions
     out = n.op("ReduceMean", [g], axes=[2, 3], keepdims=0)
     doc, _, path = self._prune(n.model(out, [8]))
     w, m = _weights(path)
     self.assertEqual(w["conv1_w"].shape, (4, 3, 3, 3))
     self.assertEqual(w["conv2_w"].shape, (8, 1, 3, 3))  # depthwise filters follow their input
-    # conv3 feeds the grouped convolution: its outputs stay whole, its inputs halve.
-    self.assertEqual(w["conv3_w"].shape, (8, 8, 1, 1))
-    dw = next(node for node in m.graph.node if node.op_type == "Conv" and node.input[1] == "conv2_w")
-    self.assertEqual(helper.get_attribute_value(
-        next(a for a in dw.attribute if a.name == "group")), 4)
-    reasons = [r for g in doc["skipped"] for r in g["reasons"]]
-    self.assertTrue(any("grouped convolution (2 groups)" in r for r in reasons), reasons)
+    # conv3 feeds the grouped convolution: its 8 outputs are 4 units of 2 (one per
+    # group); half go, and each group of conv4 reads 2 of its 4 inputs.
+    self.assertEqual(w["conv3_w"].shape, (4, 8, 1, 1))
+    self.assertEqual(w["conv4_w"].shape, (8, 2, 3, 3))
+    groups = {node.input[1]: helper.get_attribute_value(
+        next(a for a in node.attribute if a.name == "group"))
+              for node in m.graph.node if node.op_type == "Conv" and len(node.attribute) > 1}
+    self.assertEqual(groups, {"conv1_w": 1, "conv2_w": 4, "conv3_w": 1, "conv4_w": 2})
+    self.assertEqual(doc["groups_pruned"], 2)
 
   def test_conv_transpose_prelu_and_constant_node_weights(self):
     n = _Net()

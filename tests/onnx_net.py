@@ -51,7 +51,7 @@ class Net:
                                           self.weight((c,), 1, positive=True)])
 
   def model(self, out, out_shape, opset=17, ir_version=None, channels=3, size=8,
-            extra_inputs=()):
+            extra_inputs=(), domains=()):
     """The model with input x [N, channels, size, size] (size None: symbolic H, W),
     then `extra_inputs` (ValueInfoProtos), and output `out` of shape [N] + out_shape
     (out_shape None: shape left unstated)."""
@@ -62,7 +62,8 @@ class Net:
         self.nodes, "handmade",
         [helper.make_tensor_value_info("x", _F, ["N", channels] + spatial), *extra_inputs],
         [out_info], self.inits)
-    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)] + [
+                              helper.make_opsetid(d, 1) for d in domains],
                           producer_name="graph_prune-tests", doc_string="hand-made")
     if ir_version:
       m.ir_version = ir_version

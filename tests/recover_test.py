@@ -22,6 +22,7 @@ from graph_prune import pipeline
 from graph_prune.adapters import tf_model
 from graph_prune.adapters import tf_trainable
 from graph_prune.data import preprocess
+from graph_prune.ops import tf_ops
 from graph_prune.recover import calibrate
 from graph_prune.recover import recover
 from tests import keras_zoo
@@ -174,7 +175,7 @@ class RecoveryTest(absltest.TestCase):
     kept = pipeline.kept_positions(prepared.analysis, plan)
     data = recover.load_data(pruned, _FAST, labels=False)
     out, _ = calibrate.recalibrate(prepared.model, pruned, kept, data, _FAST)
-    sites, _ = calibrate.find_sites(tf_model.to_view(out))
+    sites, _ = calibrate.find_sites(tf_model.to_view(out), tf_ops.REGISTRY)
     x = calibrate._calibration(data, _FAST.calibration_samples)  # pylint: disable=protected-access
     tensors = [site.tensor for site in sites]
     self.assertLen(tensors, 7)

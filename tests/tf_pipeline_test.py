@@ -76,8 +76,8 @@ class RoundTripTest(absltest.TestCase):
     normalised = tf_model.normalise(tf_model.load(pb))
     g = tf_model.to_view(normalised)
     from graph_prune.analysis import groups  # pylint: disable=g-import-not-at-top
-    from graph_prune.rules import tf_rules  # pylint: disable=g-import-not-at-top
-    analysis = groups.analyse(g, tf_rules.RULES)
+    from graph_prune.ops import tf_ops  # pylint: disable=g-import-not-at-top
+    analysis = groups.analyse(g, tf_ops.REGISTRY)
     edits = slicing.build_edits(analysis, plan_lib.empty(analysis), slicing.SLICE)
     self.assertTrue(edits.empty)
     out = tf_model.apply_edits(normalised, edits)

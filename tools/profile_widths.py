@@ -30,33 +30,37 @@ flags.mark_flags_as_required(["in", "layer"])
 
 
 def layer_of(path, name):
-  """The Layer and output width of convolution `name` in the model at `path`."""
-  from graph_prune import pipeline  # pylint: disable=g-import-not-at-top
+  """The Layer and output width of convolution `name` in the model at `path`
+  (weights, kernel and strides as its op description gives them)."""
+  from graph_prune import formats  # pylint: disable=g-import-not-at-top
   from graph_prune.bench import widths  # pylint: disable=g-import-not-at-top
-  fmt = pipeline.format_for(path)
+  fmt = formats.for_path(path)
   graph = fmt.adapter.to_view(fmt.adapter.normalise(fmt.adapter.load(path)))
+
+  def conv(node):
+    lin = fmt.ops.linear(graph, node)
+    ok = lin is not None and len(lin.kernel) == 2 and lin.groups == 1 and not lin.transposed
+    return lin if ok else None
+
   try:
     node = graph.node(name)
   except KeyError:
-    convs = [n.name for n in graph.nodes if n.op in ("Conv2D", "Conv")][:5]
+    convs = [n.name for n in graph.nodes if conv(n)][:5]
     raise errors.UsageError(f"no node '{name}' in the model; convolutions include: "
                             f"{', '.join(convs)}") from None
-  x, w = node.inputs[:2]
-  shape, weight = graph.shape(x), graph.constants.get(w)
-  if node.op not in ("Conv2D", "Conv") or weight is None or shape is None or len(shape) != 4:
-    raise errors.UsageError(f"'{name}' is a {node.op}, not a convolution with constant weights")
-  strides = node.attrs.get("strides") or (1, 1, 1, 1)
-  if node.op == "Conv2D" and not node.attrs.get("data_format", "NHWC").startswith("NC"):
-    h, wd, cin = shape[1], shape[2], shape[3]
-    stride = strides[1]
-  else:
-    h, wd, cin = shape[2], shape[3], shape[1]
-    stride = strides[2] if node.op == "Conv2D" else strides[0]
-  kernel = weight.shape[0] if node.op == "Conv2D" else weight.shape[2]
-  cout = weight.shape[3] if node.op == "Conv2D" else weight.shape[0]
+  lin = conv(node)
+  shape = graph.shape(node.inputs[0])
+  if lin is None or shape is None or len(shape) != 4:
+    raise errors.UsageError(f"'{name}' is a {node.op}, not an ungrouped 2-D convolution with "
+                            "constant weights")
+  axis = lin.channel_axis % 4
+  h, wd = [shape[a] for a in range(1, 4) if a != axis]
+  cin = shape[axis]
   if None in (h, wd, cin):
     raise errors.UsageError(f"'{name}' has an input of unknown spatial size")
-  return widths.Layer(int(h), int(wd), int(cin), int(kernel), int(stride)), int(cout)
+  cout = graph.constants[lin.weight].shape[lin.out_axis]
+  return (widths.Layer(int(h), int(wd), int(cin), int(lin.kernel[0]), int(lin.strides[0])),
+          int(cout))
 
 
 def _range(spec, cout):

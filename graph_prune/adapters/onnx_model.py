@@ -300,13 +300,21 @@ def to_view(model: ONNXModel) -> view.GraphView:
   nodes = []
   for name, node in zip(node_names(proto), proto.graph.node):
     attrs = {a.name: v for a in node.attribute if (v := _attr(a)) is not None}
-    nodes.append(view.Node(name, node.op_type, tuple(node.input), tuple(node.output), attrs,
+    # Ops of other domains (com.microsoft, custom) have no description: they block.
+    op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+    nodes.append(view.Node(name, op, tuple(node.input), tuple(node.output), attrs,
                            captures(node)))
     if node.op_type == "Constant":
       value = _constant_value(node)
       if value is not None:
         constants[node.output[0]] = value
-  return view.GraphView(nodes, constants, shapes, model.inputs, model.outputs, "NCHW", dtypes)
+  return view.GraphView(nodes, constants, shapes, model.inputs, model.outputs, "NCHW", dtypes,
+                        opset_version(proto))
+
+
+def opset_version(proto: onnx.ModelProto) -> int:
+  """The model's opset of the default ONNX domain."""
+  return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 
 def _tensor(value: np.ndarray, name: str, like: Optional[onnx.TensorProto]) -> onnx.TensorProto:
@@ -408,17 +416,27 @@ def _first_line(e: Exception) -> str:
 class Runner:
   """Runs a model in ONNX Runtime on the CPU: feeds in input order, fetches outputs."""
 
-  def __init__(self, model: ONNXModel):
+  def __init__(self, model: ONNXModel, extra: Sequence[str] = ()):
+    """`extra`: intermediate tensors fetched after the outputs."""
     import onnxruntime  # pylint: disable=g-import-not-at-top
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
+    graph = model.proto.graph
+    # Extra fetches must be graph outputs: added for serialising, then taken off
+    # again (the model is left as it was; copying it would copy every weight).
+    added = [t for t in extra if t not in {o.name for o in graph.output}]
+    graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in added)
     try:
-      self._session = onnxruntime.InferenceSession(model.proto.SerializeToString(), options,
+      data = model.proto.SerializeToString()
+    finally:
+      del graph.output[len(graph.output) - len(added):]
+    try:
+      self._session = onnxruntime.InferenceSession(data, options,
                                                    providers=["CPUExecutionProvider"])
     except Exception as e:  # pylint: disable=broad-except  (ORT raises its own many types)
       raise errors.RunError(f"ONNX Runtime cannot load the model ({_first_line(e)})") from None
     self._inputs = list(model.inputs)
-    self._outputs = list(model.outputs)
+    self._outputs = list(model.outputs) + list(extra)
 
   def __call__(self, feeds: Sequence[np.ndarray]) -> list[np.ndarray]:
     try:

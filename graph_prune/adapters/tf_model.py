@@ -325,7 +325,11 @@ def _edit_graph_def(graph_def: tf.compat.v1.GraphDef, edits: Edits) -> tf.compat
   for consumer, index, new_name in edits.rewires:
     by_name[consumer].input[index] = new_name
   for name, attr, value in edits.attrs:
-    by_name[name].attr[attr].i = value
+    if isinstance(value, tuple):
+      del by_name[name].attr[attr].list.i[:]
+      by_name[name].attr[attr].list.i.extend(value)
+    else:
+      by_name[name].attr[attr].i = value
   # Recorded shapes would be stale after slicing.
   for node in out.node:
     if "_output_shapes" in node.attr:
@@ -437,7 +441,8 @@ def _first_line(e: Exception) -> str:
 class Runner:
   """Runs a model's graph in a session of its own: feeds in input order, fetches outputs."""
 
-  def __init__(self, model: TFModel):
+  def __init__(self, model: TFModel, extra: Sequence[str] = ()):
+    """`extra`: intermediate tensors fetched after the outputs."""
     self._graph = tf.Graph()
     try:
       with self._graph.as_default():
@@ -445,7 +450,7 @@ class Runner:
     except (ValueError, tf.errors.OpError) as e:
       raise errors.RunError(f"TensorFlow cannot import the graph ({_first_line(e)})") from None
     self._inputs = [self._graph.get_tensor_by_name(t) for t in model.inputs]
-    self._outputs = [self._graph.get_tensor_by_name(t) for t in model.outputs]
+    self._outputs = [self._graph.get_tensor_by_name(t) for t in list(model.outputs) + list(extra)]
     self._session = tf.compat.v1.Session(graph=self._graph)
 
   def __call__(self, feeds: Sequence[np.ndarray]) -> list[np.ndarray]:

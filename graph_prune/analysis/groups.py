@@ -17,7 +17,8 @@ from typing import Mapping, Optional
 import numpy as np
 
 from graph_prune.graph import view
-from graph_prune.rules import base
+from graph_prune.ops import channels as base
+from graph_prune.ops import desc as desc_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,19 +43,33 @@ class ConstSlice:
 
 @dataclasses.dataclass(frozen=True)
 class ShapeEntry:
-  """Entry `position` of shape constant `const` becomes the kept count of `by`."""
+  """Entry `position` of shape constant `const` becomes the kept count of `by`
+  (of its first `upto` positions, if given)."""
   const: str
   position: int
   by: str
   consumer: str
+  upto: Optional[int] = None
 
 
 @dataclasses.dataclass(frozen=True)
 class AttrEntry:
-  """Integer attribute `attr` of `node` becomes the kept channel count of `by`."""
+  """Integer attribute `attr` of `node` (element `index` of a list attribute)
+  becomes the kept channel count of `by`."""
   node: str
   attr: str
   by: str
+  index: Optional[int] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexMap:
+  """Constant `const` holds one index into `by_in`'s channels per channel of
+  `by_out`: entries of removed channels are dropped, the rest renumbered."""
+  const: str
+  by_in: str
+  by_out: str
+  consumer: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,9 +94,16 @@ class Analysis:
   slices: tuple[ConstSlice, ...]
   shape_entries: tuple[ShapeEntry, ...]
   attr_entries: tuple[AttrEntry, ...]
+  index_maps: tuple[IndexMap, ...]
   # Per element: its group id (-1 for channels no producer owns) and unit index.
   element_group: np.ndarray
   element_unit: np.ndarray
+  # Every distinct reason a rule gave for blocking channels, in graph order (also
+  # those of channels no group owns, e.g. a layer whose weights are not constant).
+  reasons: tuple[str, ...] = ()
+  # Per group: sets of unit indices of which at least one must be kept, with why.
+  needs: Mapping[int, tuple[tuple[np.ndarray, str], ...]] = dataclasses.field(
+      default_factory=dict)
 
   def removed_elements(self, removed: Mapping[int, np.ndarray]) -> np.ndarray:
     """Boolean mask over all elements, given the removed unit indices of each group."""
@@ -158,12 +180,15 @@ class _Walker:
   def __init__(self, graph: view.GraphView):
     self.graph = graph
     self.node: Optional[view.Node] = None
+    self.affine = ""
     self.uf = _UnionFind()
     self.dims: dict[str, base.ChannelDim] = {}
     self.sources: list[Source] = []
     self.slices: list[ConstSlice] = []
     self.shape_entries: list[ShapeEntry] = []
     self.attr_entries: list[AttrEntry] = []
+    self.index_maps: list[IndexMap] = []
+    self.needs: list[tuple[np.ndarray, str]] = []
     self.blocks: list[tuple[np.ndarray, str]] = []
 
   def dim(self, tensor):
@@ -195,23 +220,37 @@ class _Walker:
   def slice_const(self, const, axis, by, role):
     self.slices.append(ConstSlice(const, axis, by, role, self.node.name))
 
-  def set_shape_entry(self, const, position, by, reader):
-    self.shape_entries.append(ShapeEntry(const, position, by, reader))
+  def set_shape_entry(self, const, position, by, reader, upto=None):
+    self.shape_entries.append(ShapeEntry(const, position, by, reader, upto))
 
-  def set_attr_count(self, attr, by):
-    self.attr_entries.append(AttrEntry(self.node.name, attr, by))
+  def set_attr_count(self, attr, by, index=None):
+    self.attr_entries.append(AttrEntry(self.node.name, attr, by, index))
+
+  def remap_indices(self, const, by_in, by_out):
+    self.index_maps.append(IndexMap(const, by_in, by_out, self.node.name))
+
+  def need(self, units, reason):
+    self.needs.append((np.asarray(units, dtype=np.int64), reason))
+
+  def virtual(self, tag, dim):
+    name = f"{self.node.name}#{tag}"
+    self.dims[name] = dim
+    return name
 
 
-def analyse(graph: view.GraphView, rules: Mapping[str, base.Rule]) -> Analysis:
+def analyse(graph: view.GraphView, registry: desc_lib.Registry) -> Analysis:
   """Walks the graph once in topological order and freezes the channel groups."""
   w = _Walker(graph)
   for node in graph.nodes:
     w.node = node
-    rule = rules.get(node.op)
-    if rule is None:
-      base.block_inputs(w, f"{base.describe(node)}: no channel rule for op type {node.op}")
+    desc = registry.of(graph, node)
+    w.affine = desc.affine if desc is not None else ""
+    if desc is None:
+      version = f" (opset {graph.opset})" if graph.opset else ""
+      base.block_inputs(w, f"{base.describe(node)}: no channel rule for op type "
+                        f"{node.op}{version}")
     else:
-      rule(w)
+      desc.channels(w)
     # A subgraph's reads of outer-scope tensors are not followed into the body:
     # channels that reach one stay whole, so no branch is left inconsistent.
     for t in node.captures:
@@ -289,8 +328,8 @@ def _freeze(graph: view.GraphView, w: _Walker) -> Analysis:
       if reason not in reasons[gid]:
         reasons[gid].append(reason)
   members: list[dict[str, None]] = [dict.fromkeys(s) for s in group_sources]
-  for sl in list(w.slices) + list(w.shape_entries):
-    d = w.dims.get(sl.by)
+  for sl in list(w.slices) + list(w.shape_entries) + list(w.index_maps):
+    d = w.dims.get(sl.by_out if isinstance(sl, IndexMap) else sl.by)
     if d is not None:
       for gid in groups_of(d.units):
         members[gid].setdefault(sl.consumer)
@@ -298,5 +337,16 @@ def _freeze(graph: view.GraphView, w: _Walker) -> Analysis:
       ChannelGroup(gid, tuple(dict.fromkeys(group_sources[gid])), tuple(members[gid]),
                    counts[gid], tuple(reasons[gid]))
       for gid in range(len(counts)))
+  needs: dict[int, list[tuple[np.ndarray, str]]] = {}
+  for elements, reason in w.needs:
+    owners = element_group[elements]
+    if (owners < 0).any():
+      continue  # a channel no group owns is never removed: the set stays non-empty
+    # Each group keeps one of its own part (safe, if more than strictly needed).
+    for gid in np.unique(owners).tolist():
+      needs.setdefault(gid, []).append(
+          (np.unique(element_unit[elements][owners == gid]), reason))
   return Analysis(graph, groups, tuple(w.sources), dict(w.dims), tuple(w.slices),
-                  tuple(w.shape_entries), tuple(w.attr_entries), element_group, element_unit)
+                  tuple(w.shape_entries), tuple(w.attr_entries), tuple(w.index_maps),
+                  element_group, element_unit, tuple(dict.fromkeys(r for _, r in w.blocks)),
+                  {g: tuple(v) for g, v in needs.items()})

@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from graph_prune import errors
+from graph_prune import formats
 
 ONNX = "onnx"
 _DEVICE_RE = re.compile(r"^(auto|cpu|gpu|tpu)(?::(\d+))?$")
@@ -74,18 +75,15 @@ def check_device(requested: str) -> None:
 
 
 def format_of(path: str) -> str:
-  return ONNX if path.endswith(".onnx") else "tensorflow"
+  return formats.name_of(path)
 
 
 def load(path: str, signature: Optional[str] = None, inputs: Sequence[str] = (),
          outputs: Sequence[str] = ()) -> Loaded:
   """Reads a model with its format adapter; raises InputError/UsageError on bad input."""
-  if format_of(path) == ONNX:
-    from graph_prune.adapters import onnx_model  # pylint: disable=g-import-not-at-top
-    return Loaded(path, ONNX, onnx_model.load(path, signature, inputs, outputs))
-  from graph_prune.adapters import tf_model  # pylint: disable=g-import-not-at-top
-  model = tf_model.load(path, signature, inputs, outputs)
-  return Loaded(path, model.kind, model)
+  fmt = formats.for_path(path)
+  model = fmt.adapter.load(path, signature, inputs, outputs)
+  return Loaded(path, ONNX if fmt.name == formats.ONNX else model.kind, model)
 
 
 def size_on_disk(loaded: Loaded) -> int:

@@ -58,12 +58,30 @@ def allocate(analysis: groups_lib.Analysis, scores: importance.Scores, spec: Spe
       continue
     ratio = next((r for pat, r in spec.overrides if _matches(pat, g.sources)), spec.ratio)
     keep_n = kept_count(g.channels, ratio, spec.round_to)
-    s = scores.per_group[g.id]
-    # Highest scores are kept; ties go to the lower index (stable), so plans are deterministic.
-    order = np.argsort(-s, kind="stable")
-    keep = tuple(sorted(order[:keep_n].tolist()))
+    keep = choose(scores.per_group[g.id], keep_n, analysis.needs.get(g.id, ()))
     out.append(plan_lib.GroupPlan(g.id, g.sources, g.channels, keep, scores.used[g.id]))
   return plan_lib.Plan(tuple(out), criterion, spec.ratio, spec.round_to)
+
+
+def choose(scores: np.ndarray, keep_n: int, needs=()) -> tuple[int, ...]:
+  """The keep_n highest-scoring units (ties to the lower index, so plans are
+  deterministic), adjusted so that every need (a set of units of which one must
+  stay: a slice's or split's run of channels) keeps its best unit: it replaces
+  the lowest-scoring kept unit that no need depends on, or is added."""
+  order = np.argsort(-scores, kind="stable")
+  keep = set(order[:keep_n].tolist())
+  sets = [set(int(u) for u in units) for units, _ in needs]
+  rank = lambda u: (scores[u], -u)
+  for need in sets:
+    if keep & need:
+      continue
+    best = max(need, key=rank)
+    keep.add(best)
+    for u in sorted(keep, key=rank):
+      if u != best and all(u not in other or len(keep & other) > 1 for other in sets):
+        keep.discard(u)
+        break
+  return tuple(sorted(keep))
 
 
 def allocate_counts(analysis: groups_lib.Analysis, scores: importance.Scores,
@@ -76,8 +94,7 @@ def allocate_counts(analysis: groups_lib.Analysis, scores: importance.Scores,
     if g.sources not in counts or not g.prunable:
       continue
     keep_n = min(g.channels, max(1, counts[g.sources]))
-    order = np.argsort(-scores.per_group[g.id], kind="stable")
-    keep = tuple(sorted(order[:keep_n].tolist()))
+    keep = choose(scores.per_group[g.id], keep_n, analysis.needs.get(g.id, ()))
     out.append(plan_lib.GroupPlan(g.id, g.sources, g.channels, keep, scores.used[g.id]))
   return dataclasses.replace(plan_like, groups=tuple(out))
 

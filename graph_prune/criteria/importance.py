@@ -14,7 +14,7 @@ import numpy as np
 
 from graph_prune import errors
 from graph_prune.analysis import groups as groups_lib
-from graph_prune.rules import base
+from graph_prune.ops import channels as base
 
 CRITERIA = ("l1", "l2", "bn_scale", "fpgm", "random")
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from graph_prune import errors
 from graph_prune import files
+from graph_prune import formats
 from graph_prune.data import preprocess as preprocess_lib
 from graph_prune.data import sources
 from graph_prune.evaluate import metrics
@@ -90,35 +91,21 @@ def _shape_text(shape) -> str:
   return "?" if shape is None else "[" + ",".join("?" if d is None else str(d) for d in shape) + "]"
 
 
-def _adapter(path: str):
-  """The adapter by file name; each is imported only when used."""
-  if path.endswith(".onnx"):
-    from graph_prune.adapters import onnx_model  # pylint: disable=g-import-not-at-top
-    return "onnx", onnx_model
-  from graph_prune.adapters import tf_model  # pylint: disable=g-import-not-at-top
-  return "tensorflow", tf_model
-
-
 def _image_shape(shape, layout: str):
   return (shape[2], shape[3], shape[1]) if layout == NCHW else tuple(shape[1:])
 
 
-def _detect_layout(fmt: str, view, name: str, shape, data_shape) -> str:
-  """TensorFlow feeds NHWC. For ONNX the first reader of the input decides (a Conv
-  reads NCHW; tf2onnx puts a Transpose 0,3,1,2 behind an NHWC input); failing
-  that, the layout that the data's [H, W, C] fits, if only one does; failing that,
-  the layout whose channel dimension is the smaller (NCHW, ONNX's own, on a tie)."""
-  if fmt == "tensorflow":
+def _detect_layout(fmt: formats.Format, view, name: str, shape, data_shape) -> str:
+  """The first reader of the input that says decides (a convolution by its channel
+  axis; tf2onnx puts a Transpose 0,3,1,2 behind an NHWC input); failing that,
+  TensorFlow feeds NHWC; for ONNX the layout that the data's [H, W, C] fits, if
+  only one does; failing that, the layout whose channel dimension is the smaller
+  (NCHW, ONNX's own, on a tie)."""
+  layout = fmt.ops.input_layout(view, name)
+  if layout:
+    return layout
+  if fmt.name == formats.TENSORFLOW:
     return NHWC
-  for node, _ in view.consumers(name):
-    if node.op == "Conv":
-      return NCHW
-    if node.op == "Transpose":
-      perm = tuple(node.attrs.get("perm", ()))
-      if perm == (0, 3, 1, 2):
-        return NHWC
-      if perm == (0, 2, 3, 1):
-        return NCHW
   if data_shape is not None and len(data_shape) == 3:
     fitting = [l for l in (NHWC, NCHW) if _fits(data_shape, _image_shape(shape, l))]
     if len(fitting) == 1:
@@ -131,7 +118,8 @@ def _detect_layout(fmt: str, view, name: str, shape, data_shape) -> str:
 def _open(spec: ModelSpec, data_shape=None) -> _Model:
   """Loads the model; `data_shape`, the data's static [H, W, C] if known, helps to
   tell an ONNX input's layout."""
-  fmt, adapter = _adapter(spec.path)
+  fmt = formats.for_path(spec.path)
+  adapter = fmt.adapter
   if spec.layout not in ("auto", NHWC, NCHW):
     raise errors.UsageError(f"--layout '{spec.layout}' is not auto, NHWC or NCHW")
   outputs = (spec.output,) if spec.output and not os.path.isdir(spec.path) else ()
@@ -164,7 +152,7 @@ def _open(spec: ModelSpec, data_shape=None) -> _Model:
   if shape is not None and len(shape) == 4:
     layout = (spec.layout if spec.layout != "auto"
               else _detect_layout(fmt, view, name, shape, data_shape))
-  kind = model.kind if fmt == "tensorflow" else "onnx"
+  kind = model.kind if fmt.name == formats.TENSORFLOW else formats.ONNX
   return _Model(spec, kind, adapter.Runner(model), name, shape, view.dtypes.get(name, "float32"),
                 layout, names[index], index, keys[index] if signature else None,
                 signature.name if signature else None)

@@ -13,7 +13,8 @@ class Edits:
   constants: Mapping[str, np.ndarray]                  # const tensor -> new value
   new_constants: Mapping[str, tuple[str, np.ndarray]]  # new name -> (copied const, value)
   rewires: tuple[tuple[str, int, str], ...]            # (node, input index, new name)
-  attrs: tuple[tuple[str, str, int], ...] = ()         # (node, attribute, new int value)
+  # (node, attribute, new value: an int, or a tuple of ints for a list attribute)
+  attrs: tuple[tuple[str, str, object], ...] = ()
 
   @property
   def empty(self) -> bool:

@@ -46,7 +46,7 @@ class GraphView:
   def __init__(self, nodes: Sequence[Node], constants: Mapping[str, np.ndarray],
                shapes: Mapping[str, Optional[Shape]], inputs: Sequence[str],
                outputs: Sequence[str], layout: str,
-               dtypes: Optional[Mapping[str, str]] = None):
+               dtypes: Optional[Mapping[str, str]] = None, opset: int = 0):
     self.nodes: tuple[Node, ...] = tuple(nodes)
     self.constants: Mapping[str, np.ndarray] = types.MappingProxyType(dict(constants))
     self.shapes: Mapping[str, Optional[Shape]] = types.MappingProxyType(dict(shapes))
@@ -56,6 +56,9 @@ class GraphView:
     self.layout = layout
     # numpy dtype names of tensors, where the adapter knows them (graph inputs at least).
     self.dtypes: Mapping[str, str] = types.MappingProxyType(dict(dtypes or {}))
+    # The version of the op set the nodes follow (ONNX: the default domain's
+    # opset; 0 for TensorFlow), which op descriptions are looked up by.
+    self.opset = opset
     self._by_name = {n.name: n for n in self.nodes}
     self._producer = {}
     self._consumers: dict[str, list[tuple[Node, int]]] = {}

@@ -26,13 +26,12 @@ import numpy as np
 
 from graph_prune.adapters import tf_model
 from graph_prune.adapters import tf_trainable
+from graph_prune.ops import desc
+from graph_prune.ops import tf_ops
 from graph_prune.recover import recover as recover_lib
 
 tf = tf_model.tf
 
-_LINEAR = ("Conv2D", "DepthwiseConv2dNative", "MatMul")
-_SHIFT = ("BiasAdd", "Add", "AddV2")
-_FUSED_BN = ("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3")
 _EPS = 1e-12
 
 
@@ -61,47 +60,45 @@ def _other_const(node, tensor, graph, channels) -> Optional[str]:
   return others[0] if value.size == channels and max(value.shape, default=1) == channels else None
 
 
-def find_sites(graph) -> tuple[list[Site], list[str]]:
-  """The sites of a graph view, in graph order, and why other linear ops are not."""
+def find_sites(graph, ops: desc.Registry) -> tuple[list[Site], list[str]]:
+  """The sites of a graph view, in graph order, and why other linear ops are not.
+  What is a linear layer or a batch norm, and where its weights and channels
+  are, comes from the op descriptions."""
   sites, skipped = [], []
   for node in graph.nodes:
-    if node.op in _FUSED_BN:
-      if node.attrs.get("is_training") or not all(t in graph.constants for t in node.inputs[1:5]):
+    norm = ops.norm(graph, node)
+    if norm is not None:
+      if node.attrs.get("is_training") or not all(
+          t in graph.constants for t in (norm.scale, norm.shift, norm.mean, norm.variance)):
         skipped.append(f"{node.name}: batch norm in training mode or with non-constant inputs")
         continue
-      axis = 1 if str(node.attrs.get("data_format", "NHWC")).startswith("NC") else 3
-      sites.append(Site("batchnorm", node.name, node.inputs[0], axis,
-                        mean=node.inputs[3], variance=node.inputs[4]))
+      sites.append(Site("batchnorm", node.name, node.inputs[0], norm.channel_axis,
+                        mean=norm.mean, variance=norm.variance))
       continue
-    if node.op not in _LINEAR or len(node.inputs) < 2 or node.inputs[1] not in graph.constants:
-      continue
+    lin = ops.linear(graph, node)
+    if lin is None or lin.transposed:
+      continue  # not a layer whose output channels map one-to-one to filters
     out = node.outputs[0]
     shape = graph.shape(out)
     if shape is None:
       skipped.append(f"{node.name}: unknown output shape")
       continue
-    if node.op == "MatMul":
-      axis, waxis = 1, 0 if node.attrs.get("transpose_b") else 1
-    else:
-      axis = 1 if str(node.attrs.get("data_format", "NHWC")).startswith("NC") else 3
-      waxis = 2 if node.op == "DepthwiseConv2dNative" else 3
+    axis = lin.channel_axis % len(shape)
     channels = shape[axis]
-    weight = node.inputs[1]
-    multiplier = (graph.constants[weight].shape[3] if node.op == "DepthwiseConv2dNative" else 1)
     cur, scale, shift = out, "", ""
     readers = graph.consumers(cur)
-    if len(readers) == 1 and readers[0][0].op == "Mul":
+    if len(readers) == 1 and ops.affine(graph, readers[0][0]) == "scale":
       scale = _other_const(readers[0][0], cur, graph, channels) or ""
       if scale:
         cur = readers[0][0].outputs[0]
         readers = graph.consumers(cur)
-    if len(readers) == 1 and readers[0][0].op in _SHIFT:
+    if len(readers) == 1 and ops.affine(graph, readers[0][0]) == "shift":
       shift = _other_const(readers[0][0], cur, graph, channels) or ""
     if not shift:
       skipped.append(f"{node.name}: no per-channel shift right after it to re-fit")
       continue
-    sites.append(Site("affine", node.name, readers[0][0].outputs[0], axis, weight, waxis,
-                      multiplier, scale, shift))
+    sites.append(Site("affine", node.name, readers[0][0].outputs[0], axis, lin.weight,
+                      lin.out_axis, lin.multiplier, scale, shift))
   return sites, skipped
 
 
@@ -155,7 +152,7 @@ def recalibrate(original: tf_model.TFModel, pruned: tf_model.TFModel,
                 options: recover_lib.Options) -> tuple[tf_model.TFModel, dict]:
   x = _calibration(data, options.calibration_samples)
   graph = tf_model.to_view(pruned)
-  sites, skipped = find_sites(graph)
+  sites, skipped = find_sites(graph, tf_ops.REGISTRY)
   affine = [s for s in sites if s.kind == "affine"]
   # The original's statistics at every affine site, in one pass.
   target = {}

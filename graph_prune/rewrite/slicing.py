@@ -17,7 +17,7 @@ import numpy as np
 from graph_prune import plan as plan_lib
 from graph_prune.analysis import groups as groups_lib
 from graph_prune.graph.edits import Edits
-from graph_prune.rules import base
+from graph_prune.ops import channels as base
 
 SLICE = "slice"
 MASK = "mask"
@@ -61,11 +61,15 @@ def build_edits(analysis: groups_lib.Analysis, plan: plan_lib.Plan, mode: str) -
       raise AssertionError(f"{sl.consumer} cuts {sl.const} axis {sl.axis} two ways")
     ops[sl.axis] = mask
   entries: dict[str, dict[str, list[tuple[int, int]]]] = {}
+  remaps: dict[str, dict[str, tuple[str, str]]] = {}
   if mode == SLICE:
     for se in analysis.shape_entries:
       entries.setdefault(se.const, {}).setdefault(se.consumer, []).append(
-          (se.position, int(keep(se.by).sum())))
+          (se.position, int(keep(se.by)[:se.upto].sum())))
       wanted.setdefault(se.const, {}).setdefault(se.consumer, {})
+    for im in analysis.index_maps:
+      remaps.setdefault(im.const, {})[im.consumer] = (im.by_in, im.by_out)
+      wanted.setdefault(im.const, {}).setdefault(im.consumer, {})
 
   constants, new_constants, rewires = {}, {}, []
   for const, per_consumer in wanted.items():
@@ -73,6 +77,8 @@ def build_edits(analysis: groups_lib.Analysis, plan: plan_lib.Plan, mode: str) -
     values = {}
     for consumer, ops in per_consumer.items():
       v = _apply(original, ops, mode)
+      if consumer in remaps.get(const, {}):
+        v = _remap(original, *(keep(t) for t in remaps[const][consumer]))
       for position, count in entries.get(const, {}).get(consumer, ()):
         if v.reshape(-1)[position] != count:
           v = v.copy()
@@ -110,8 +116,29 @@ def build_edits(analysis: groups_lib.Analysis, plan: plan_lib.Plan, mode: str) -
             rewires.append((consumer, i, new_name))
   attrs = []
   if mode == SLICE:
+    values: dict[tuple[str, str], object] = {}
     for ae in analysis.attr_entries:
       count = int(keep(ae.by).sum())
-      if graph.node(ae.node).attrs.get(ae.attr) != count:
-        attrs.append((ae.node, ae.attr, count))
+      key = (ae.node, ae.attr)
+      old = values.get(key, graph.node(ae.node).attrs.get(ae.attr))
+      if ae.index is None:
+        values[key] = count
+      else:
+        new = list(old)
+        new[ae.index] = count
+        values[key] = tuple(new)
+    for (node, attr), value in values.items():
+      if graph.node(node).attrs.get(attr) != value:
+        attrs.append((node, attr, value))
   return Edits(constants, new_constants, tuple(rewires), tuple(attrs))
+
+
+def _remap(indices: np.ndarray, keep_in: np.ndarray, keep_out: np.ndarray) -> np.ndarray:
+  """1-D indices into the input's channels, one per output channel: those of removed
+  output channels dropped, the rest renumbered to the input's kept positions."""
+  indices = np.asarray(indices)
+  if indices.ndim != 1 or len(indices) != len(keep_out):
+    raise AssertionError(f"indices of shape {indices.shape} for {len(keep_out)} channels")
+  rank = np.cumsum(keep_in) - 1
+  positions = np.where(indices < 0, indices + len(keep_in), indices)
+  return rank[positions[keep_out]].astype(indices.dtype)

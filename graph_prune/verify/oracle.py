@@ -15,6 +15,7 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from graph_prune import errors
 from graph_prune.graph import view
 
 Run = Callable[[Sequence[np.ndarray]], Sequence[np.ndarray]]
@@ -128,6 +129,11 @@ def verify(original: Run, masked: Run, pruned: Run, sets: Sequence[Sequence[np.n
   samples = 0
   for inputs in sets:
     base = original(inputs)
+    if any(np.isnan(np.asarray(b, dtype=np.float64)).any() for b in base
+           if np.issubdtype(np.asarray(b).dtype, np.number)):
+      raise errors.InputError("the input model computes NaN on the verification inputs, so "
+                              "nothing could be checked; give realistic input sizes with "
+                              "--input_shape, or fix the model's weights")
     ref = masked(inputs)
     got = pruned(inputs)
     a, r = max_diff(ref, got)

@@ -1,11 +1,11 @@
-"""What a channel rule sees and says.
+"""What a channel rule sees and says, and the helpers rules share.
 
-A rule describes how channels flow through one op kind: which output axis
-carries which input channels, which constants are sliced along which axis, and
-when pruning through the op is impossible (then it blocks, with a reason).
-Channels are tracked as arrays of element ids: position i of a tensor's channel
-axis carries element `units[i]`. Rules never mutate the graph; the analysis
-records what they say.
+A rule (the `channels` part of an op description, desc.py) describes how
+channels flow through one op kind: which output axis carries which input
+channels, which constants are sliced along which axis, and when pruning through
+the op is impossible (then it blocks, with a reason). Channels are tracked as
+arrays of element ids: position i of a tensor's channel axis carries element
+`units[i]`. Rules never mutate the graph; the analysis records what they say.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ class RuleContext(Protocol):
   """The analysis state a rule may read and extend."""
   node: view.Node
   graph: view.GraphView
+  affine: str          # the description's word on a per-channel constant operand
 
   def dim(self, tensor: str) -> Optional[ChannelDim]: ...
   def set_dim(self, tensor: str, dim: ChannelDim) -> None: ...
@@ -49,9 +50,24 @@ class RuleContext(Protocol):
   def new_fixed(self, count: int, reason: str) -> np.ndarray: ...
   def couple(self, a: np.ndarray, b: np.ndarray) -> None: ...
   def block(self, units: np.ndarray, reason: str) -> None: ...
+  # Constant `const` is cut along `axis` by the keep-mask of tensor `by`'s channels.
   def slice_const(self, const: str, axis: int, by: str, role: str) -> None: ...
-  def set_shape_entry(self, const: str, position: int, by: str, reader: str) -> None: ...
-  def set_attr_count(self, attr: str, by: str) -> None: ...
+  def set_shape_entry(self, const: str, position: int, by: str, reader: str,
+                      upto: Optional[int] = None) -> None: ...
+  # Entry `position` of shape constant `const` (read by node `reader`) becomes the
+  # number of kept channels of `by` (among its first `upto` positions, if given).
+  # Integer attribute `attr` of the node (element `index` of a list attribute)
+  # becomes the kept count of `by`.
+  def set_attr_count(self, attr: str, by: str, index: Optional[int] = None) -> None: ...
+  # Constant `const` holds indices into `by_in`'s channels, one per channel of
+  # `by_out`: entries of removed channels go, the rest are renumbered.
+  def remap_indices(self, const: str, by_in: str, by_out: str) -> None: ...
+  # At least one of `units` must be kept (a slice or split output that would
+  # otherwise be left with no channels).
+  def need(self, units: np.ndarray, reason: str) -> None: ...
+  # Names a channel dimension that is no tensor of the graph (one group's block of
+  # a grouped convolution's input, say), to slice or count by; returns the name.
+  def virtual(self, tag: str, dim: ChannelDim) -> str: ...
 
 
 Rule = Callable[[RuleContext], None]
@@ -80,10 +96,12 @@ def elementwise(ctx: RuleContext, operands: list[str], out: str) -> None:
   """Broadcasting elementwise op over any mix of computed and constant operands.
 
   Computed operands that carry channels at the same (right-aligned) axis are
-  coupled; per-channel constants are sliced; anything that would mix channels
-  or whose shape is unknown blocks.
+  coupled; per-channel constants are sliced (as SCALE where the op's description
+  says its constant operand scales, else as PARAM); anything that would mix
+  channels or whose shape is unknown blocks.
   """
   node, graph = ctx.node, ctx.graph
+  const_role = SCALE if ctx.affine == "scale" else PARAM
   out_rank = graph.rank(out)
   if out_rank is None:
     ranks = [graph.rank(t) for t in operands]
@@ -95,6 +113,15 @@ def elementwise(ctx: RuleContext, operands: list[str], out: str) -> None:
     for _, d in dims:
       ctx.block(d.units, f"{describe(node)}: operand ranks unknown")
     return
+  # A computed operand with one channel where the others have many broadcasts
+  # over them (spatial attention: y * sigmoid(conv to 1 channel)): its channel
+  # stays, and it couples nothing.
+  widest = max(len(d) for _, d in dims)
+  if widest > 1:
+    for t, d in dims:
+      if len(d) == 1:
+        ctx.block(d.units, f"{describe(node)}: one channel broadcast over {widest}")
+    dims = [(t, d) for t, d in dims if len(d) > 1]
   positions = {d.axis + out_rank - graph.rank(t) for t, d in dims}
   sizes = {len(d) for _, d in dims}
   if len(positions) != 1 or len(sizes) != 1:
@@ -116,8 +143,7 @@ def elementwise(ctx: RuleContext, operands: list[str], out: str) -> None:
     if a < 0 or shape[a] == 1:
       continue  # broadcasts over channels: nothing to slice
     if graph.is_const(t) and shape[a] == size:
-      role = SCALE if node.op in ("Mul",) else PARAM
-      ctx.slice_const(t, a, out, role)
+      ctx.slice_const(t, a, out, const_role)
       continue
     why = ("a constant whose size does not match the channels" if graph.is_const(t)
            else f"computed operand '{t}' with no tracked channels")
@@ -156,6 +182,60 @@ def merge_span(in_shape, out_shape, axis) -> Optional[tuple[int, int, int]]:
   return None
 
 
+def couple_blocks(ctx: RuleContext, units: np.ndarray, blocks: int) -> np.ndarray:
+  """Couples position k of every one of `blocks` equal blocks of `units` (a grouped
+  layer keeps the same positions in every group); returns the first block."""
+  per = len(units) // blocks
+  first = units[:per]
+  for b in range(1, blocks):
+    ctx.couple(first, units[b * per:(b + 1) * per])
+  return first
+
+
+def coarsen(ctx: RuleContext, units: np.ndarray, groups: int) -> np.ndarray:
+  """Couples every run of len(units) / groups consecutive channels into one unit
+  (a group that is normalised together goes as a whole); returns one
+  representative per run."""
+  rows = units.reshape(groups, -1)
+  for i in range(1, rows.shape[1]):
+    ctx.couple(rows[:, 0], rows[:, i])
+  return rows[:, 0].copy()
+
+
+def follow_shuffle(ctx: RuleContext, d: ChannelDim, groups: int, out: str, block_ref,
+                   out_ref) -> None:
+  """Channel shuffle (Reshape to (groups, C/groups), swap the two, Reshape back):
+  output position k*groups + b holds input channel b*(C/groups) + k. Position k
+  of every block is coupled, so each block keeps the same positions and the
+  pruned shuffle is the original one restricted to the kept channels. block_ref
+  and out_ref are the (constant, position, reader) of the C/groups entry of the
+  first reshape and the C entry of the last, or None where they follow by
+  themselves."""
+  first = couple_blocks(ctx, d.units, groups)
+  ctx.set_dim(out, ChannelDim(d.axis, d.units.reshape(groups, -1).T.reshape(-1)))
+  if block_ref is not None:
+    ctx.set_shape_entry(block_ref[0], block_ref[1],
+                        ctx.virtual("shuffle_block", ChannelDim(d.axis, first)), block_ref[2])
+  if out_ref is not None:
+    ctx.set_shape_entry(out_ref[0], out_ref[1], out, out_ref[2])
+
+
+def _coarsen_span(in_shape, out_shape, axis) -> Optional[tuple[int, int]]:
+  """(out axis, groups) where a reshape folds runs of C/groups channels together
+  with everything after them into one axis (decomposed GroupNorm: [N, C, H, W] ->
+  [N, G, C/G*H*W]); else None."""
+  channels = in_shape[axis]
+  tail = math.prod(in_shape[axis + 1:])
+  head = math.prod(in_shape[:axis])
+  for j, size in enumerate(out_shape):
+    if size <= 1 or channels % size or size == channels:
+      continue
+    if math.prod(out_shape[:j]) == head and math.prod(out_shape[j + 1:]) == (
+        channels // size) * tail:
+      return j, size
+  return None
+
+
 def follow_reshape(ctx: RuleContext, d: ChannelDim, in_shape, target: list[int], refs,
                    out: str) -> None:
   """Follows channels through a reshape to a resolved target shape.
@@ -178,6 +258,15 @@ def follow_reshape(ctx: RuleContext, d: ChannelDim, in_shape, target: list[int],
     ctx.block(d.units, f"{describe(node)}: reshape mixes the batch axis")
     return
   span = merge_span(in_known, resolved, d.axis)
+  if span is None:
+    coarse = _coarsen_span(in_known, resolved, d.axis)
+    if coarse is not None and not (coarse[0] == 0 and in_shape[0] is None):
+      j, groups = coarse
+      ctx.set_dim(out, ChannelDim(j, coarsen(ctx, d.units, groups)))
+      if target[j] != -1 and refs[j] is not None:
+        const, position, reader = refs[j]
+        ctx.set_shape_entry(const, position, out, reader)
+      return
   if span is None or (span[0] == 0 and in_shape[0] is None):
     ctx.block(d.units, f"{describe(node)}: splits or reorders the channel axis")
     return
@@ -186,19 +275,6 @@ def follow_reshape(ctx: RuleContext, d: ChannelDim, in_shape, target: list[int],
   if target[j] != -1 and refs[j] is not None:
     const, position, reader = refs[j]
     ctx.set_shape_entry(const, position, out, reader)
-
-
-def registry() -> tuple[dict[str, Rule], Callable]:
-  """A rule table and the decorator that files a function under op types."""
-  rules: dict[str, Rule] = {}
-
-  def rule(*ops: str):
-    def register(fn):
-      for op in ops:
-        rules[op] = fn
-      return fn
-    return register
-  return rules, rule
 
 
 def output(ctx: RuleContext, i: int = 0) -> str:

@@ -1,8 +1,9 @@
-"""Channel rules for TensorFlow op types, one small function per op kind.
+"""TensorFlow op descriptions: one channel rule per op kind, with the op's weights,
+kernel and batch-norm statistics where it has them.
 
 Layouts come from each node's `data_format` attribute (NHWC default); weights
 are HWIO (Conv2D), HWCM (DepthwiseConv2dNative) and [in, out] (MatMul).
-Adding an op is adding a rule here; an op without a rule blocks its channels.
+Adding an op is adding a description here; an op without one blocks its channels.
 """
 
 from __future__ import annotations
@@ -11,10 +12,13 @@ from typing import Optional
 
 import numpy as np
 
-from graph_prune.rules import base
-from graph_prune.rules.base import ChannelDim, RuleContext, describe
+from graph_prune.graph import view
+from graph_prune.ops import channels as base
+from graph_prune.ops import desc
+from graph_prune.ops.channels import ChannelDim, RuleContext, describe
 
-RULES, _rule = base.registry()
+REGISTRY = desc.Registry("tensorflow")
+_op = REGISTRY.op
 _out = base.output
 
 
@@ -23,17 +27,40 @@ def _channel_axis(ctx: RuleContext, rank: int = 4) -> int:
   return 1 if fmt.startswith("NC") else rank - 1
 
 
-@_rule("Conv2D")
-def conv2d(ctx: RuleContext) -> None:
+def _conv_linear(g: view.GraphView, node: view.Node):
+  """Conv2D (HWIO) and Conv3D (DHWIO): input channels on axis -2, output on -1."""
+  w = g.constants.get(node.inputs[1])
+  if w is None or w.ndim not in (4, 5):
+    return None
+  rank = w.ndim
+  fmt = node.attrs.get("data_format", "NHWC")
+  axis = 1 if fmt.startswith("NC") else rank - 1
+  spatial = tuple(range(2, rank)) if fmt.startswith("NC") else tuple(range(1, rank - 1))
+  strides = node.attrs.get("strides") or (1,) * rank
+  xshape = g.shape(node.inputs[0])
+  cin = xshape[axis] if xshape is not None and len(xshape) == rank else None
+  groups = cin // w.shape[-2] if cin and w.shape[-2] and cin % w.shape[-2] == 0 else 1
+  return desc.Linear(node.inputs[1], rank - 1, rank - 2, axis, int(w.shape[-2]), groups=groups,
+                     kernel=tuple(int(k) for k in w.shape[:-2]),
+                     strides=tuple(int(strides[a]) for a in spatial))
+
+
+@_op("Conv2D", linear=_conv_linear,
+     doc="creates channels (filters, HWIO axis 3); input channels cut its axis 2; grouped "
+         "convolution left whole")
+@_op("Conv3D", linear=_conv_linear,
+     doc="creates channels (filters, DHWIO axis 4); input channels cut its axis 3")
+def conv(ctx: RuleContext) -> None:
   x, w = ctx.node.inputs[:2]
-  axis = _channel_axis(ctx)
   if not ctx.graph.is_const(w):
     base.block_inputs(ctx, f"{describe(ctx.node)}: filter is not a constant")
     return
-  kh, kw, cin, cout = ctx.graph.constants[w].shape
+  rank = ctx.graph.constants[w].ndim
+  axis = _channel_axis(ctx, rank)
+  cin, cout = ctx.graph.constants[w].shape[-2:]
   xshape = ctx.graph.shape(x)
   groups = 1
-  if xshape is not None and xshape[axis] is not None:
+  if xshape is not None and len(xshape) == rank and xshape[axis] is not None:
     groups = xshape[axis] // cin
     if xshape[axis] % cin or groups < 1:
       base.block_inputs(ctx, f"{describe(ctx.node)}: input has {xshape[axis]} channels, "
@@ -48,11 +75,25 @@ def conv2d(ctx: RuleContext) -> None:
       ctx.block(d.units, reason)
     return
   if d is not None:
-    ctx.slice_const(w, 2, x, base.SINK)
-  ctx.new_source(_out(ctx), axis, cout, w, 3)
+    ctx.slice_const(w, rank - 2, x, base.SINK)
+  ctx.new_source(_out(ctx), axis, cout, w, rank - 1)
 
 
-@_rule("DepthwiseConv2dNative")
+def _depthwise_linear(g: view.GraphView, node: view.Node):
+  w = g.constants.get(node.inputs[1])
+  if w is None or w.ndim != 4:
+    return None
+  fmt = node.attrs.get("data_format", "NHWC")
+  spatial = (2, 3) if fmt.startswith("NC") else (1, 2)
+  strides = node.attrs.get("strides") or (1, 1, 1, 1)
+  return desc.Linear(node.inputs[1], 2, 2, 1 if fmt.startswith("NC") else 3, 1,
+                     groups=int(w.shape[2]), multiplier=int(w.shape[3]),
+                     kernel=tuple(int(k) for k in w.shape[:2]),
+                     strides=tuple(int(strides[a]) for a in spatial))
+
+
+@_op("DepthwiseConv2dNative", linear=_depthwise_linear,
+     doc="channel c becomes outputs c*M..c*M+M-1 (multiplier M); filters cut on axis 2")
 def depthwise(ctx: RuleContext) -> None:
   x, w = ctx.node.inputs[:2]
   if not ctx.graph.is_const(w):
@@ -67,7 +108,17 @@ def depthwise(ctx: RuleContext) -> None:
   ctx.set_dim(_out(ctx), ChannelDim(_channel_axis(ctx), np.repeat(d.units, multiplier)))
 
 
-@_rule("MatMul")
+def _matmul_linear(g: view.GraphView, node: view.Node):
+  w = g.constants.get(node.inputs[1])
+  if w is None or w.ndim != 2 or node.attrs.get("transpose_a"):
+    return None
+  in_axis, out_axis = (1, 0) if node.attrs.get("transpose_b") else (0, 1)
+  return desc.Linear(node.inputs[1], out_axis, in_axis, 1, int(w.shape[in_axis]))
+
+
+@_op("MatMul", linear=_matmul_linear,
+     doc="x @ constant W creates channels (W's columns); x's columns cut W's rows "
+         "(transpose_b respected); channels on x's rows block")
 def matmul(ctx: RuleContext) -> None:
   a, b = ctx.node.inputs[:2]
   attrs = ctx.node.attrs
@@ -86,7 +137,7 @@ def matmul(ctx: RuleContext) -> None:
   ctx.new_source(_out(ctx), 1, ctx.graph.constants[b].shape[out_axis], b, out_axis)
 
 
-@_rule("BiasAdd")
+@_op("BiasAdd", affine="shift", doc="per-channel bias, sliced")
 def bias_add(ctx: RuleContext) -> None:
   x, b = ctx.node.inputs[:2]
   d = ctx.dim(x)
@@ -99,7 +150,15 @@ def bias_add(ctx: RuleContext) -> None:
   ctx.set_dim(_out(ctx), d)
 
 
-@_rule("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3")
+def _fused_bn_norm(g: view.GraphView, node: view.Node):
+  scale, shift, mean, variance = node.inputs[1:5]
+  fmt = node.attrs.get("data_format", "NHWC")
+  rank = g.rank(node.inputs[0]) or len(fmt)
+  return desc.Norm(scale, shift, mean, variance, 1 if fmt.startswith("NC") else rank - 1)
+
+
+@_op("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3", norm=_fused_bn_norm,
+     doc="inference batch norm: scale, offset, mean, variance sliced; training mode blocks")
 def fused_batch_norm(ctx: RuleContext) -> None:
   x = ctx.node.inputs[0]
   d = ctx.dim(x)
@@ -126,18 +185,23 @@ _UNARY = ("Relu", "Relu6", "Elu", "Selu", "Sigmoid", "Tanh", "LeakyRelu", "Softp
           "Reciprocal", "Inv", "PreventGradient", "Snapshot", "CheckNumerics")
 
 
-@_rule(*_UNARY)
+@_op(*_UNARY, doc="elementwise on one tensor: channels pass through")
 def unary(ctx: RuleContext) -> None:
   base.pass_through(ctx, ctx.node.inputs[0], _out(ctx))
 
 
-@_rule("Add", "AddV2", "Sub", "Mul", "RealDiv", "Div", "DivNoNan", "Maximum", "Minimum",
-       "SquaredDifference", "Pow", "AddN", "ClipByValue")
+@_op("Add", "AddV2", affine="shift",
+     doc="broadcasting elementwise: computed operands couple their channels (residual "
+         "adds), per-channel constants are sliced, anything else blocks")
+@_op("Mul", affine="scale", doc="as Add; a per-channel constant factor is a scale")
+@_op("Sub", "RealDiv", "Div", "DivNoNan", "Maximum", "Minimum", "SquaredDifference", "Pow",
+     "AddN", "ClipByValue", doc="broadcasting elementwise, as Add")
 def binary(ctx: RuleContext) -> None:
   base.elementwise(ctx, list(ctx.node.inputs), _out(ctx))
 
 
-@_rule("Pad", "PadV2", "MirrorPad")
+@_op("Pad", "PadV2", "MirrorPad",
+     doc="constant paddings off the channel axis pass channels through")
 def pad(ctx: RuleContext) -> None:
   x, paddings = ctx.node.inputs[:2]
   d = ctx.dim(x)
@@ -152,7 +216,9 @@ def pad(ctx: RuleContext) -> None:
   ctx.set_dim(_out(ctx), d)
 
 
-@_rule("MaxPool", "AvgPool", "MaxPoolV2")
+@_op("MaxPool", "AvgPool", "MaxPoolV2",
+     doc="spatial pooling passes channels through; a window over channels blocks")
+@_op("MaxPool3D", "AvgPool3D", doc="as MaxPool, over depth, height and width")
 def pool(ctx: RuleContext) -> None:
   d = ctx.dim(ctx.node.inputs[0])
   if d is None:
@@ -170,25 +236,27 @@ def pool(ctx: RuleContext) -> None:
   ctx.set_dim(_out(ctx), d)
 
 
-@_rule("Mean", "Max", "Min", "Sum", "Prod")
+@_op("Mean", "Max", "Min", "Sum", "Prod",
+     doc="reduction over constant axes other than the channels; the channel axis moves")
 def reduce(ctx: RuleContext) -> None:
   x, axes_t = ctx.node.inputs[:2]
   base.reduce(ctx, x, base.const_ints(ctx, axes_t), ctx.node.attrs.get("keep_dims", False))
 
 
-@_rule("ConcatV2")
+@_op("ConcatV2", doc="along the channels: the operands' channels laid end to end (the same "
+     "tensor twice keeps two ranges); along another axis: the operands couple")
 def concat(ctx: RuleContext) -> None:
   *values, axis_t = ctx.node.inputs
   axis = base.const_ints(ctx, axis_t)
   base.concat(ctx, values, axis[0] if axis else None)
 
 
-@_rule("Squeeze")
+@_op("Squeeze", doc="the channel axis moves; squeezing it blocks")
 def squeeze(ctx: RuleContext) -> None:
   base.squeeze(ctx, ctx.node.inputs[0], list(ctx.node.attrs.get("squeeze_dims") or ()))
 
 
-@_rule("ExpandDims")
+@_op("ExpandDims", doc="the channel axis moves")
 def expand_dims(ctx: RuleContext) -> None:
   x, axis_t = ctx.node.inputs[:2]
   d = ctx.dim(x)
@@ -203,7 +271,7 @@ def expand_dims(ctx: RuleContext) -> None:
   ctx.set_dim(_out(ctx), ChannelDim(d.axis + 1 if a <= d.axis else d.axis, d.units))
 
 
-@_rule("Transpose")
+@_op("Transpose", doc="constant permutation: the channel axis moves")
 def transpose(ctx: RuleContext) -> None:
   x, perm_t = ctx.node.inputs[:2]
   d = ctx.dim(x)
@@ -216,7 +284,7 @@ def transpose(ctx: RuleContext) -> None:
   ctx.set_dim(_out(ctx), ChannelDim(perm.index(d.axis), d.units))
 
 
-@_rule("Softmax", "LogSoftmax")
+@_op("Softmax", "LogSoftmax", doc="over another axis: channels pass; over the channels: blocks")
 def softmax(ctx: RuleContext) -> None:
   x = ctx.node.inputs[0]
   d = ctx.dim(x)
@@ -228,7 +296,8 @@ def softmax(ctx: RuleContext) -> None:
   ctx.set_dim(_out(ctx), d)
 
 
-@_rule("ResizeBilinear", "ResizeNearestNeighbor", "ResizeBicubic", "ResizeArea")
+@_op("ResizeBilinear", "ResizeNearestNeighbor", "ResizeBicubic", "ResizeArea",
+     doc="spatial resize (NHWC): channels pass through")
 def resize(ctx: RuleContext) -> None:
   d = ctx.dim(ctx.node.inputs[0])
   if d is not None and d.axis != 3:
@@ -330,7 +399,9 @@ def _reshape_channels_last(ctx: RuleContext, x: str, shape_t: str, d: ChannelDim
   return True
 
 
-@_rule("Reshape")
+@_op("Reshape", doc="constant target (or Keras's Pack of the batch size, or Tensordot's "
+     "channels-last shape arithmetic): channels followed through merged axes "
+     "(Flatten into a dense layer), the target's channel entry rewritten")
 def reshape(ctx: RuleContext) -> None:
   x, shape_t = ctx.node.inputs[:2]
   d = ctx.dim(x)
@@ -347,7 +418,7 @@ def reshape(ctx: RuleContext) -> None:
   base.follow_reshape(ctx, d, in_shape, target, refs, _out(ctx))
 
 
-@_rule("StridedSlice")
+@_op("StridedSlice", doc="crops that take every channel pass them through")
 def strided_slice(ctx: RuleContext) -> None:
   """Crops (Keras Cropping2D) that take every channel pass them through."""
   x, begin_t, end_t, strides_t = ctx.node.inputs[:4]
@@ -369,7 +440,8 @@ def strided_slice(ctx: RuleContext) -> None:
   ctx.set_dim(_out(ctx), d)
 
 
-@_rule("Shape", "ShapeN", "Size", "Rank")
+@_op("Shape", "ShapeN", "Size", "Rank",
+     doc="shapes read at run time follow pruning by themselves")
 def shape_read(ctx: RuleContext) -> None:
   # A shape read at run time follows pruning by itself. What is built from it
   # is checked where it is used: a Reshape follows only target shapes it can
@@ -378,7 +450,8 @@ def shape_read(ctx: RuleContext) -> None:
   del ctx
 
 
-@_rule("NoOp", "Placeholder", "PlaceholderWithDefault", "Const")
+@_op("NoOp", "Placeholder", "PlaceholderWithDefault", "Const",
+     doc="no channels (a placeholder's default value blocks)")
 def no_channels(ctx: RuleContext) -> None:
   if ctx.node.op == "PlaceholderWithDefault":
     base.block_inputs(ctx, f"{describe(ctx.node)}: default value of an input")

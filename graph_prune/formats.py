@@ -1,0 +1,58 @@
+"""The model formats: one place that picks a format adapter and its op descriptions.
+
+An adapter is a module with the functions of the `Adapter` protocol; it is the
+only code that imports its framework. Each is imported only when its format is
+used, so ONNX work never pays for importing TensorFlow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Protocol, Sequence
+
+from graph_prune.graph import view
+from graph_prune.graph.edits import Edits
+from graph_prune.ops import desc
+
+TENSORFLOW = "tensorflow"
+ONNX = "onnx"
+
+
+class Adapter(Protocol):
+  """What every format adapter module provides (see adapters/tf_model.py, onnx_model.py)."""
+
+  def load(self, path: str, signature: Optional[str] = None, inputs: Sequence[str] = (),
+           outputs: Sequence[str] = ()) -> Any: ...
+  def normalise(self, model: Any) -> Any: ...
+  def to_view(self, model: Any) -> view.GraphView: ...
+  def apply_edits(self, model: Any, edits: Edits) -> Any: ...
+  def write(self, model: Any, path: str) -> None: ...
+  # Runner(model) -> callable(feeds) -> outputs, with close(); raises errors.RunError.
+  Runner: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Format:
+  name: str                 # TENSORFLOW or ONNX
+  adapter: Adapter
+  ops: desc.Registry
+
+
+def name_of(path: str) -> str:
+  """The format of a model path: ONNX files end in .onnx; anything else is TensorFlow
+  (a .pb/.pbtxt GraphDef or a SavedModel directory)."""
+  return ONNX if path.endswith(".onnx") else TENSORFLOW
+
+
+def for_path(path: str) -> Format:
+  return for_name(name_of(path))
+
+
+def for_name(name: str) -> Format:
+  if name == ONNX:
+    from graph_prune.adapters import onnx_model  # pylint: disable=g-import-not-at-top
+    from graph_prune.ops import onnx_ops  # pylint: disable=g-import-not-at-top
+    return Format(ONNX, onnx_model, onnx_ops.REGISTRY)
+  from graph_prune.adapters import tf_model  # pylint: disable=g-import-not-at-top
+  from graph_prune.ops import tf_ops  # pylint: disable=g-import-not-at-top
+  return Format(TENSORFLOW, tf_model, tf_ops.REGISTRY)
