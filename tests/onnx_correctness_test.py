@@ -149,6 +149,30 @@ class SubgraphTest(_Case):
     self.assertEqual(_session(out).run(None, {"x": x, "cond": np.array(False)})[0].shape, (2, 4))
 
 
+class ShapeTest(_Case):
+
+  def test_shapes_after_a_loop_are_measured(self):
+    # Bug: shape inference stops at a Loop whose body has no shapes; the layers
+    # after it were refused over "operand ranks unknown", though their widths
+    # are in their weights.
+    n = onnx_net.Net()
+    h = n.op("Relu", [n.conv("x", 3, 6)])
+    untyped = lambda name: helper.make_tensor_value_info(name, _F, None)
+    body = helper.make_graph(
+        [helper.make_node("Add", ["acc_in", "acc_in"], ["acc_out"]),
+         helper.make_node("Identity", ["cond_in"], ["cond_out"])], "body",
+        [helper.make_tensor_value_info("i", onnx.TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", onnx.TensorProto.BOOL, []), untyped("acc_in")],
+        [helper.make_tensor_value_info("cond_out", onnx.TensorProto.BOOL, []),
+         untyped("acc_out")])
+    trips = n.op("Constant", [], value=numpy_helper.from_array(np.array(2, np.int64)))
+    n.nodes.append(helper.make_node("Loop", [trips, "", h], ["lp"], name="loop1", body=body))
+    h = n.op("Relu", [n.op("Add", [n.conv("lp", 6, 8), n.weight((8, 1, 1))])])
+    out = n.op("GlobalAveragePool", [n.conv(h, 8, 4)])
+    doc, _, _ = self._prune(n.model(out, [4, 1, 1]))
+    self.assertEqual([g["sources"] for g in doc["groups"]], [["conv2"]])
+
+
 class OracleInputTest(_Case):
 
   def test_unknown_spatial_dims_and_unpadded_5x5_convolutions(self):

@@ -297,6 +297,10 @@ def to_view(model: ONNXModel) -> view.GraphView:
     if elem:
       dtypes[vi.name] = _dtype_name(elem)
   constants = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+  missing = [o for n in proto.graph.node for o in n.output
+             if o and shapes.get(o) is None and o not in constants]
+  if missing:
+    shapes.update(_run_shapes(model, missing, shapes, dtypes))
   nodes = []
   for name, node in zip(node_names(proto), proto.graph.node):
     attrs = {a.name: v for a in node.attribute if (v := _attr(a)) is not None}
@@ -310,6 +314,41 @@ def to_view(model: ONNXModel) -> view.GraphView:
         constants[node.output[0]] = value
   return view.GraphView(nodes, constants, shapes, model.inputs, model.outputs, "NCHW", dtypes,
                         opset_version(proto))
+
+
+_PROBE_BATCH = 7  # an unusual batch size, to tell the batch axis in measured shapes
+
+
+def _run_shapes(model: ONNXModel, missing: Sequence[str], shapes, dtypes) -> dict:
+  """Shapes that ONNX shape inference could not give (it stops at a Loop, some
+  function ops, custom domains), measured by running the model once in ONNX
+  Runtime on random inputs: a dim 0 equal to the probe batch becomes unknown, as
+  the batch is. Tensors it still cannot measure stay unknown."""
+  import onnxruntime  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  options = onnxruntime.SessionOptions()
+  options.log_severity_level = 4
+  for size in (8, 32, 64, 224):
+    feeds = {}
+    for t in model.inputs:
+      dims = [d if d is not None else _PROBE_BATCH if i == 0 else size
+              for i, d in enumerate(shapes.get(t) or ())]
+      dtype = np.dtype(dtypes.get(t, "float32"))
+      feeds[t] = np.asarray(rng.standard_normal(dims) > 0 if dtype == np.bool_ else
+                            rng.standard_normal(dims)).astype(dtype)
+    try:
+      values = Runner(model, missing, options)(list(feeds.values()))
+    except errors.RunError:
+      continue
+    batch_unknown = any((shapes.get(t) or (1,))[0] is None for t in model.inputs)
+    out = {}
+    for name, value in zip(missing, values[len(model.outputs):]):
+      dims = [int(d) for d in np.shape(value)]
+      out[name] = tuple(None if (i == 0 and batch_unknown and d == _PROBE_BATCH) else d
+                        for i, d in enumerate(dims))
+      dtypes.setdefault(name, np.asarray(value).dtype.name)
+    return out
+  return {}
 
 
 def opset_version(proto: onnx.ModelProto) -> int:
@@ -416,11 +455,12 @@ def _first_line(e: Exception) -> str:
 class Runner:
   """Runs a model in ONNX Runtime on the CPU: feeds in input order, fetches outputs."""
 
-  def __init__(self, model: ONNXModel, extra: Sequence[str] = ()):
+  def __init__(self, model: ONNXModel, extra: Sequence[str] = (), options=None):
     """`extra`: intermediate tensors fetched after the outputs."""
     import onnxruntime  # pylint: disable=g-import-not-at-top
-    options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3
+    if options is None:
+      options = onnxruntime.SessionOptions()
+      options.log_severity_level = 3
     graph = model.proto.graph
     # Extra fetches must be graph outputs: added for serialising, then taken off
     # again (the model is left as it was; copying it would copy every weight).

@@ -210,15 +210,21 @@ def to_view(model: TFModel) -> view.GraphView:
   with graph.as_default():
     tf.compat.v1.import_graph_def(graph_def, name="")
   node_defs = {n.name: n for n in graph_def.node}
+  functions = {f.signature.name: f for f in graph_def.library.function}
   ops = graph.get_operations()
   nodes, constants, shapes, dtypes = [], {}, {}, {}
   layout = "NHWC"
   for op in ops:
     attrs = _attrs(node_defs[op.name])
+    kind, reads = op.type, tuple(t.name for t in op.inputs)
+    inner = _call_as_op(node_defs[op.name], functions) if op.type in _CALLS else None
+    if inner is not None:
+      # Seen as the convolution it calls; its weights are outside, edited as usual.
+      kind, attrs, order = inner
+      reads = tuple(reads[i] for i in order)
     if attrs.get("data_format", "").startswith("NC"):
       layout = "NCHW"
-    nodes.append(view.Node(op.name, op.type, tuple(t.name for t in op.inputs),
-                           tuple(t.name for t in op.outputs), attrs))
+    nodes.append(view.Node(op.name, kind, reads, tuple(t.name for t in op.outputs), attrs))
     for t in op.outputs:
       shapes[t.name] = None if t.shape.rank is None else tuple(t.shape.as_list())
       if t.dtype.is_numpy_compatible:
@@ -227,6 +233,35 @@ def to_view(model: TFModel) -> view.GraphView:
       constants[op.outputs[0].name] = tf.make_ndarray(op.get_attr("value"))
   return view.GraphView(_topological(_mark_loops(nodes)), constants, shapes, inputs, outputs,
                         layout, dtypes)
+
+
+_CALLS = ("PartitionedCall", "StatefulPartitionedCall")
+_INLINE = ("Conv2D", "Conv3D", "DepthwiseConv2dNative")
+
+
+def _call_as_op(node_def, functions) -> Optional[tuple[str, dict, tuple[int, ...]]]:
+  """For a call of a function whose body is one convolution of its arguments (Keras
+  writes grouped convolution so, to have XLA compile it): the convolution's op
+  type, its attributes, and the call input that feeds each of its inputs."""
+  f = functions.get(node_def.attr["f"].func.name) if "f" in node_def.attr else None
+  if f is None:
+    return None
+  args = {a.name: i for i, a in enumerate(f.signature.input_arg)}
+  through = {n.name: n.input[0] for n in f.node_def if n.op == "Identity" and n.input}
+  body = [n for n in f.node_def if n.op not in ("NoOp", "Identity")]
+  if len(body) != 1 or body[0].op not in _INLINE or len(f.signature.output_arg) != 1:
+    return None
+
+  def source(name: str) -> str:
+    name = name.lstrip("^").split(":")[0]
+    while name in through:
+      name = through[name].split(":")[0]
+    return name
+
+  order = tuple(args.get(source(t)) for t in body[0].input if not t.startswith("^"))
+  if None in order or source(f.ret[f.signature.output_arg[0].name]) != body[0].name:
+    return None
+  return body[0].op, _attrs(body[0]), order
 
 
 def _mark_loops(nodes: list[view.Node]) -> list[view.Node]:
@@ -330,10 +365,14 @@ def _edit_graph_def(graph_def: tf.compat.v1.GraphDef, edits: Edits) -> tf.compat
       by_name[name].attr[attr].list.i.extend(value)
     else:
       by_name[name].attr[attr].i = value
-  # Recorded shapes would be stale after slicing.
+  # Recorded shapes would be stale after slicing (also those of function arguments).
   for node in out.node:
     if "_output_shapes" in node.attr:
       del node.attr["_output_shapes"]
+  for f in out.library.function:
+    for arg in f.arg_attr.values():
+      if "_output_shapes" in arg.attr:
+        del arg.attr["_output_shapes"]
   return out
 
 

@@ -74,7 +74,10 @@ Rule = Callable[[RuleContext], None]
 
 
 def block_inputs(ctx: RuleContext, reason: str) -> None:
-  """Blocks every channel that reaches the node's inputs."""
+  """Blocks every channel that reaches the node's inputs. The reason is recorded
+  even when none does (a layer with non-constant weights on the model input), so
+  that a model with nothing prunable says why."""
+  ctx.block(np.zeros(0, dtype=np.int64), reason)
   for t in ctx.node.inputs:
     d = ctx.dim(t)
     if d is not None:
@@ -342,3 +345,67 @@ def squeeze(ctx: RuleContext, x: str, axes: list[int]) -> None:
     ctx.block(d.units, f"{describe(ctx.node)}: squeezes the channel axis")
     return
   ctx.set_dim(output(ctx), ChannelDim(d.axis - sum(1 for a in axes if a < d.axis), d.units))
+
+
+def _einsum_terms(node: view.Node, ranks) -> Optional[tuple[list[str], str]]:
+  """The operand and output subscripts of a two-operand einsum, with any ellipsis
+  expanded to capital letters (given each operand's rank)."""
+  equation = str(node.attrs.get("equation", "")).replace(" ", "")
+  if "->" not in equation:
+    return None
+  lhs, out = equation.split("->")
+  terms = lhs.split(",")
+  if len(terms) != 2 or None in ranks:
+    return None
+  spans = [r - (len(t) - 3) if "..." in t else 0 for t, r in zip(terms, ranks)]
+  width = max(spans)
+  fill = "ABCDEFGH"[:width]
+  terms = [t.replace("...", fill[width - n:]) for t, n in zip(terms, spans)]
+  out = out.replace("...", fill)
+  if any(len(t) != r for t, r in zip(terms, ranks)):
+    return None
+  return terms, out
+
+
+def einsum_parts(g: view.GraphView, node: view.Node):
+  """For x (computed) times a constant 2-D w: (x terms, w terms, out, contracted
+  letter, new letter), or None when the einsum is not a dense layer or a 1x1
+  convolution."""
+  if len(node.inputs) != 2:
+    return None
+  x, w = node.inputs
+  if not g.is_const(w) or g.is_const(x):
+    return None
+  found = _einsum_terms(node, (g.rank(x), g.rank(w)))
+  if found is None:
+    return None
+  (tx, tw), out = found
+  if len(tw) != 2 or len(set(tx)) != len(tx):
+    return None
+  shared = [c for c in tw if c in tx]
+  new = [c for c in tw if c not in tx]
+  if len(shared) != 1 or len(new) != 1 or shared[0] in out or new[0] not in out:
+    return None
+  if sorted(out) != sorted(tx.replace(shared[0], "") + new[0]):
+    return None
+  return tx, tw, out, shared[0], new[0]
+
+
+def einsum(ctx: RuleContext) -> None:
+  """An einsum of x and a constant 2-D weight that contracts one of x's axes and
+  adds one of the weight's (a dense layer or 1x1 convolution): as MatMul, on the
+  axes the equation names."""
+  parts = einsum_parts(ctx.graph, ctx.node)
+  if parts is None:
+    block_inputs(ctx, f"{describe(ctx.node)}: not x times a constant 2-D weight")
+    return
+  tx, tw, out, contracted, new = parts
+  x, w = ctx.node.inputs[:2]
+  d = ctx.dim(x)
+  if d is not None:
+    if tx[d.axis] != contracted:
+      ctx.block(d.units, f"{describe(ctx.node)}: channels are not the contracted axis")
+      return
+    ctx.slice_const(w, tw.index(contracted), x, SINK)
+  ctx.new_source(output(ctx), out.index(new), ctx.graph.constants[w].shape[tw.index(new)], w,
+                 tw.index(new))

@@ -828,7 +828,9 @@ def space_to_depth(ctx: RuleContext) -> None:
   ctx.set_dim(_out(ctx), ChannelDim(1, np.tile(d.units, blocks)))
 
 
-def _group_norm(ctx: RuleContext, params_per_group: bool) -> None:
+@_op("GroupNormalization", since=21, doc="whole groups go (scale and bias per channel are "
+     "sliced), num_groups rewritten")
+def group_norm(ctx: RuleContext) -> None:
   x = ctx.node.inputs[0]
   d = ctx.dim(x)
   if d is None:
@@ -842,23 +844,10 @@ def _group_norm(ctx: RuleContext, params_per_group: bool) -> None:
     return
   # Channels normalised together go together: a unit is a whole group.
   reps = base.coarsen(ctx, d.units, groups)
-  per_group = ctx.virtual("groups", ChannelDim(1, reps))
-  ctx.set_attr_count("num_groups", per_group)
+  ctx.set_attr_count("num_groups", ctx.virtual("groups", ChannelDim(1, reps)))
   for role, p in zip((base.SCALE, base.PARAM), params):
-    ctx.slice_const(p, 0, per_group if params_per_group else _out(ctx), role)
+    ctx.slice_const(p, 0, _out(ctx), role)
   ctx.set_dim(_out(ctx), d)
-
-
-@_op("GroupNormalization", since=18, until=21, doc="whole groups go (scale and bias per group "
-     "are sliced), num_groups rewritten")
-def group_norm_18(ctx: RuleContext) -> None:
-  _group_norm(ctx, params_per_group=True)
-
-
-@_op("GroupNormalization", since=21, doc="whole groups go (scale and bias per channel are "
-     "sliced), num_groups rewritten")
-def group_norm(ctx: RuleContext) -> None:
-  _group_norm(ctx, params_per_group=False)
 
 
 @_op("InstanceNormalization", doc="normalises each channel alone: scale and bias sliced")
@@ -877,52 +866,8 @@ def instance_norm(ctx: RuleContext) -> None:
   ctx.set_dim(_out(ctx), d)
 
 
-def _einsum_terms(node: view.Node, ranks) -> Optional[tuple[list[str], str]]:
-  """The operand and output subscripts of a two-operand einsum, with any ellipsis
-  expanded to capital letters (given each operand's rank)."""
-  equation = str(node.attrs.get("equation", "")).replace(" ", "")
-  if "->" not in equation:
-    return None
-  lhs, out = equation.split("->")
-  terms = lhs.split(",")
-  if len(terms) != 2 or None in ranks:
-    return None
-  spans = [r - (len(t) - 3) if "..." in t else 0 for t, r in zip(terms, ranks)]
-  width = max(spans)
-  fill = "ABCDEFGH"[:width]
-  terms = [t.replace("...", fill[width - n:]) for t, n in zip(terms, spans)]
-  out = out.replace("...", fill)
-  if any(len(t) != r for t, r in zip(terms, ranks)):
-    return None
-  return terms, out
-
-
-def _einsum_parts(g: view.GraphView, node: view.Node):
-  """For x (computed) times a constant 2-D w: (x terms, w terms, out, contracted
-  letter, new letter), or None when the einsum is not a dense layer or a 1x1
-  convolution."""
-  if len(node.inputs) != 2:
-    return None
-  x, w = node.inputs
-  if not g.is_const(w) or g.is_const(x):
-    return None
-  found = _einsum_terms(node, (g.rank(x), g.rank(w)))
-  if found is None:
-    return None
-  (tx, tw), out = found
-  if len(tw) != 2 or len(set(tx)) != len(tx):
-    return None
-  shared = [c for c in tw if c in tx]
-  new = [c for c in tw if c not in tx]
-  if len(shared) != 1 or len(new) != 1 or shared[0] in out or new[0] not in out:
-    return None
-  if sorted(out) != sorted(tx.replace(shared[0], "") + new[0]):
-    return None
-  return tx, tw, out, shared[0], new[0]
-
-
 def _einsum_linear(g: view.GraphView, node: view.Node):
-  parts = _einsum_parts(g, node)
+  parts = base.einsum_parts(g, node)
   if parts is None:
     return None
   tx, tw, out, contracted, new = parts
@@ -935,17 +880,4 @@ def _einsum_linear(g: view.GraphView, node: view.Node):
      doc="x times a constant 2-D weight contracting one axis (a dense layer or 1x1 "
          "convolution written as einsum): as MatMul, on whichever axes the equation names")
 def einsum(ctx: RuleContext) -> None:
-  parts = _einsum_parts(ctx.graph, ctx.node)
-  if parts is None:
-    base.block_inputs(ctx, f"{describe(ctx.node)}: not x times a constant 2-D weight")
-    return
-  tx, tw, out, contracted, new = parts
-  x, w = ctx.node.inputs
-  d = ctx.dim(x)
-  if d is not None:
-    if tx[d.axis] != contracted:
-      ctx.block(d.units, f"{describe(ctx.node)}: channels are not the contracted axis")
-      return
-    ctx.slice_const(w, tw.index(contracted), x, base.SINK)
-  ctx.new_source(_out(ctx), out.index(new), ctx.graph.constants[w].shape[tw.index(new)], w,
-                 tw.index(new))
+  base.einsum(ctx)

@@ -47,7 +47,7 @@ def _conv_linear(g: view.GraphView, node: view.Node):
 
 @_op("Conv2D", linear=_conv_linear,
      doc="creates channels (filters, HWIO axis 3); input channels cut its axis 2; grouped "
-         "convolution left whole")
+         "(also Keras's, inside an XLA function call): every group loses the same positions")
 @_op("Conv3D", linear=_conv_linear,
      doc="creates channels (filters, DHWIO axis 4); input channels cut its axis 3")
 def conv(ctx: RuleContext) -> None:
@@ -67,16 +67,22 @@ def conv(ctx: RuleContext) -> None:
                         f"filter expects a multiple of {cin}")
       return
   d = ctx.dim(x)
-  if groups != 1:
-    reason = (f"{describe(ctx.node)}: grouped convolution ({groups} groups) needs "
-              "channels removed evenly per group; left whole")
-    # Its outputs get no channel elements: nothing downstream can prune them.
+  if groups == 1:
     if d is not None:
-      ctx.block(d.units, reason)
+      ctx.slice_const(w, rank - 2, x, base.SINK)
+    ctx.new_source(_out(ctx), axis, cout, w, rank - 1)
+    return
+  # Grouped (the input has a multiple of the filter's input channels; Keras writes
+  # it inside an XLA function call): group b reads input block b and writes output
+  # block b; position k of every block is coupled, so the group count stays.
+  if cout % groups:
+    base.block_inputs(ctx, f"{describe(ctx.node)}: {cout} filters for {groups} groups")
     return
   if d is not None:
-    ctx.slice_const(w, rank - 2, x, base.SINK)
-  ctx.new_source(_out(ctx), axis, cout, w, rank - 1)
+    first = base.couple_blocks(ctx, d.units, groups)
+    ctx.slice_const(w, rank - 2, ctx.virtual("group_in", ChannelDim(axis, first)), base.SINK)
+  out = ctx.new_source(_out(ctx), axis, cout, w, rank - 1)
+  base.couple_blocks(ctx, out.units, groups)
 
 
 def _depthwise_linear(g: view.GraphView, node: view.Node):
@@ -201,7 +207,8 @@ def binary(ctx: RuleContext) -> None:
 
 
 @_op("Pad", "PadV2", "MirrorPad",
-     doc="constant paddings off the channel axis pass channels through")
+     doc="constant paddings off the channel axis pass channels through; constant padding "
+         "of the channel axis (Pad, PadV2) adds fixed channels")
 def pad(ctx: RuleContext) -> None:
   x, paddings = ctx.node.inputs[:2]
   d = ctx.dim(x)
@@ -210,10 +217,16 @@ def pad(ctx: RuleContext) -> None:
   if not ctx.graph.is_const(paddings):
     ctx.block(d.units, f"{describe(ctx.node)}: paddings are not constant")
     return
-  if np.any(ctx.graph.constants[paddings][d.axis] != 0):
-    ctx.block(d.units, f"{describe(ctx.node)}: pads the channel axis")
+  before, after = (int(v) for v in ctx.graph.constants[paddings][d.axis])
+  if not before and not after:
+    ctx.set_dim(_out(ctx), d)
     return
-  ctx.set_dim(_out(ctx), d)
+  if ctx.node.op == "MirrorPad":
+    ctx.block(d.units, f"{describe(ctx.node)}: reflects the channel axis")
+    return
+  reason = f"{describe(ctx.node)}: channels of the pad value"
+  ctx.set_dim(_out(ctx), ChannelDim(d.axis, np.concatenate(
+      [ctx.new_fixed(before, reason), d.units, ctx.new_fixed(after, reason)])))
 
 
 @_op("MaxPool", "AvgPool", "MaxPoolV2",
@@ -317,15 +330,16 @@ def _batch_slice(ctx: RuleContext, tensor: str) -> bool:
           [base.const_ints(ctx, t) for t in (begin, end, strides)] == [[0], [1], [1]])
 
 
-def _reshape_target(ctx: RuleContext, shape_t: str):
-  """The target shape and, per entry, the (constant, position, reading node) that holds it.
+def _reshape_target(ctx: RuleContext, shape_t: str, reader: Optional[str] = None):
+  """The target shape and, per entry, the (constant, position, reading node) that holds it
+  (a constant target is read by `reader`, default the node the rule is for).
 
   Keras 3 writes Flatten as Reshape(x, Pack(batch, n)) with the batch size read
   from Shape(x) at run time; that form is followed as well as a constant shape.
   """
   target = base.const_ints(ctx, shape_t)
   if target is not None:
-    return target, [(shape_t, j, ctx.node.name) for j in range(len(target))]
+    return target, [(shape_t, j, reader or ctx.node.name) for j in range(len(target))]
   pack = ctx.graph.producer(shape_t)
   if pack is None or pack.op != "Pack" or pack.attrs.get("axis", 0) != 0:
     return None, None
@@ -400,8 +414,9 @@ def _reshape_channels_last(ctx: RuleContext, x: str, shape_t: str, d: ChannelDim
 
 
 @_op("Reshape", doc="constant target (or Keras's Pack of the batch size, or Tensordot's "
-     "channels-last shape arithmetic): channels followed through merged axes "
-     "(Flatten into a dense layer), the target's channel entry rewritten")
+     "channels-last shape arithmetic): channels followed through merged axes (Flatten into "
+     "a dense layer) and folded groups (whole groups go), the target's channel entry "
+     "rewritten; Reshape-Transpose-Reshape channel shuffles followed through the permutation")
 def reshape(ctx: RuleContext) -> None:
   x, shape_t = ctx.node.inputs[:2]
   d = ctx.dim(x)
@@ -415,12 +430,52 @@ def reshape(ctx: RuleContext) -> None:
     ctx.block(d.units, f"{describe(ctx.node)}: target shape is neither constant nor provably "
               "channels-last")
     return
+  if _shuffle(ctx, d, in_shape, target, refs):
+    return
   base.follow_reshape(ctx, d, in_shape, target, refs, _out(ctx))
 
 
-@_op("StridedSlice", doc="crops that take every channel pass them through")
+def _only_reader(ctx: RuleContext, tensor: str, op: str) -> Optional[view.Node]:
+  readers = ctx.graph.consumers(tensor)
+  if (len(readers) != 1 or readers[0][0].op != op or readers[0][1] != 0 or
+      tensor in ctx.graph.outputs):
+    return None
+  return readers[0][0]
+
+
+def _shuffle(ctx: RuleContext, d: ChannelDim, in_shape, target, refs) -> bool:
+  """A channel shuffle starting at this Reshape: target splits the channel axis into
+  (groups, C/groups), its only reader is a Transpose swapping the two, whose only
+  reader is a Reshape back to the input's rank (see base.follow_shuffle)."""
+  a = d.axis
+  if len(target) != len(in_shape) + 1 or a + 1 >= len(target):
+    return False
+  groups, per = target[a], target[a + 1]
+  if groups <= 1 or per not in (-1, len(d) // groups) or len(d) % groups:
+    return False
+  transpose = _only_reader(ctx, _out(ctx), "Transpose")
+  if transpose is None:
+    return False
+  perm = list(range(len(target)))
+  perm[a], perm[a + 1] = a + 1, a
+  if base.const_ints(ctx, transpose.inputs[1]) != perm:
+    return False
+  back = _only_reader(ctx, transpose.outputs[0], "Reshape")
+  if back is None:
+    return False
+  back_target, back_refs = _reshape_target(ctx, back.inputs[1], back.name)
+  if (back_target is None or len(back_target) != len(in_shape) or
+      back_target[a] not in (len(d), -1)):
+    return False
+  back_ref = back_refs[a] if back_target[a] != -1 else None
+  base.follow_shuffle(ctx, d, groups, back.outputs[0], refs[a + 1] if per != -1 else None,
+                      back_ref)
+  return True
+
+
+@_op("StridedSlice", doc="constant slices: crops pass channels through; a run of channels "
+     "with stride 1 is followed, its bounds rewritten")
 def strided_slice(ctx: RuleContext) -> None:
-  """Crops (Keras Cropping2D) that take every channel pass them through."""
   x, begin_t, end_t, strides_t = ctx.node.inputs[:4]
   d = ctx.dim(x)
   if d is None:
@@ -432,12 +487,202 @@ def strided_slice(ctx: RuleContext) -> None:
       or any(attrs.get(m, 0) for m in ("ellipsis_mask", "new_axis_mask", "shrink_axis_mask"))):
     ctx.block(d.units, f"{describe(ctx.node)}: only constant slices without axis changes")
     return
-  whole = ((attrs.get("begin_mask", 0) >> a & 1 or begin[a] == 0) and
-           (attrs.get("end_mask", 0) >> a & 1 or end[a] >= len(d)) and strides[a] == 1)
-  if not whole:
-    ctx.block(d.units, f"{describe(ctx.node)}: slices the channel axis")
+  masked_begin = attrs.get("begin_mask", 0) >> a & 1
+  masked_end = attrs.get("end_mask", 0) >> a & 1
+  start, stop, step = slice(None if masked_begin else begin[a],
+                            None if masked_end else end[a], strides[a]).indices(len(d))
+  if (start, stop, step) == (0, len(d), 1):
+    ctx.set_dim(_out(ctx), d)
+    return
+  if step != 1 or stop <= start:
+    ctx.block(d.units, f"{describe(ctx.node)}: slices the channel axis with a stride, "
+              "backwards or to nothing")
+    return
+  units = d.units[start:stop]
+  ctx.need(units, f"{describe(ctx.node)}: takes channels {start}-{stop - 1}")
+  if start and not masked_begin:
+    ctx.set_shape_entry(begin_t, a, ctx.virtual("before", ChannelDim(a, d.units[:start])),
+                        ctx.node.name)
+  if not masked_end and -len(d) <= end[a] <= len(d):
+    ctx.set_shape_entry(end_t, a, ctx.virtual("upto", ChannelDim(a, d.units[:stop])),
+                        ctx.node.name)
+  ctx.set_dim(_out(ctx), ChannelDim(a, units))
+
+
+def _parts(ctx: RuleContext, x: str, outs: list[str], axis: Optional[int],
+           sizes: Optional[list[int]], sizes_t: Optional[str]) -> None:
+  """Split/SplitV: along the channels each output takes its run (sizes_t's entries
+  become the kept counts; without sizes the parts are equal and stay equal)."""
+  d = ctx.dim(x)
+  if d is None:
+    return
+  rank = ctx.graph.rank(x)
+  if axis is None or rank is None:
+    ctx.block(d.units, f"{describe(ctx.node)}: split axis or rank unknown")
+    return
+  if base.normalise_axis(axis, rank) != d.axis:
+    for out in outs:
+      ctx.set_dim(out, d)
+    return
+  if sizes is None:
+    if len(d) % len(outs):
+      ctx.block(d.units, f"{describe(ctx.node)}: {len(d)} channels in {len(outs)} parts")
+      return
+    base.couple_blocks(ctx, d.units, len(outs))
+    sizes, sizes_t = [len(d) // len(outs)] * len(outs), None
+  if -1 in sizes and sizes.count(-1) == 1:
+    sizes = [len(d) - (sum(sizes) + 1) if v == -1 else v for v in sizes]
+  if sum(sizes) != len(d) or len(sizes) != len(outs):
+    ctx.block(d.units, f"{describe(ctx.node)}: split sizes do not add up to the channels")
+    return
+  offsets = np.concatenate([[0], np.cumsum(sizes)])
+  raw = base.const_ints(ctx, sizes_t) if sizes_t else None
+  for k, out in enumerate(outs):
+    units = d.units[offsets[k]:offsets[k + 1]]
+    ctx.need(units, f"{describe(ctx.node)}: output {k} takes channels "
+             f"{offsets[k]}-{offsets[k + 1] - 1}")
+    ctx.set_dim(out, ChannelDim(d.axis, units))
+    if raw is not None and raw[k] != -1:
+      ctx.set_shape_entry(sizes_t, k, out, ctx.node.name)
+
+
+@_op("Split", doc="equal parts: along the channels each output takes its run, and position i "
+     "of every part is coupled so the parts stay equal")
+def split(ctx: RuleContext) -> None:
+  axis_t, x = ctx.node.inputs[:2]
+  axis = base.const_ints(ctx, axis_t)
+  _parts(ctx, x, list(ctx.node.outputs), axis[0] if axis else None, None, None)
+
+
+@_op("SplitV", doc="constant size_splits: along the channels each output takes its run, the "
+     "sizes become the kept counts")
+def split_v(ctx: RuleContext) -> None:
+  x, sizes_t, axis_t = ctx.node.inputs[:3]
+  axis, sizes = base.const_ints(ctx, axis_t), base.const_ints(ctx, sizes_t)
+  if sizes is None:
+    base.block_inputs(ctx, f"{describe(ctx.node)}: split sizes are not constant")
+    return
+  _parts(ctx, x, list(ctx.node.outputs), axis[0] if axis else None, sizes, sizes_t)
+
+
+@_op("GatherV2", doc="constant 1-D indices on the channel axis: the gathered channels are "
+     "followed and the indices renumbered; on another axis channels pass")
+def gather(ctx: RuleContext) -> None:
+  x, indices, axis_t = ctx.node.inputs[:3]
+  d = ctx.dim(x)
+  if d is None:
+    return
+  rank, axis = ctx.graph.rank(x), base.const_ints(ctx, axis_t)
+  if rank is None or axis is None or not ctx.graph.is_const(indices) or ctx.node.attrs.get(
+      "batch_dims", 0):
+    ctx.block(d.units, f"{describe(ctx.node)}: indices or axis not constant, or batch_dims")
+    return
+  axis = base.normalise_axis(axis[0], rank)
+  index = np.asarray(ctx.graph.constants[indices])
+  if axis != d.axis:
+    shift = index.ndim - 1 if axis < d.axis else 0
+    ctx.set_dim(_out(ctx), ChannelDim(d.axis + shift, d.units))
+    return
+  if index.ndim != 1 or not len(index):
+    ctx.block(d.units, f"{describe(ctx.node)}: picks channels with indices of shape "
+              f"{index.shape}")
+    return
+  units = d.units[np.where(index < 0, index + len(d), index)]
+  ctx.need(units, f"{describe(ctx.node)}: gathers channels {index.tolist()[:8]}")
+  ctx.set_dim(_out(ctx), ChannelDim(d.axis, units))
+  ctx.remap_indices(indices, x, _out(ctx))
+
+
+@_op("DepthToSpace", doc="channel blocks move into space: the block_size^2 channels that "
+     "become one output channel are removed together")
+def depth_to_space(ctx: RuleContext) -> None:
+  d = ctx.dim(ctx.node.inputs[0])
+  if d is None:
+    return
+  blocks = int(ctx.node.attrs.get("block_size", 1)) ** 2
+  if d.axis != _channel_axis(ctx) or len(d) % blocks:
+    ctx.block(d.units, f"{describe(ctx.node)}: channels not on the format's axis, or not "
+              "whole blocks")
+    return
+  # Input channel (i * block + j) * C' + c becomes output channel c.
+  ctx.set_dim(_out(ctx), ChannelDim(d.axis, base.couple_blocks(ctx, d.units, blocks)))
+
+
+@_op("SpaceToDepth", doc="space moves into channels: output channel k*C + c is input channel "
+     "c, so each input channel is followed into its block_size^2 copies")
+def space_to_depth(ctx: RuleContext) -> None:
+  d = ctx.dim(ctx.node.inputs[0])
+  if d is None:
+    return
+  if d.axis != _channel_axis(ctx):
+    ctx.block(d.units, f"{describe(ctx.node)}: channels not on the format's axis")
+    return
+  blocks = int(ctx.node.attrs.get("block_size", 1)) ** 2
+  ctx.set_dim(_out(ctx), ChannelDim(d.axis, np.tile(d.units, blocks)))
+
+
+@_op("SpaceToBatchND", "BatchToSpaceND",
+     doc="spatial blocks to and from the batch (dilated convolution): channels after the "
+         "blocked axes pass through")
+def space_batch(ctx: RuleContext) -> None:
+  x, block_t = ctx.node.inputs[:2]
+  d = ctx.dim(x)
+  if d is None:
+    return
+  block = base.const_ints(ctx, block_t)
+  if block is None or d.axis <= len(block):
+    ctx.block(d.units, f"{describe(ctx.node)}: block shape unknown, or it covers the channels")
     return
   ctx.set_dim(_out(ctx), d)
+
+
+def _backprop_linear(g: view.GraphView, node: view.Node):
+  w = g.constants.get(node.inputs[1])
+  if w is None or w.ndim != 4:
+    return None
+  fmt = node.attrs.get("data_format", "NHWC")
+  spatial = (2, 3) if fmt.startswith("NC") else (1, 2)
+  strides = node.attrs.get("strides") or (1, 1, 1, 1)
+  return desc.Linear(node.inputs[1], 2, 3, 1 if fmt.startswith("NC") else 3, int(w.shape[3]),
+                     kernel=tuple(int(k) for k in w.shape[:2]),
+                     strides=tuple(int(strides[a]) for a in spatial), transposed=True)
+
+
+@_op("Conv2DBackpropInput", linear=_backprop_linear,
+     doc="transposed convolution (Keras Conv2DTranspose): creates channels (filter axis 2); "
+         "input channels cut filter axis 3; the output size's channel entry rewritten")
+def conv2d_transpose(ctx: RuleContext) -> None:
+  sizes_t, w, x = ctx.node.inputs[:3]
+  if not ctx.graph.is_const(w):
+    base.block_inputs(ctx, f"{describe(ctx.node)}: filter is not a constant")
+    return
+  axis = _channel_axis(ctx)
+  target, refs = _reshape_target(ctx, sizes_t)
+  if target is None or len(target) != 4 or refs[axis] is None:
+    base.block_inputs(ctx, f"{describe(ctx.node)}: output size is not constant")
+    return
+  if ctx.dim(x) is not None:
+    ctx.slice_const(w, 3, x, base.SINK)
+  ctx.new_source(_out(ctx), axis, ctx.graph.constants[w].shape[2], w, 2)
+  const, position, reader = refs[axis]
+  ctx.set_shape_entry(const, position, _out(ctx), reader)
+
+
+def _einsum_linear(g: view.GraphView, node: view.Node):
+  parts = base.einsum_parts(g, node)
+  if parts is None:
+    return None
+  tx, tw, out, contracted, new = parts
+  w = g.constants[node.inputs[1]]
+  return desc.Linear(node.inputs[1], tw.index(new), tw.index(contracted), out.index(new),
+                     int(w.shape[tw.index(contracted)]))
+
+
+@_op("Einsum", linear=_einsum_linear,
+     doc="x times a constant 2-D weight contracting one axis (a dense layer or 1x1 "
+         "convolution written as einsum): as MatMul, on whichever axes the equation names")
+def einsum(ctx: RuleContext) -> None:
+  base.einsum(ctx)
 
 
 @_op("Shape", "ShapeN", "Size", "Rank",
