@@ -89,7 +89,7 @@ def rebind(plan: Plan, analysis: groups_lib.Analysis) -> Plan:
                               f"but the model has {g.channels}")
     for units, why in analysis.needs.get(g.id, ()):
       if not set(gp.keep).intersection(units.tolist()):
-        raise errors.UsageError(f"plan removes every channel of group {list(gp.sources)[:3]} "
-                                f"that {why.split(': ', 1)[0]} reads; keep at least one")
+        raise errors.UsageError(f"plan for group {list(gp.sources)[:3]} keeps no channel of a "
+                                f"set that needs one ({why})")
     out.append(dataclasses.replace(gp, group=g.id))
   return dataclasses.replace(plan, groups=tuple(out))

@@ -131,14 +131,20 @@ class AnalysisTest(absltest.TestCase):
     self.assertTrue(g.prunable)
     self.assertEqual(allocation.kept_count(g.channels, 0.9, 1), 1)
 
-  def test_grouped_conv_is_left_whole_with_reason(self):
+  def test_grouped_conv_couples_the_same_position_of_every_group(self):
     b = _Builder()
     x = b.input("x", (None, 4, 4, 4))
     c = b.conv("c1", x, 8)
     gconv = b.conv("gconv", c, 8, groups=2)
     y = b.conv("head", gconv, 2)
     a = _analyse(b.view([y]))
-    self.assertIn("grouped convolution (2 groups)", _group_of(a, "c1").blocked[0])
+    # 8 channels in 2 groups: 4 units of 2 channels (position k of each group).
+    for name in ("c1", "gconv"):
+      group = _group_of(a, name)
+      self.assertTrue(group.prunable, group.blocked)
+      self.assertEqual(group.channels, 4)
+    units = a.element_unit[a.dims[c].units]
+    np.testing.assert_array_equal(units, [0, 1, 2, 3, 0, 1, 2, 3])
 
   def test_reduction_over_channels_blocks(self):
     b = _Builder()

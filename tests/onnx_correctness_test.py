@@ -173,6 +173,26 @@ class ShapeTest(_Case):
     self.assertEqual([g["sources"] for g in doc["groups"]], [["conv2"]])
 
 
+class ProducerTest(_Case):
+
+  def test_every_producer_keeps_a_channel(self):
+    # Bug (random CNN {"seed": 1081530687, "fmt": "tf", "ratio": 0.9, ...}): two
+    # convolutions concatenated and coupled by a residual add form one group;
+    # keeping its single best unit left one convolution with no filters, and the
+    # pruned model did not run.
+    n = onnx_net.Net()
+    a = n.op("Relu", [n.conv("x", 3, 2)])
+    b = n.op("Relu", [n.conv("x", 3, 6)])
+    h = n.op("Add", [n.op("Concat", [a, b], axis=1), n.conv("x", 3, 8)])
+    out = n.op("GlobalAveragePool", [n.conv(n.op("Relu", [h]), 8, 4)])
+    doc, _, path = self._prune(n.model(out, [4, 1, 1]), ratio=0.9)
+    widths = {t.name: t.dims[0] for t in onnx.load(path).graph.initializer
+              if t.name in ("conv1_w", "conv2_w", "conv3_w")}
+    self.assertEqual(widths["conv1_w"], 1)
+    self.assertEqual(widths["conv2_w"], 1)
+    self.assertEqual(widths["conv3_w"], 2)
+
+
 class OracleInputTest(_Case):
 
   def test_unknown_spatial_dims_and_unpadded_5x5_convolutions(self):

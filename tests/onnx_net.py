@@ -1,5 +1,7 @@
 """Builds small ONNX models node by node, with seeded random weights, for tests."""
 
+import os
+
 import numpy as np
 import onnx
 from onnx import helper
@@ -70,3 +72,52 @@ class Net:
     helper.set_model_props(m, {"owner": "tests"})
     onnx.checker.check_model(m)
     return m
+
+
+_PATH = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light",
+                     "light_shufflenet.onnx")
+
+
+def _value(name, shape, rng):
+  if "_bn_s" in name or "_bn_riv" in name:        # batch-norm scale, variance: positive
+    return rng.uniform(0.5, 1.5, shape)
+  if "_bn_" in name or name.endswith("_b_0"):      # batch-norm shift, mean; biases
+    return rng.normal(0.0, 0.2, shape)
+  fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+  return rng.normal(0.0, np.sqrt(2.0 / fan_in), shape)
+
+
+def filled_shufflenet(seed=0) -> onnx.ModelProto:
+  """light_shufflenet.onnx with every weight a seeded random initializer."""
+  m = onnx.load(_PATH, load_external_data=False)
+  rng = np.random.default_rng(seed)
+  inits = {t.name: t for t in m.graph.initializer}
+  nodes, weights = [], []
+  for n in m.graph.node:
+    if n.op_type == "ConstantOfShape":
+      shape = numpy_helper.to_array(inits[n.input[0]])
+      weights.append(numpy_helper.from_array(
+          _value(n.output[0], shape, rng).astype(np.float32), n.output[0]))
+    else:
+      nodes.append(n)
+  read = {t for n in nodes for t in n.input}
+  kept = []
+  for t in m.graph.initializer:
+    if t.name not in read:
+      continue
+    value = numpy_helper.to_array(t)
+    if value.dtype == np.float32:
+      t = numpy_helper.from_array(_value(t.name, value.shape, rng).astype(np.float32), t.name)
+    kept.append(t)
+  del m.graph.node[:]
+  m.graph.node.extend(nodes)
+  del m.graph.initializer[:]
+  m.graph.initializer.extend(kept + weights)
+  names = {t.name for t in m.graph.initializer}
+  data = [i for i in m.graph.input if i.name not in inits]
+  inputs = data + [i for i in m.graph.input if i.name in names]   # IR 3: initializers are inputs
+  inputs += [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in weights]
+  del m.graph.input[:]
+  m.graph.input.extend(inputs)
+  onnx.checker.check_model(m)
+  return m

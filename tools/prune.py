@@ -7,6 +7,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 
 from graph_prune import errors
 from tools import cli
@@ -131,6 +132,12 @@ def main(argv):
   except errors.GraphPruneError as e:
     print(f"prune: error: {e}", file=sys.stderr)
     return 2
+  except Exception as e:  # pylint: disable=broad-except  (one line, never a traceback wall)
+    logging.debug("internal error", exc_info=True)
+    first = (str(e).splitlines() or [""])[0][:300]
+    print(f"prune: internal error: {type(e).__name__}: {first}; nothing was written. Please "
+          "report it with the model (-v 1 shows where it happened)", file=sys.stderr)
+    return 1
   print(report.text(doc))
   return 0
 

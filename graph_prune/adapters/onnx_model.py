@@ -37,6 +37,15 @@ class ONNXModel:
   external_data: bool = False   # whether the input kept weights in a side file
 
 
+def array(t: onnx.TensorProto) -> np.ndarray:
+  """The tensor's values; InputError when they do not fit its dtype and dims."""
+  try:
+    return numpy_helper.to_array(t)
+  except (ValueError, TypeError, KeyError, AssertionError) as e:
+    raise errors.InputError(f"tensor '{t.name}' does not hold the values its dtype and dims "
+                            f"say ({str(e).splitlines()[0][:120]}); the model is corrupt") from None
+
+
 def _has_external_data(proto: onnx.ModelProto) -> bool:
   tensors = list(proto.graph.initializer) + [
       a.t for n in proto.graph.node for a in n.attribute if a.HasField("t")]
@@ -68,9 +77,9 @@ def load(path: str, signature: Optional[str] = None, inputs: Sequence[str] = (),
                               "the model") from None
   try:
     onnx.checker.check_model(proto)
-  except (onnx.checker.ValidationError, onnx.onnx_cpp2py_export.checker.ValidationError) as e:
-    raise errors.InputError(f"'{path}' fails onnx.checker ({str(e).splitlines()[0][:200]})"
-                            ) from None
+  except Exception as e:  # pylint: disable=broad-except  (the checker's errors on a corrupt file vary)
+    raise errors.InputError(f"'{path}' fails onnx.checker ({type(e).__name__}: "
+                            f"{(str(e).splitlines() or [''])[0][:200]})") from None
   inits = {t.name for t in proto.graph.initializer}
   found_in = [i.name for i in proto.graph.input if i.name not in inits]
   found_out = [o.name for o in proto.graph.output]
@@ -140,7 +149,7 @@ def normalise(model: ONNXModel) -> ONNXModel:
         or not all(t in consts for t in inputs) or any(o in outputs for o in node.output)):
       kept.append(node)
       continue
-    values = [numpy_helper.to_array(consts[t]) if isinstance(consts[t], onnx.TensorProto)
+    values = [array(consts[t]) if isinstance(consts[t], onnx.TensorProto)
               else _constant_value(consts[t]) for t in inputs]
     sub = onnx.helper.make_model(
         onnx.helper.make_graph(
@@ -219,7 +228,7 @@ def _attr(a: onnx.AttributeProto):
 def _constant_value(node: onnx.NodeProto) -> Optional[np.ndarray]:
   for a in node.attribute:
     if a.name == "value":
-      return numpy_helper.to_array(a.t)
+      return array(a.t)
     if a.name in ("value_float", "value_int"):
       return np.asarray(onnx.helper.get_attribute_value(a),
                         np.float32 if a.name == "value_float" else np.int64)
@@ -296,7 +305,7 @@ def to_view(model: ONNXModel) -> view.GraphView:
     elem = vi.type.tensor_type.elem_type
     if elem:
       dtypes[vi.name] = _dtype_name(elem)
-  constants = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+  constants = {t.name: array(t) for t in proto.graph.initializer}
   missing = [o for n in proto.graph.node for o in n.output
              if o and shapes.get(o) is None and o not in constants]
   if missing:
@@ -460,7 +469,7 @@ class Runner:
     import onnxruntime  # pylint: disable=g-import-not-at-top
     if options is None:
       options = onnxruntime.SessionOptions()
-      options.log_severity_level = 3
+      options.log_severity_level = 4  # errors come back as RunError, not log lines
     graph = model.proto.graph
     # Extra fetches must be graph outputs: added for serialising, then taken off
     # again (the model is left as it was; copying it would copy every weight).

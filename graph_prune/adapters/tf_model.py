@@ -82,10 +82,38 @@ def _parse_graph_def(path: str) -> tuple[tf.compat.v1.GraphDef, str]:
   try:
     with tf.Graph().as_default():
       tf.compat.v1.import_graph_def(gd, name="")
-  except (ValueError, tf.errors.OpError) as e:
+  except (ValueError, TypeError, tf.errors.OpError) as e:
     raise errors.InputError(f"'{path}' is not a valid TensorFlow graph "
                             f"({str(e).splitlines()[0][:200]})") from None
+  _check_constants(gd, path)
   return gd, kind
+
+
+def _check_constants(gd: tf.compat.v1.GraphDef, path: str) -> None:
+  """Every Const holds as many values as its shape says (TensorFlow's importer
+  does not look; grappler and the runtime fail on them later, noisily)."""
+  for node in gd.node:
+    if node.op != "Const" or "value" not in node.attr:
+      continue
+    t = node.attr["value"].tensor
+    try:
+      dtype = tf.dtypes.as_dtype(t.dtype)
+    except TypeError:
+      raise errors.InputError(f"'{path}': constant '{node.name}' has an unknown dtype "
+                              f"({t.dtype})") from None
+    if dtype == tf.string or not dtype.is_numpy_compatible:
+      continue
+    count = 1
+    for d in t.tensor_shape.dim:
+      count *= max(d.size, 0)
+    if t.tensor_content:
+      ok = len(t.tensor_content) == count * dtype.size
+    else:
+      fields = [f for f, _ in t.ListFields() if f.name.endswith("_val")]
+      ok = all(len(getattr(t, f.name)) in (0, 1, count) for f in fields)
+    if not ok or any(d.size < 0 for d in t.tensor_shape.dim):
+      raise errors.InputError(f"'{path}': constant '{node.name}' does not hold the "
+                              f"{count} values its shape says; the file is corrupt")
 
 
 def _default_io(gd: tf.compat.v1.GraphDef) -> tuple[list[str], list[str]]:
@@ -230,7 +258,11 @@ def to_view(model: TFModel) -> view.GraphView:
       if t.dtype.is_numpy_compatible:
         dtypes[t.name] = t.dtype.as_numpy_dtype.__name__
     if op.type == "Const":
-      constants[op.outputs[0].name] = tf.make_ndarray(op.get_attr("value"))
+      try:
+        constants[op.outputs[0].name] = tf.make_ndarray(op.get_attr("value"))
+      except (ValueError, TypeError) as e:
+        raise errors.InputError(f"constant '{op.name}' cannot be read ({_first_line(e)}); the "
+                                "model is corrupt") from None
   return view.GraphView(_topological(_mark_loops(nodes)), constants, shapes, inputs, outputs,
                         layout, dtypes)
 
@@ -472,9 +504,17 @@ def _save_saved_model(sig: Signature, graph_def, path: str) -> None:
 
 
 def _first_line(e: Exception) -> str:
+  """The line of a TensorFlow error that says what went wrong (an OpError opens
+  with "Graph execution error:" and where it was raised), with the node."""
   text = e.message if isinstance(e, tf.errors.OpError) else str(e)
-  lines = [line for line in text.splitlines() if line.strip()]
-  return (lines[0] if lines else type(e).__name__)[:300]
+  node = getattr(e, "op", None)
+  noise = ("Graph execution error", "Detected at node", "Node:", "[[", "File ", "  ")
+  lines = [line.strip() for line in text.splitlines()
+           if line.strip() and not line.strip().startswith(noise) and not line.startswith("  ")]
+  line = lines[0] if lines else type(e).__name__
+  if node is not None and getattr(node, "name", None):
+    line = f"{node.name}: {line}"
+  return line[:300]
 
 
 class Runner:

@@ -190,19 +190,21 @@ class _Walker:
     self.index_maps: list[IndexMap] = []
     self.needs: list[tuple[np.ndarray, str]] = []
     self.blocks: list[tuple[np.ndarray, str]] = []
+    self.written: list[str] = []     # dims set by the rule running now
 
   def dim(self, tensor):
     return self.dims.get(tensor)
 
   def set_dim(self, tensor, dim):
+    self.written.append(tensor)
     self.dims[tensor] = dim
 
   def new_source(self, tensor, axis, count, weight, weight_axis):
     elements = self.uf.add(count)
+    dim = base.ChannelDim(axis, elements)
+    self.set_dim(tensor, dim)
     self.sources.append(Source(self.node.name, tensor, weight, weight_axis, elements))
     self.slice_const(weight, weight_axis, tensor, base.SOURCE)
-    dim = base.ChannelDim(axis, elements)
-    self.dims[tensor] = dim
     return dim
 
   def new_fixed(self, count, reason):
@@ -223,6 +225,31 @@ class _Walker:
   def set_shape_entry(self, const, position, by, reader, upto=None):
     self.shape_entries.append(ShapeEntry(const, position, by, reader, upto))
 
+  def check(self) -> None:
+    """Checks what the rules said against the graph, once every dim is known: a
+    sliced constant must exist and have one entry per channel on its axis, a
+    shape entry must exist. Where not (a malformed model), the record is dropped
+    and the channels it concerns are blocked."""
+    kept = []
+    for sl in self.slices:
+      d, value = self.dims.get(sl.by), self.graph.constants.get(sl.const)
+      if d is not None and value is not None and -value.ndim <= sl.axis < value.ndim and (
+          value.shape[sl.axis] == len(d)):
+        kept.append(sl)
+      elif d is not None:
+        self.block(d.units, f"{sl.consumer}: '{sl.const}' is not a constant with {len(d)} "
+                   f"entries on axis {sl.axis}")
+    self.slices = kept
+    kept = []
+    for se in self.shape_entries:
+      d, value = self.dims.get(se.by), self.graph.constants.get(se.const)
+      if d is not None and value is not None and 0 <= se.position < value.size:
+        kept.append(se)
+      elif d is not None:
+        self.block(d.units, f"{se.consumer}: shape constant '{se.const}' has no entry "
+                   f"{se.position}")
+    self.shape_entries = kept
+
   def set_attr_count(self, attr, by, index=None):
     self.attr_entries.append(AttrEntry(self.node.name, attr, by, index))
 
@@ -234,8 +261,21 @@ class _Walker:
 
   def virtual(self, tag, dim):
     name = f"{self.node.name}#{tag}"
-    self.dims[name] = dim
+    self.set_dim(name, dim)
     return name
+
+  def mark(self) -> tuple:
+    """A point to roll back to if the rule about to run fails."""
+    self.written = []
+    return (len(self.sources), len(self.slices), len(self.shape_entries),
+            len(self.attr_entries), len(self.index_maps), len(self.needs))
+
+  def roll_back(self, mark: tuple) -> None:
+    for t in self.written:
+      self.dims.pop(t, None)
+    for records, n in zip((self.sources, self.slices, self.shape_entries, self.attr_entries,
+                           self.index_maps, self.needs), mark):
+      del records[n:]
 
 
 def analyse(graph: view.GraphView, registry: desc_lib.Registry) -> Analysis:
@@ -250,7 +290,15 @@ def analyse(graph: view.GraphView, registry: desc_lib.Registry) -> Analysis:
       base.block_inputs(w, f"{base.describe(node)}: no channel rule for op type "
                         f"{node.op}{version}")
     else:
-      desc.channels(w)
+      mark = w.mark()
+      try:
+        desc.channels(w)
+      except (ValueError, TypeError, IndexError, KeyError, ZeroDivisionError) as e:
+        # A node the rule cannot read (a malformed model): what the rule recorded
+        # is undone and the node's channels stay whole, with the reason.
+        w.roll_back(mark)
+        base.block_inputs(w, f"{base.describe(node)}: cannot follow channels through it "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
     # A subgraph's reads of outer-scope tensors are not followed into the body:
     # channels that reach one stay whole, so no branch is left inconsistent.
     for t in node.captures:
@@ -266,6 +314,7 @@ def analyse(graph: view.GraphView, registry: desc_lib.Registry) -> Analysis:
     d = w.dims.get(out)
     if d is not None:
       w.blocks.append((d.units, f"channels reach graph output '{out}'"))
+  w.check()
   return _freeze(graph, w)
 
 
@@ -338,7 +387,12 @@ def _freeze(graph: view.GraphView, w: _Walker) -> Analysis:
                    counts[gid], tuple(reasons[gid]))
       for gid in range(len(counts)))
   needs: dict[int, list[tuple[np.ndarray, str]]] = {}
-  for elements, reason in w.needs:
+  # Every producer keeps at least one channel: a group whose units are spread over
+  # several producers (their outputs concatenated, then coupled by an add) could
+  # otherwise leave one with no filters.
+  producer_needs = [(src.elements, f"{src.node}: keeps at least one of its channels")
+                    for src in w.sources]
+  for elements, reason in producer_needs + w.needs:
     owners = element_group[elements]
     if (owners < 0).any():
       continue  # a channel no group owns is never removed: the set stays non-empty
