@@ -121,3 +121,21 @@ def filled_shufflenet(seed=0) -> onnx.ModelProto:
   m.graph.input.extend(inputs)
   onnx.checker.check_model(m)
   return m
+
+
+def filled_external(path: str, seed=0) -> onnx.ModelProto:
+  """The ONNX model at `path` whose weights were left out (external data that is
+  not there), with every such weight filled with seeded random values: filters
+  scaled by their fan-in, biases and other vectors around zero."""
+  m = onnx.load(path, load_external_data=False)
+  rng = np.random.default_rng(seed)
+  for t in m.graph.initializer:
+    if t.data_location != onnx.TensorProto.EXTERNAL:
+      continue
+    shape = tuple(t.dims)
+    fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    value = (rng.normal(0.0, np.sqrt(2.0 / fan_in), shape) if len(shape) > 1
+             else rng.normal(0.0, 0.2, shape))
+    t.CopyFrom(numpy_helper.from_array(value.astype(np.float32), t.name))
+  onnx.checker.check_model(m)
+  return m

@@ -1,11 +1,15 @@
-"""Acceptance: ShuffleNet (grouped 1x1 convolutions, channel shuffles, depthwise
-convolutions, residual sums, concat) prunes at 0.5 with at least 40 % of the
-parameters removed and the oracle passing.
+"""Acceptance: ShuffleNet prunes at 0.5 with at least 40 % of the parameters
+removed and the oracle passing, in two forms:
 
-The topology is the one the onnx package ships in its backend test data
-(light_shufflenet.onnx, opset 9, IR 3, weights left out as ConstantOfShape
-nodes); the weights are filled with seeded random values, with non-trivial
-biases and batch-norm statistics.
+- ShuffleNet V1 (grouped 1x1 convolutions, channel shuffles, depthwise
+  convolutions, residual sums, concat) as the onnx package ships it in its
+  backend test data (light_shufflenet.onnx, opset 9, IR 3, weights left out as
+  ConstantOfShape nodes);
+- ShuffleNet V2 exported from torch (tests/data/export_torch_shufflenet.py:
+  channel split by torch.chunk, whose Slice bounds and shuffle reshapes are
+  computed from Shape at run time), weights left out as external data.
+
+Both get seeded random weights, with non-trivial biases and batch-norm statistics.
 """
 
 import os
@@ -21,7 +25,28 @@ from tests import onnx_net
 
 class ShuffleNetTest(absltest.TestCase):
 
-  def test_prunes_at_half_with_the_oracle_passing(self):
+  def test_torch_shufflenet_v2(self):
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
+                        "torch_shufflenet_v2.onnx")
+    model = onnx_net.filled_external(path)
+    tmp = self.create_tempdir().full_path
+    src, out = os.path.join(tmp, "shufflenet_v2.onnx"), os.path.join(tmp, "pruned.onnx")
+    onnx.save_model(model, src)
+    doc = pipeline.prune(src, out, pipeline.Options(ratio=0.5))
+    self.assertGreaterEqual(1 - doc["params_after"] / doc["params_before"], 0.40)
+    self.assertTrue(doc["verify"]["passed"])
+    self.assertLessEqual(doc["verify"]["max_rel_diff"], 1e-5)
+    self.assertGreater(doc["verify"]["effect_max_rel"], 1e-3)
+    # Every shuffle and every chunk is followed: only the classifier is left whole.
+    self.assertEqual([s["reasons"][0] for s in doc["skipped"]
+                      if not s["reasons"][0].startswith("nothing removed")],
+                     ["channels reach graph output 'logits'"])
+    x = np.random.default_rng(1).standard_normal((2, 3, 224, 224)).astype(np.float32)
+    y = onnxruntime.InferenceSession(out, providers=["CPUExecutionProvider"]).run(
+        None, {"input": x})[0]
+    self.assertEqual(y.shape, (2, 1000))
+
+  def test_onnx_zoo_shufflenet_v1(self):
     model = onnx_net.filled_shufflenet()
     tmp = self.create_tempdir().full_path
     src, out = os.path.join(tmp, "shufflenet.onnx"), os.path.join(tmp, "pruned.onnx")

@@ -410,36 +410,127 @@ def _batch_of(ctx: RuleContext, tensor: str, x: str) -> bool:
           producer.inputs[0] == source and (producer.attrs.get("perm") or (1,))[0] == 0)
 
 
+def _shape_reads(ctx: RuleContext, tensor: str, depth: int = 0):
+  """A shape vector computed at run time (torch's reshapes and chunks: Concat,
+  Unsqueeze, Gather or Slice of Shape, with integer Add/Sub/Mul/Div by
+  constants), entry by entry: (value from the static shapes or None, (tensor,
+  axis) it reads or None for a constant, the function of that size it computes).
+  None when it is computed otherwise."""
+  node = ctx.graph.producer(tensor)
+  values = base.const_ints(ctx, tensor)
+  if values is not None:
+    return [(v, None, None) for v in values]
+  if node is None or depth > 16:
+    return None
+  if node.op in ("Cast", "Identity", "Unsqueeze", "Squeeze"):
+    return _shape_reads(ctx, node.inputs[0], depth + 1)
+  if node.op == "Shape":
+    shape = ctx.graph.shape(node.inputs[0])
+    if shape is None:
+      return None
+    start, end = node.attrs.get("start", 0), node.attrs.get("end", len(shape))
+    return [(shape[i], (node.inputs[0], i), lambda c: c) for i in range(len(shape))[start:end]]
+  if node.op == "Concat":
+    parts = [_shape_reads(ctx, t, depth + 1) for t in node.inputs]
+    return None if any(p is None for p in parts) else [e for p in parts for e in p]
+  if node.op in ("Gather", "Slice"):
+    entries = _shape_reads(ctx, node.inputs[0], depth + 1)
+    if entries is None:
+      return None
+    if node.op == "Gather":
+      index = base.const_ints(ctx, node.inputs[1])
+      return None if index is None else [entries[i] for i in index]
+    bounds = [base.const_ints(ctx, t) for t in node.inputs[1:3]]
+    return None if None in bounds else entries[slice(bounds[0][0], bounds[1][0])]
+  if node.op in _ARITHMETIC and len(node.inputs) == 2:
+    entries = _shape_reads(ctx, node.inputs[0], depth + 1)
+    k = base.const_ints(ctx, node.inputs[1])
+    if entries is None or k is None or len(k) != 1 or (node.op == "Div" and not k[0]):
+      return None
+    op, k = _ARITHMETIC[node.op], k[0]
+    out = []
+    for v, src, fn in entries:
+      if src is None:
+        out.append((None if v is None else op(v, k), None, None))
+      else:
+        out.append((None if v is None else op(v, k), src, lambda c, fn=fn: op(fn(c), k)))
+    return out
+  return None
+
+
+# Integer arithmetic of shape values (sizes are positive: Div truncates = floors).
+_ARITHMETIC = {"Add": lambda a, k: a + k, "Sub": lambda a, k: a - k,
+               "Mul": lambda a, k: a * k, "Div": lambda a, k: a // k}
+
+
 def _reshape_target(ctx: RuleContext, shape_t: str, x: str, reader: str):
-  """Target entries and, per entry, the (constant, position, reader) that holds it
-  (None where the entry is the run-time batch size, written -1)."""
+  """Target entries; per entry the (constant, position, reader) that holds it, or
+  None where it follows pruning by itself (the run-time batch size, written -1,
+  or a size read from a shape at run time); and per entry the (tensor, axis,
+  function) a run-time size reads, or None."""
   target = base.const_ints(ctx, shape_t)
   if target is not None:
-    return target, [(shape_t, j, reader) for j in range(len(target))]
+    return target, [(shape_t, j, reader) for j in range(len(target))], [None] * len(target)
   concat = _skip(ctx, shape_t)
   if concat is None or concat.op != "Concat" or concat.attrs.get("axis") not in (0, -1):
-    return None, None
-  target, refs = [], []
+    return None, None, None
+  target, refs, reads = [], [], []
   for piece in concat.inputs:
     values = base.const_ints(ctx, piece)
     if values is not None:
       target.extend(values)
       refs.extend((piece, k, concat.name) for k in range(len(values)))
-    elif not target and _batch_of(ctx, piece, x):
+      reads.extend([None] * len(values))
+      continue
+    if not target and _batch_of(ctx, piece, x):
       target.append(-1)
       refs.append(None)
-    else:
-      return None, None
-  return target, refs
+      reads.append(None)
+      continue
+    entries = _shape_reads(ctx, piece)
+    if entries is None:
+      return None, None, None
+    for value, src, fn in entries:
+      if value is None and (target or src is None or src[1] != 0):
+        return None, None, None
+      target.append(-1 if value is None else value)   # -1: an unknown run-time batch
+      refs.append(None)
+      reads.append(None if src is None else (src[0], src[1], fn))
+  return target, refs, reads
+
+
+def _channel_reads(ctx: RuleContext, reads, d: ChannelDim) -> Optional[dict[int, object]]:
+  """Target positions whose run-time size reads d's channel count: {position:
+  the function of the count it computes}. None when one reads channels other
+  than d's (it would not follow this node's pruning)."""
+  out = {}
+  for j, read in enumerate(reads or ()):
+    if read is None:
+      continue
+    tensor, axis, fn = read
+    src = ctx.dim(tensor)
+    if src is None or src.axis != axis:
+      continue   # a batch or spatial size: pruning leaves it as it is
+    if not np.array_equal(src.units, d.units):
+      return None
+    out[j] = fn
+  return out
+
+
+def _always(fn, counts, want) -> bool:
+  """Whether a run-time size fn(count) equals want(count) for every channel count
+  pruning may leave."""
+  return all(fn(c) == want(c) for c in counts)
 
 
 def _resolved_target(ctx: RuleContext, node: view.Node):
-  """(target, resolved, refs) of Reshape `node`: the target as written; with 0
-  entries replaced by the input's size (1 for an unknown batch); and per entry the
-  constant to rewrite, or None where the entry follows pruning by itself (0, -1 or
-  a run-time batch size). None when the target is not static."""
+  """(target, resolved, refs, reads) of Reshape `node`: the target as written;
+  with 0 entries replaced by the input's size (1 for an unknown batch); per entry
+  the constant to rewrite, or None where the entry follows pruning by itself (0,
+  -1, a run-time size); and per entry the (tensor, axis, function) a run-time size
+  reads. None when the target is not static."""
   x, shape_t = node.inputs[:2]
-  target, target_refs = _reshape_target(ctx, shape_t, x, node.name)
+  target, target_refs, reads = _reshape_target(ctx, shape_t, x, node.name)
   in_shape = ctx.graph.shape(x)
   if target is None or in_shape is None:
     return None
@@ -455,7 +546,7 @@ def _resolved_target(ctx: RuleContext, node: view.Node):
       refs.append(None if t == -1 else target_refs[j])
   if any(v is None for v in resolved):
     return None
-  return target, resolved, refs
+  return target, resolved, refs, reads
 
 
 def _only_reader(ctx: RuleContext, tensor: str, op: str) -> Optional[view.Node]:
@@ -466,7 +557,7 @@ def _only_reader(ctx: RuleContext, tensor: str, op: str) -> Optional[view.Node]:
   return readers[0][0]
 
 
-def _shuffle(ctx: RuleContext, d: ChannelDim, in_shape, resolved, refs) -> bool:
+def _shuffle(ctx: RuleContext, d: ChannelDim, in_shape, resolved, refs, channel_reads) -> bool:
   """Follows a channel shuffle that starts at this Reshape (see base.follow_shuffle)."""
   a = d.axis
   if len(resolved) != len(in_shape) + 1 or a + 1 >= len(resolved):
@@ -484,6 +575,16 @@ def _shuffle(ctx: RuleContext, d: ChannelDim, in_shape, resolved, refs) -> bool:
   back = _only_reader(ctx, transpose.outputs[0], "Reshape")
   found = _resolved_target(ctx, back) if back is not None else None
   if found is None or len(found[1]) != len(in_shape) or found[1][a] not in (len(d), -1):
+    return False
+  # Sizes read at run time may follow the channels only where the shuffle puts
+  # them, and only if they give the right sizes for every count it may keep.
+  back_reads = _channel_reads(ctx, found[3], d)
+  if back_reads is None or set(back_reads) - {a} or set(channel_reads) - {a + 1}:
+    return False
+  counts = range(groups, len(d) + 1, groups)
+  if not (_always(back_reads.get(a, lambda c: c), counts, lambda c: c) and
+          _always(channel_reads.get(a + 1, lambda c: c // groups), counts,
+                  lambda c: c // groups)):
     return False
   base.follow_shuffle(ctx, d, groups, back.outputs[0], refs[a + 1], found[2][a])
   return True
@@ -503,10 +604,25 @@ def reshape(ctx: RuleContext) -> None:
   if found is None:
     ctx.block(d.units, f"{describe(ctx.node)}: target shape is not static")
     return
-  target, resolved, refs = found
+  target, resolved, refs, reads = found
   in_shape = ctx.graph.shape(x)
-  if _shuffle(ctx, d, in_shape, resolved, refs):
+  channel_reads = _channel_reads(ctx, reads, d)
+  if channel_reads is None:
+    ctx.block(d.units, f"{describe(ctx.node)}: target reads the size of other channels")
     return
+  if _shuffle(ctx, d, in_shape, resolved, refs, channel_reads):
+    return
+  if channel_reads:
+    # A size read from the channels at run time must be where they land, and
+    # scale with the count kept.
+    known = [1 if (i == 0 and v is None) else v for i, v in enumerate(in_shape)]
+    span = base.merge_span(known, resolved, d.axis) if None not in known else None
+    if span is None or set(channel_reads) != {span[0]} or not _always(
+        channel_reads[span[0]], range(1, len(d) + 1),
+        lambda c: c * resolved[span[0]] // len(d)):
+      ctx.block(d.units, f"{describe(ctx.node)}: target reads the channel count where the "
+                "channels do not land")
+      return
   base.follow_reshape(ctx, d, in_shape, resolved, refs, _out(ctx))
 
 
@@ -652,10 +768,13 @@ def resize(ctx: RuleContext) -> None:
   _resize(ctx, _input(ctx, 2), _input(ctx, 3))
 
 
-def _slice(ctx: RuleContext, starts, ends, axes, steps, entry) -> None:
+def _slice(ctx: RuleContext, starts, ends, axes, steps, entry, reads=None) -> None:
   """Constant slices. One of the channel axis with step 1 takes a run of channels:
-  its bounds become the kept counts before them (`entry(name, k, by)` records
-  that for bound `name` of axis number k)."""
+  its constant bounds become the kept counts before them (`entry(name, k, by)`
+  records that for bound `name` of axis number k). Bounds computed at run time
+  from the channel count (torch's chunk: k * ((C + n - 1) // n)) follow pruning
+  by themselves when the channels are cut into n equal blocks that keep the same
+  positions; `reads` maps (name, k) to the function of the count they compute."""
   x = ctx.node.inputs[0]
   d = ctx.dim(x)
   if d is None:
@@ -663,27 +782,55 @@ def _slice(ctx: RuleContext, starts, ends, axes, steps, entry) -> None:
   rank = ctx.graph.rank(x)
   axes = axes or (list(range(len(starts))) if starts else None)
   steps = steps or [1] * len(axes or ())
+  reads = reads or {}
   if starts is None or ends is None or axes is None or rank is None:
     ctx.block(d.units, f"{describe(ctx.node)}: slice bounds are not constant")
     return
   for k, (a, s, e, st) in enumerate(zip(axes, starts, ends, steps)):
     if base.normalise_axis(a, rank) != d.axis:
+      if ("starts", k) in reads or ("ends", k) in reads:
+        ctx.block(d.units, f"{describe(ctx.node)}: bounds of another axis read the channels")
+        return
       continue
     start, stop, step = slice(s, e, st).indices(len(d))
     if step != 1 or stop <= start:
       ctx.block(d.units, f"{describe(ctx.node)}: slices the channel axis with a step, "
                 "backwards or to nothing")
       return
-    if (start, stop) == (0, len(d)):
+    if (start, stop) == (0, len(d)) and not reads:
       continue
     units = d.units[start:stop]
     ctx.need(units, f"{describe(ctx.node)}: takes channels {start}-{stop - 1}")
-    if start:
+    read_start, read_stop = reads.get(("starts", k)), reads.get(("ends", k))
+    if read_start or read_stop:
+      blocks = _chunks(len(d), start, stop, read_start, read_stop)
+      if blocks is None:
+        ctx.block(d.units, f"{describe(ctx.node)}: bounds read from the channel count do "
+                  "not follow equal chunks of it")
+        return
+      base.couple_blocks(ctx, d.units, blocks)
+    if start and not read_start:
       entry("starts", k, ctx.virtual(f"before{k}", ChannelDim(d.axis, d.units[:start])))
-    if -len(d) <= e <= len(d):
+    if -len(d) <= e <= len(d) and not read_stop:
       entry("ends", k, ctx.virtual(f"upto{k}", ChannelDim(d.axis, d.units[:stop])))
     d = ChannelDim(d.axis, units)
   ctx.set_dim(_out(ctx), d)
+
+
+def _chunks(channels: int, start: int, stop: int, read_start, read_stop) -> Optional[int]:
+  """The fewest equal blocks n of the channels such that, when every block keeps
+  the same positions (m each), the run-time bounds give start and stop in kept
+  channels for every m: start * m / (channels / n), and likewise stop."""
+  for n in range(1, channels + 1):
+    per = channels // n
+    if channels % n or start % per or stop % per:
+      continue
+    ok = all((read_start is None or read_start(n * m) == start // per * m) and
+             (read_stop is None or read_stop(n * m) == stop // per * m)
+             for m in range(1, per + 1))
+    if ok:
+      return n
+  return None
 
 
 @_op("Slice", until=10, doc="starts/ends/axes attributes: crops pass channels through; a run "
@@ -695,17 +842,36 @@ def slice_attr(ctx: RuleContext) -> None:
          None, entry)
 
 
-@_op("Slice", since=10, doc="starts/ends/axes/steps inputs: as before opset 10")
+@_op("Slice", since=10, doc="starts/ends/axes/steps inputs: as before opset 10; bounds "
+     "computed from the channel count at run time (torch chunk) follow equal chunks")
 def slice_input(ctx: RuleContext) -> None:
   for i in (3, 4):
     if _input(ctx, i) is not None and _input_ints(ctx, i) is None:
       _slice(ctx, None, None, None, None, None)
       return
+  d = ctx.dim(ctx.node.inputs[0])
+  bounds, reads = [], {}
+  for i, name in ((1, "starts"), (2, "ends")):
+    values = _input_ints(ctx, i)
+    if values is None and d is not None:
+      entries = _shape_reads(ctx, _input(ctx, i))
+      if entries is None or any(v is None for v, _, _ in entries):
+        values = None
+      else:
+        values = [v for v, _, _ in entries]
+        for k, (_, src, fn) in enumerate(entries):
+          if src is not None:
+            found = _channel_reads(ctx, [(src[0], src[1], fn)], d)
+            if found is None:
+              values = None
+              break
+            if found:
+              reads[(name, k)] = fn
+    bounds.append(values)
 
   def entry(name, k, by):
     ctx.set_shape_entry(_input(ctx, 1 if name == "starts" else 2), k, by, ctx.node.name)
-  _slice(ctx, _input_ints(ctx, 1), _input_ints(ctx, 2), _input_ints(ctx, 3),
-         _input_ints(ctx, 4), entry)
+  _slice(ctx, bounds[0], bounds[1], _input_ints(ctx, 3), _input_ints(ctx, 4), entry, reads)
 
 
 @_op("Shape", "Size", "Constant", "ConstantOfShape",
