@@ -409,3 +409,141 @@ def einsum(ctx: RuleContext) -> None:
     ctx.slice_const(w, tw.index(contracted), x, SINK)
   ctx.new_source(output(ctx), out.index(new), ctx.graph.constants[w].shape[tw.index(new)], w,
                  tw.index(new))
+
+
+def only_reader(ctx: RuleContext, tensor: str, op: str) -> Optional[view.Node]:
+  """The one node that reads `tensor` (as its first input) if it is an `op` and the
+  tensor is not a graph output; else None."""
+  readers = ctx.graph.consumers(tensor)
+  if (len(readers) != 1 or readers[0][0].op != op or readers[0][1] != 0 or
+      tensor in ctx.graph.outputs):
+    return None
+  return readers[0][0]
+
+
+def split(ctx: RuleContext, x: str, axis: Optional[int], sizes: Optional[list[int]],
+          entry: Optional[Callable[[int, str], None]]) -> None:
+  """A split of x into the node's outputs along `axis`. Along the channels each
+  output takes its run and keeps at least one channel; `entry(k, out)` records
+  that part k's size becomes its kept count (-1 sizes follow by themselves).
+  Without sizes the parts are equal, and position i of every part is coupled so
+  they stay equal. Along another axis every output carries x's channels."""
+  d = ctx.dim(x)
+  if d is None:
+    return
+  outs = list(ctx.node.outputs)
+  rank = ctx.graph.rank(x)
+  if axis is None or rank is None:
+    ctx.block(d.units, f"{describe(ctx.node)}: split axis or rank unknown")
+    return
+  if normalise_axis(axis, rank) != d.axis:
+    for out in outs:
+      ctx.set_dim(out, d)
+    return
+  raw = sizes
+  if sizes is None:
+    if len(d) % len(outs):
+      ctx.block(d.units, f"{describe(ctx.node)}: {len(d)} channels in {len(outs)} parts")
+      return
+    couple_blocks(ctx, d.units, len(outs))
+    sizes, entry = [len(d) // len(outs)] * len(outs), None
+  if sizes.count(-1) == 1:
+    sizes = [len(d) - (sum(sizes) + 1) if v == -1 else v for v in sizes]
+  if sum(sizes) != len(d) or len(sizes) != len(outs) or min(sizes) < 1:
+    ctx.block(d.units, f"{describe(ctx.node)}: split sizes do not add up to the channels")
+    return
+  offsets = np.concatenate([[0], np.cumsum(sizes)])
+  for k, out in enumerate(outs):
+    units = d.units[offsets[k]:offsets[k + 1]]
+    ctx.need(units, f"{describe(ctx.node)}: output {k} takes channels "
+             f"{offsets[k]}-{offsets[k + 1] - 1}")
+    ctx.set_dim(out, ChannelDim(d.axis, units))
+    if entry is not None and raw[k] != -1:
+      entry(k, out)
+
+
+def gather(ctx: RuleContext, x: str, indices: str, axis: Optional[int]) -> None:
+  """Gather of x along `axis` with constant indices. On the channel axis (1-D
+  indices) the gathered channels are followed (each kept at least once) and the
+  indices renumbered; on another axis the channel axis moves by the indices' rank."""
+  d = ctx.dim(x)
+  if d is None:
+    return
+  rank = ctx.graph.rank(x)
+  if rank is None or axis is None or not ctx.graph.is_const(indices):
+    ctx.block(d.units, f"{describe(ctx.node)}: indices or axis not constant, or rank unknown")
+    return
+  axis = normalise_axis(axis, rank)
+  index = np.asarray(ctx.graph.constants[indices])
+  if axis != d.axis:
+    shift = index.ndim - 1 if axis < d.axis else 0
+    ctx.set_dim(output(ctx), ChannelDim(d.axis + shift, d.units))
+    return
+  if index.ndim != 1 or not len(index) or np.any(index >= len(d)) or np.any(index < -len(d)):
+    ctx.block(d.units, f"{describe(ctx.node)}: picks channels with indices of shape "
+              f"{index.shape}")
+    return
+  units = d.units[np.where(index < 0, index + len(d), index)]
+  ctx.need(units, f"{describe(ctx.node)}: gathers channels {index.tolist()[:8]}")
+  ctx.set_dim(output(ctx), ChannelDim(d.axis, units))
+  ctx.remap_indices(indices, x, output(ctx))
+
+
+def depth_to_space(ctx: RuleContext, axis: int, block: int, crd: bool = False) -> None:
+  """Channel blocks move into space: the block^2 input channels that become one
+  output channel are coupled (DCR: channel k*C' + c; CRD: c*block^2 + k)."""
+  d = ctx.dim(ctx.node.inputs[0])
+  if d is None:
+    return
+  blocks = block * block
+  if d.axis != axis or len(d) % blocks:
+    ctx.block(d.units, f"{describe(ctx.node)}: channels not on the op's axis, or not whole "
+              "blocks")
+    return
+  units = coarsen(ctx, d.units, len(d) // blocks) if crd else couple_blocks(ctx, d.units, blocks)
+  ctx.set_dim(output(ctx), ChannelDim(axis, units))
+
+
+def space_to_depth(ctx: RuleContext, axis: int, block: int) -> None:
+  """Space moves into channels: output channel k*C + c is input channel c, so each
+  input channel is followed into its block^2 copies."""
+  d = ctx.dim(ctx.node.inputs[0])
+  if d is None:
+    return
+  if d.axis != axis:
+    ctx.block(d.units, f"{describe(ctx.node)}: channels not on the op's axis")
+    return
+  ctx.set_dim(output(ctx), ChannelDim(axis, np.tile(d.units, block * block)))
+
+
+def normalise_along(ctx: RuleContext, axis: Optional[int], mixes) -> None:
+  """An op that normalises along `axis` (softmax): channels pass unless
+  mixes(channel axis, axis) says they are normalised together."""
+  x = ctx.node.inputs[0]
+  d = ctx.dim(x)
+  if d is None:
+    return
+  rank = ctx.graph.rank(x)
+  if rank is None or axis is None:
+    ctx.block(d.units, f"{describe(ctx.node)}: axis or rank unknown")
+    return
+  if mixes(d.axis, normalise_axis(axis, rank)):
+    ctx.block(d.units, f"{describe(ctx.node)}: normalises across channels")
+    return
+  ctx.set_dim(output(ctx), d)
+
+
+def pad_channels(ctx: RuleContext, d: ChannelDim, before: int, after: int,
+                 constant: bool) -> None:
+  """Padding of the channel axis: constant padding adds fixed channels of the pad
+  value around d's (nothing can remove them); reflecting or repeating padding
+  copies channels that pruning may remove, and blocks."""
+  if not before and not after:
+    ctx.set_dim(output(ctx), d)
+    return
+  if not constant or before < 0 or after < 0:
+    ctx.block(d.units, f"{describe(ctx.node)}: reflects, repeats or crops the channel axis")
+    return
+  reason = f"{describe(ctx.node)}: channels of the pad value"
+  ctx.set_dim(output(ctx), ChannelDim(d.axis, np.concatenate(
+      [ctx.new_fixed(before, reason), d.units, ctx.new_fixed(after, reason)])))

@@ -152,3 +152,14 @@ def linear_flops(graph: view.GraphView, node: view.Node, lin: Linear) -> int:
     outs = int(graph.constants[lin.weight].shape[lin.out_axis])
     return 2 * _per_sample(graph.shape(node.inputs[0])) * kernel * outs
   return 2 * _per_sample(graph.shape(node.outputs[0])) * kernel * lin.fan_in
+
+
+def einsum_linear(g: view.GraphView, node: view.Node) -> Optional[Linear]:
+  """The linear layer an einsum of x and a constant 2-D weight is (channels.einsum_parts)."""
+  parts = channels.einsum_parts(g, node)
+  if parts is None:
+    return None
+  _, tw, out, contracted, new = parts
+  w = g.constants[node.inputs[1]]
+  return Linear(node.inputs[1], tw.index(new), tw.index(contracted), out.index(new),
+                int(w.shape[tw.index(contracted)]))

@@ -318,16 +318,7 @@ def _pad(ctx: RuleContext, pads: Optional[list[int]], axes: Optional[list[int]])
   for k, a in enumerate(axes):
     if a == d.axis:
       before, after = pads[k], pads[k + n]
-  if not before and not after:
-    ctx.set_dim(_out(ctx), d)
-    return
-  if ctx.node.attrs.get("mode", "constant") != "constant" or before < 0 or after < 0:
-    ctx.block(d.units, f"{describe(ctx.node)}: reflects, repeats or crops the channel axis")
-    return
-  # Constant padding adds channels of the pad value, which nothing can remove.
-  reason = f"{describe(ctx.node)}: channels of the pad value"
-  ctx.set_dim(_out(ctx), ChannelDim(d.axis, np.concatenate(
-      [ctx.new_fixed(before, reason), d.units, ctx.new_fixed(after, reason)])))
+  base.pad_channels(ctx, d, before, after, ctx.node.attrs.get("mode", "constant") == "constant")
 
 
 @_op("Pad", until=11, doc="pads attribute ('paddings' in opset 1): padding off the channel "
@@ -549,14 +540,6 @@ def _resolved_target(ctx: RuleContext, node: view.Node):
   return target, resolved, refs, reads
 
 
-def _only_reader(ctx: RuleContext, tensor: str, op: str) -> Optional[view.Node]:
-  readers = ctx.graph.consumers(tensor)
-  if (len(readers) != 1 or readers[0][0].op != op or readers[0][1] != 0 or
-      tensor in ctx.graph.outputs):
-    return None
-  return readers[0][0]
-
-
 def _shuffle(ctx: RuleContext, d: ChannelDim, in_shape, resolved, refs, channel_reads) -> bool:
   """Follows a channel shuffle that starts at this Reshape (see base.follow_shuffle)."""
   a = d.axis
@@ -565,14 +548,14 @@ def _shuffle(ctx: RuleContext, d: ChannelDim, in_shape, resolved, refs, channel_
   groups, per = resolved[a], resolved[a + 1]
   if groups <= 1 or per <= 0 or groups * per != len(d):
     return False
-  transpose = _only_reader(ctx, _out(ctx), "Transpose")
+  transpose = base.only_reader(ctx, _out(ctx), "Transpose")
   if transpose is None:
     return False
   perm = list(range(len(resolved)))
   perm[a], perm[a + 1] = a + 1, a
   if list(transpose.attrs.get("perm") or ()) != perm:
     return False
-  back = _only_reader(ctx, transpose.outputs[0], "Reshape")
+  back = base.only_reader(ctx, transpose.outputs[0], "Reshape")
   found = _resolved_target(ctx, back) if back is not None else None
   if found is None or len(found[1]) != len(in_shape) or found[1][a] not in (len(d), -1):
     return False
@@ -694,37 +677,13 @@ _SOFTMAX = ("Softmax", "LogSoftmax", "Hardmax")
 @_op(*_SOFTMAX, until=13, doc="the input is flattened to 2-D at axis (default 1) and each row "
      "normalised: channels at or after axis block")
 def softmax_rows(ctx: RuleContext) -> None:
-  x = ctx.node.inputs[0]
-  d = ctx.dim(x)
-  if d is None:
-    return
-  rank = ctx.graph.rank(x)
-  if rank is None:
-    ctx.block(d.units, f"{describe(ctx.node)}: rank unknown")
-    return
-  axis = base.normalise_axis(ctx.node.attrs.get("axis", 1), rank)
-  if d.axis >= axis:
-    ctx.block(d.units, f"{describe(ctx.node)}: normalises across channels (opset < 13 "
-              "flattens everything from axis on)")
-    return
-  ctx.set_dim(_out(ctx), d)
+  base.normalise_along(ctx, ctx.node.attrs.get("axis", 1), lambda c, axis: c >= axis)
 
 
 @_op(*_SOFTMAX, since=13, doc="normalises along axis (default -1): channels on another axis "
      "pass, on that axis block")
 def softmax(ctx: RuleContext) -> None:
-  x = ctx.node.inputs[0]
-  d = ctx.dim(x)
-  if d is None:
-    return
-  rank = ctx.graph.rank(x)
-  if rank is None:
-    ctx.block(d.units, f"{describe(ctx.node)}: rank unknown")
-    return
-  if d.axis == base.normalise_axis(ctx.node.attrs.get("axis", -1), rank):
-    ctx.block(d.units, f"{describe(ctx.node)}: normalises across channels")
-    return
-  ctx.set_dim(_out(ctx), d)
+  base.normalise_along(ctx, ctx.node.attrs.get("axis", -1), lambda c, axis: c == axis)
 
 
 def _resize(ctx: RuleContext, scales_t: Optional[str], sizes_t: Optional[str],
@@ -882,48 +841,11 @@ def no_channels(ctx: RuleContext) -> None:
   del ctx
 
 
-def _split(ctx: RuleContext, sizes: Optional[list[int]], entry) -> None:
-  """Split into len(outputs) parts along `axis`. Along the channels each output
-  takes its run; given sizes become the kept counts (`entry(k, by)` records that
-  for part k); an equal split couples position i of every part, so the parts stay
-  equal."""
-  x = ctx.node.inputs[0]
-  d = ctx.dim(x)
-  if d is None:
-    return
-  rank = ctx.graph.rank(x)
-  outs = list(ctx.node.outputs)
-  if rank is None:
-    ctx.block(d.units, f"{describe(ctx.node)}: rank unknown")
-    return
-  if base.normalise_axis(ctx.node.attrs.get("axis", 0), rank) != d.axis:
-    for out in outs:
-      ctx.set_dim(out, d)
-    return
-  if sizes is None:
-    if len(d) % len(outs):
-      ctx.block(d.units, f"{describe(ctx.node)}: {len(d)} channels in {len(outs)} parts")
-      return
-    base.couple_blocks(ctx, d.units, len(outs))
-    sizes, entry = [len(d) // len(outs)] * len(outs), None
-  if sum(sizes) != len(d) or len(sizes) != len(outs):
-    ctx.block(d.units, f"{describe(ctx.node)}: split sizes do not add up to the channels")
-    return
-  offsets = np.concatenate([[0], np.cumsum(sizes)])
-  for k, out in enumerate(outs):
-    units = d.units[offsets[k]:offsets[k + 1]]
-    ctx.need(units, f"{describe(ctx.node)}: output {k} takes channels "
-             f"{offsets[k]}-{offsets[k + 1] - 1}")
-    ctx.set_dim(out, ChannelDim(d.axis, units))
-    if entry is not None:
-      entry(k, out)
-
-
 @_op("Split", until=13, doc="split attribute (or equal parts): along the channels each output "
      "takes its run and the sizes become the kept counts; equal parts stay equal")
 def split_attr(ctx: RuleContext) -> None:
-  _split(ctx, _attr_ints(ctx, "split"),
-         lambda k, by: ctx.set_attr_count("split", by, index=k))
+  base.split(ctx, ctx.node.inputs[0], ctx.node.attrs.get("axis", 0), _attr_ints(ctx, "split"),
+             lambda k, by: ctx.set_attr_count("split", by, index=k))
 
 
 @_op("Split", since=13, doc="split input (or equal parts; num_outputs from 18): as before "
@@ -933,65 +855,27 @@ def split_input(ctx: RuleContext) -> None:
   if sizes_t is not None and _input_ints(ctx, 1) is None:
     base.block_inputs(ctx, f"{describe(ctx.node)}: split sizes are not constant")
     return
-  _split(ctx, _input_ints(ctx, 1),
-         lambda k, by: ctx.set_shape_entry(sizes_t, k, by, ctx.node.name))
+  base.split(ctx, ctx.node.inputs[0], ctx.node.attrs.get("axis", 0), _input_ints(ctx, 1),
+             lambda k, by: ctx.set_shape_entry(sizes_t, k, by, ctx.node.name))
 
 
 @_op("Gather", doc="constant 1-D indices on the channel axis: the gathered channels are followed "
      "and the indices renumbered; on another axis channels pass")
 def gather(ctx: RuleContext) -> None:
-  x, indices = ctx.node.inputs[:2]
-  d = ctx.dim(x)
-  if d is None:
-    return
-  rank = ctx.graph.rank(x)
-  if rank is None or not ctx.graph.is_const(indices):
-    ctx.block(d.units, f"{describe(ctx.node)}: indices are not constant, or rank unknown")
-    return
-  axis = base.normalise_axis(ctx.node.attrs.get("axis", 0), rank)
-  index = np.asarray(ctx.graph.constants[indices])
-  if axis != d.axis:
-    shift = index.ndim - 1 if axis < d.axis else 0
-    ctx.set_dim(_out(ctx), ChannelDim(d.axis + shift, d.units))
-    return
-  if index.ndim != 1 or not len(index):
-    ctx.block(d.units, f"{describe(ctx.node)}: picks channels with indices of shape "
-              f"{index.shape}")
-    return
-  units = d.units[np.where(index < 0, index + len(d), index)]
-  ctx.need(units, f"{describe(ctx.node)}: gathers channels {index.tolist()[:8]}")
-  ctx.set_dim(_out(ctx), ChannelDim(d.axis, units))
-  ctx.remap_indices(indices, x, _out(ctx))
+  base.gather(ctx, ctx.node.inputs[0], ctx.node.inputs[1], ctx.node.attrs.get("axis", 0))
 
 
 @_op("DepthToSpace", doc="channel blocks move into space: the block_size^2 channels that "
      "become one output channel are removed together (DCR and CRD modes)")
 def depth_to_space(ctx: RuleContext) -> None:
-  d = ctx.dim(ctx.node.inputs[0])
-  if d is None:
-    return
-  blocks = int(ctx.node.attrs.get("blocksize", 1)) ** 2
-  if d.axis != 1 or len(d) % blocks:
-    ctx.block(d.units, f"{describe(ctx.node)}: channels not on axis 1, or not whole blocks")
-    return
-  if ctx.node.attrs.get("mode", "DCR") == "CRD":
-    units = base.coarsen(ctx, d.units, len(d) // blocks)   # channel c*b^2 + k
-  else:
-    units = base.couple_blocks(ctx, d.units, blocks)       # channel k*C' + c
-  ctx.set_dim(_out(ctx), ChannelDim(1, units))
+  base.depth_to_space(ctx, 1, int(ctx.node.attrs.get("blocksize", 1)),
+                      crd=ctx.node.attrs.get("mode", "DCR") == "CRD")
 
 
 @_op("SpaceToDepth", doc="space moves into channels: output channel k*C + c is input channel c, "
      "so each input channel is followed into its block_size^2 copies")
 def space_to_depth(ctx: RuleContext) -> None:
-  d = ctx.dim(ctx.node.inputs[0])
-  if d is None:
-    return
-  if d.axis != 1:
-    ctx.block(d.units, f"{describe(ctx.node)}: channels not on axis 1")
-    return
-  blocks = int(ctx.node.attrs.get("blocksize", 1)) ** 2
-  ctx.set_dim(_out(ctx), ChannelDim(1, np.tile(d.units, blocks)))
+  base.space_to_depth(ctx, 1, int(ctx.node.attrs.get("blocksize", 1)))
 
 
 @_op("GroupNormalization", since=21, doc="whole groups go (scale and bias per channel are "
@@ -1032,17 +916,7 @@ def instance_norm(ctx: RuleContext) -> None:
   ctx.set_dim(_out(ctx), d)
 
 
-def _einsum_linear(g: view.GraphView, node: view.Node):
-  parts = base.einsum_parts(g, node)
-  if parts is None:
-    return None
-  tx, tw, out, contracted, new = parts
-  w = g.constants[node.inputs[1]]
-  return desc.Linear(node.inputs[1], tw.index(new), tw.index(contracted), out.index(new),
-                     int(w.shape[tw.index(contracted)]))
-
-
-@_op("Einsum", linear=_einsum_linear,
+@_op("Einsum", linear=desc.einsum_linear,
      doc="x times a constant 2-D weight contracting one axis (a dense layer or 1x1 "
          "convolution written as einsum): as MatMul, on whichever axes the equation names")
 def einsum(ctx: RuleContext) -> None:

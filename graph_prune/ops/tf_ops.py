@@ -218,15 +218,7 @@ def pad(ctx: RuleContext) -> None:
     ctx.block(d.units, f"{describe(ctx.node)}: paddings are not constant")
     return
   before, after = (int(v) for v in ctx.graph.constants[paddings][d.axis])
-  if not before and not after:
-    ctx.set_dim(_out(ctx), d)
-    return
-  if ctx.node.op == "MirrorPad":
-    ctx.block(d.units, f"{describe(ctx.node)}: reflects the channel axis")
-    return
-  reason = f"{describe(ctx.node)}: channels of the pad value"
-  ctx.set_dim(_out(ctx), ChannelDim(d.axis, np.concatenate(
-      [ctx.new_fixed(before, reason), d.units, ctx.new_fixed(after, reason)])))
+  base.pad_channels(ctx, d, before, after, ctx.node.op != "MirrorPad")
 
 
 @_op("MaxPool", "AvgPool", "MaxPoolV2",
@@ -299,14 +291,7 @@ def transpose(ctx: RuleContext) -> None:
 
 @_op("Softmax", "LogSoftmax", doc="over another axis: channels pass; over the channels: blocks")
 def softmax(ctx: RuleContext) -> None:
-  x = ctx.node.inputs[0]
-  d = ctx.dim(x)
-  if d is None:
-    return
-  if d.axis == (ctx.graph.rank(x) or 0) - 1:
-    ctx.block(d.units, f"{describe(ctx.node)}: normalises across channels")
-    return
-  ctx.set_dim(_out(ctx), d)
+  base.normalise_along(ctx, -1, lambda c, axis: c == axis)
 
 
 @_op("ResizeBilinear", "ResizeNearestNeighbor", "ResizeBicubic", "ResizeArea",
@@ -435,14 +420,6 @@ def reshape(ctx: RuleContext) -> None:
   base.follow_reshape(ctx, d, in_shape, target, refs, _out(ctx))
 
 
-def _only_reader(ctx: RuleContext, tensor: str, op: str) -> Optional[view.Node]:
-  readers = ctx.graph.consumers(tensor)
-  if (len(readers) != 1 or readers[0][0].op != op or readers[0][1] != 0 or
-      tensor in ctx.graph.outputs):
-    return None
-  return readers[0][0]
-
-
 def _shuffle(ctx: RuleContext, d: ChannelDim, in_shape, target, refs) -> bool:
   """A channel shuffle starting at this Reshape: target splits the channel axis into
   (groups, C/groups), its only reader is a Transpose swapping the two, whose only
@@ -453,14 +430,14 @@ def _shuffle(ctx: RuleContext, d: ChannelDim, in_shape, target, refs) -> bool:
   groups, per = target[a], target[a + 1]
   if groups <= 1 or per not in (-1, len(d) // groups) or len(d) % groups:
     return False
-  transpose = _only_reader(ctx, _out(ctx), "Transpose")
+  transpose = base.only_reader(ctx, _out(ctx), "Transpose")
   if transpose is None:
     return False
   perm = list(range(len(target)))
   perm[a], perm[a + 1] = a + 1, a
   if base.const_ints(ctx, transpose.inputs[1]) != perm:
     return False
-  back = _only_reader(ctx, transpose.outputs[0], "Reshape")
+  back = base.only_reader(ctx, transpose.outputs[0], "Reshape")
   if back is None:
     return False
   back_target, back_refs = _reshape_target(ctx, back.inputs[1], back.name)
@@ -509,49 +486,12 @@ def strided_slice(ctx: RuleContext) -> None:
   ctx.set_dim(_out(ctx), ChannelDim(a, units))
 
 
-def _parts(ctx: RuleContext, x: str, outs: list[str], axis: Optional[int],
-           sizes: Optional[list[int]], sizes_t: Optional[str]) -> None:
-  """Split/SplitV: along the channels each output takes its run (sizes_t's entries
-  become the kept counts; without sizes the parts are equal and stay equal)."""
-  d = ctx.dim(x)
-  if d is None:
-    return
-  rank = ctx.graph.rank(x)
-  if axis is None or rank is None:
-    ctx.block(d.units, f"{describe(ctx.node)}: split axis or rank unknown")
-    return
-  if base.normalise_axis(axis, rank) != d.axis:
-    for out in outs:
-      ctx.set_dim(out, d)
-    return
-  if sizes is None:
-    if len(d) % len(outs):
-      ctx.block(d.units, f"{describe(ctx.node)}: {len(d)} channels in {len(outs)} parts")
-      return
-    base.couple_blocks(ctx, d.units, len(outs))
-    sizes, sizes_t = [len(d) // len(outs)] * len(outs), None
-  if -1 in sizes and sizes.count(-1) == 1:
-    sizes = [len(d) - (sum(sizes) + 1) if v == -1 else v for v in sizes]
-  if sum(sizes) != len(d) or len(sizes) != len(outs):
-    ctx.block(d.units, f"{describe(ctx.node)}: split sizes do not add up to the channels")
-    return
-  offsets = np.concatenate([[0], np.cumsum(sizes)])
-  raw = base.const_ints(ctx, sizes_t) if sizes_t else None
-  for k, out in enumerate(outs):
-    units = d.units[offsets[k]:offsets[k + 1]]
-    ctx.need(units, f"{describe(ctx.node)}: output {k} takes channels "
-             f"{offsets[k]}-{offsets[k + 1] - 1}")
-    ctx.set_dim(out, ChannelDim(d.axis, units))
-    if raw is not None and raw[k] != -1:
-      ctx.set_shape_entry(sizes_t, k, out, ctx.node.name)
-
-
 @_op("Split", doc="equal parts: along the channels each output takes its run, and position i "
      "of every part is coupled so the parts stay equal")
 def split(ctx: RuleContext) -> None:
   axis_t, x = ctx.node.inputs[:2]
   axis = base.const_ints(ctx, axis_t)
-  _parts(ctx, x, list(ctx.node.outputs), axis[0] if axis else None, None, None)
+  base.split(ctx, x, axis[0] if axis else None, None, None)
 
 
 @_op("SplitV", doc="constant size_splits: along the channels each output takes its run, the "
@@ -562,63 +502,31 @@ def split_v(ctx: RuleContext) -> None:
   if sizes is None:
     base.block_inputs(ctx, f"{describe(ctx.node)}: split sizes are not constant")
     return
-  _parts(ctx, x, list(ctx.node.outputs), axis[0] if axis else None, sizes, sizes_t)
+  base.split(ctx, x, axis[0] if axis else None, sizes,
+             lambda k, by: ctx.set_shape_entry(sizes_t, k, by, ctx.node.name))
 
 
 @_op("GatherV2", doc="constant 1-D indices on the channel axis: the gathered channels are "
      "followed and the indices renumbered; on another axis channels pass")
 def gather(ctx: RuleContext) -> None:
   x, indices, axis_t = ctx.node.inputs[:3]
-  d = ctx.dim(x)
-  if d is None:
+  if ctx.node.attrs.get("batch_dims", 0):
+    base.block_inputs(ctx, f"{describe(ctx.node)}: batch_dims")
     return
-  rank, axis = ctx.graph.rank(x), base.const_ints(ctx, axis_t)
-  if rank is None or axis is None or not ctx.graph.is_const(indices) or ctx.node.attrs.get(
-      "batch_dims", 0):
-    ctx.block(d.units, f"{describe(ctx.node)}: indices or axis not constant, or batch_dims")
-    return
-  axis = base.normalise_axis(axis[0], rank)
-  index = np.asarray(ctx.graph.constants[indices])
-  if axis != d.axis:
-    shift = index.ndim - 1 if axis < d.axis else 0
-    ctx.set_dim(_out(ctx), ChannelDim(d.axis + shift, d.units))
-    return
-  if index.ndim != 1 or not len(index):
-    ctx.block(d.units, f"{describe(ctx.node)}: picks channels with indices of shape "
-              f"{index.shape}")
-    return
-  units = d.units[np.where(index < 0, index + len(d), index)]
-  ctx.need(units, f"{describe(ctx.node)}: gathers channels {index.tolist()[:8]}")
-  ctx.set_dim(_out(ctx), ChannelDim(d.axis, units))
-  ctx.remap_indices(indices, x, _out(ctx))
+  axis = base.const_ints(ctx, axis_t)
+  base.gather(ctx, x, indices, axis[0] if axis else None)
 
 
 @_op("DepthToSpace", doc="channel blocks move into space: the block_size^2 channels that "
      "become one output channel are removed together")
 def depth_to_space(ctx: RuleContext) -> None:
-  d = ctx.dim(ctx.node.inputs[0])
-  if d is None:
-    return
-  blocks = int(ctx.node.attrs.get("block_size", 1)) ** 2
-  if d.axis != _channel_axis(ctx) or len(d) % blocks:
-    ctx.block(d.units, f"{describe(ctx.node)}: channels not on the format's axis, or not "
-              "whole blocks")
-    return
-  # Input channel (i * block + j) * C' + c becomes output channel c.
-  ctx.set_dim(_out(ctx), ChannelDim(d.axis, base.couple_blocks(ctx, d.units, blocks)))
+  base.depth_to_space(ctx, _channel_axis(ctx), int(ctx.node.attrs.get("block_size", 1)))
 
 
 @_op("SpaceToDepth", doc="space moves into channels: output channel k*C + c is input channel "
      "c, so each input channel is followed into its block_size^2 copies")
 def space_to_depth(ctx: RuleContext) -> None:
-  d = ctx.dim(ctx.node.inputs[0])
-  if d is None:
-    return
-  if d.axis != _channel_axis(ctx):
-    ctx.block(d.units, f"{describe(ctx.node)}: channels not on the format's axis")
-    return
-  blocks = int(ctx.node.attrs.get("block_size", 1)) ** 2
-  ctx.set_dim(_out(ctx), ChannelDim(d.axis, np.tile(d.units, blocks)))
+  base.space_to_depth(ctx, _channel_axis(ctx), int(ctx.node.attrs.get("block_size", 1)))
 
 
 @_op("SpaceToBatchND", "BatchToSpaceND",
@@ -668,17 +576,7 @@ def conv2d_transpose(ctx: RuleContext) -> None:
   ctx.set_shape_entry(const, position, _out(ctx), reader)
 
 
-def _einsum_linear(g: view.GraphView, node: view.Node):
-  parts = base.einsum_parts(g, node)
-  if parts is None:
-    return None
-  tx, tw, out, contracted, new = parts
-  w = g.constants[node.inputs[1]]
-  return desc.Linear(node.inputs[1], tw.index(new), tw.index(contracted), out.index(new),
-                     int(w.shape[tw.index(contracted)]))
-
-
-@_op("Einsum", linear=_einsum_linear,
+@_op("Einsum", linear=desc.einsum_linear,
      doc="x times a constant 2-D weight contracting one axis (a dense layer or 1x1 "
          "convolution written as einsum): as MatMul, on whichever axes the equation names")
 def einsum(ctx: RuleContext) -> None:
