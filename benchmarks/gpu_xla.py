@@ -54,6 +54,7 @@ from absl import logging
 import numpy as np
 
 from benchmarks import onnx_jax
+from graph_prune.bench import timing
 
 _DIR = flags.DEFINE_string("dir", None, "Folder from gpu_xla_prepare.py (manifest.json).")
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "32"], "Batch sizes.")
@@ -143,28 +144,20 @@ def _compile(ev, weights, x, precision):
 
 
 def _pairs(call_a, call_b, inputs, seconds, min_pairs, max_pairs):
-  """Alternating timed pairs; returns (latencies a, latencies b) in seconds."""
-  def timed(call, x):
-    t0 = time.perf_counter()
-    call(x)
-    return time.perf_counter() - t0
-  t0, i = time.perf_counter(), 0
-  while i < 10 or time.perf_counter() - t0 < 1.0:  # warm-up: at least 10 pairs and 1 s
-    timed(call_a, inputs[i % len(inputs)])
-    timed(call_b, inputs[i % len(inputs)])
-    i += 1
-  probe = [timed(call_a, inputs[0]) + timed(call_b, inputs[0]) for _ in range(3)]
-  n = int(min(max_pairs, max(min_pairs, seconds / max(min(probe), 1e-6))))
-  a, b = [], []
-  for i in range(n):
-    x = inputs[i % len(inputs)]
-    if i % 2:
-      b.append(timed(call_b, x))
-      a.append(timed(call_a, x))
-    else:
-      a.append(timed(call_a, x))
-      b.append(timed(call_b, x))
-  return np.array(a), np.array(b)
+  """Timed pairs through the project's timing loop (one call of each per round, in
+  a seeded shuffled order), the inputs cycling; returns (latencies a, latencies b)
+  in seconds."""
+  def feeding(call):
+    count = [0]
+
+    def run():
+      call(inputs[count[0] % len(inputs)])
+      count[0] += 1
+    return run
+  settings = timing.Settings(warmup=10, min_runs=min_pairs, max_runs=max_pairs,
+                             max_seconds=seconds / 2, target_rse=0.002)
+  result = timing.measure([feeding(call_a), feeding(call_b)], settings, label="gpu_xla")
+  return np.array(result.times[0]), np.array(result.times[1])
 
 
 def _summary(a, b):

@@ -26,6 +26,8 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from graph_prune.bench import timing
+
 _MODELS = flags.DEFINE_list("models", ["VGG16", "ResNet50", "MobileNetV2"], "Keras apps.")
 _SIZE = flags.DEFINE_integer("size", 64, "Input height and width.")
 _SPARSITY = flags.DEFINE_float("sparsity", 0.5, "Fraction of channels removed.")
@@ -34,24 +36,12 @@ _JSON = flags.DEFINE_string("json", None, "Also write the figures as JSON here."
 
 
 def _keras_onnx(name, size, path):
-  """Keras application -> frozen GraphDef -> tf2onnx (opset 17)."""
-  import keras  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  """Keras application (random weights and batch-norm statistics) -> frozen GraphDef
+  -> tf2onnx (opset 17)."""
   import tf2onnx  # pylint: disable=g-import-not-at-top
-  from tensorflow.python.framework import convert_to_constants  # pylint: disable=g-import-not-at-top
-  model = getattr(keras.applications, name)(weights=None, input_shape=(size, size, 3),
-                                            classes=10)
-  rng = np.random.default_rng(0)
-  for layer in model.layers:  # identity batch-norm would be folded away: randomise it
-    weights = layer.get_weights()
-    if weights:
-      layer.set_weights([rng.uniform(0.5, 1.5, w.shape).astype(w.dtype) if w.ndim == 1 else w
-                         for w in weights])
-  fn = tf.function(lambda x: model(x, training=False)).get_concrete_function(
-      tf.TensorSpec([None, size, size, 3], tf.float32, name="input"))
-  frozen = convert_to_constants.convert_variables_to_constants_v2(fn)
-  tf2onnx.convert.from_graph_def(frozen.graph.as_graph_def(), input_names=["input:0"],
-                                 output_names=[t.name for t in frozen.outputs], opset=17,
+  from tests import keras_zoo  # pylint: disable=g-import-not-at-top
+  graph_def, inp, out = keras_zoo.freeze(keras_zoo.build(name, size=size))
+  tf2onnx.convert.from_graph_def(graph_def, input_names=[inp], output_names=[out], opset=17,
                                  output_path=path)
 
 
@@ -72,17 +62,11 @@ def _latencies(paths, size, runs):
               for p in paths]
   x = np.random.default_rng(0).standard_normal((1, size, size, 3)).astype(np.float32)
   names = [s.get_inputs()[0].name for s in sessions]
-  for s, n in zip(sessions, names):
-    for _ in range(20):
-      s.run(None, {n: x})
-  times = [[] for _ in sessions]
-  order_rng = np.random.default_rng(1)
-  for _ in range(runs):
-    for i in order_rng.permutation(len(sessions)):
-      t0 = time.perf_counter()
-      sessions[i].run(None, {names[i]: x})
-      times[i].append(time.perf_counter() - t0)
-  return [1000 * float(np.median(t)) for t in times]
+  calls = [lambda s=s, n=n: s.run(None, {n: x}) for s, n in zip(sessions, names)]
+  # The project's one timing loop: a shuffled order within every round.
+  result = timing.measure(calls, timing.Settings(warmup=20, min_runs=runs, max_runs=runs,
+                                                 max_seconds=1e9, seed=1), label="onnx_peer")
+  return [1000 * timing.percentile(t, 50) for t in result.times]
 
 
 def _max_rel(a_path, b_path, size):

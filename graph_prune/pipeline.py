@@ -18,11 +18,11 @@ from graph_prune import errors
 from graph_prune import files
 from graph_prune import formats
 from graph_prune import plan as plan_lib
+from graph_prune import report as report_lib
 from graph_prune.analysis import cost as cost_lib
 from graph_prune.analysis import groups as groups_lib
 from graph_prune.criteria import allocation
 from graph_prune.criteria import importance
-from graph_prune.report import build as build_report
 from graph_prune.rewrite import slicing
 from graph_prune.verify import oracle
 
@@ -48,7 +48,11 @@ class Options:
   out_format: str = "same"   # "same", or "onnx" to export a TensorFlow input with tf2onnx
   opset: int = 17            # ONNX opset of that export
   steps: int = 1             # prune in this many increments (recovery after each)
-  recover: Any = None        # graph_prune.recover.recover.Options, or None: no recovery
+  # The recovery step after each increment, or None: an object with check(),
+  # checkpoint_dir and __call__(original, pruned, kept, checkpoint_dir) -> (model,
+  # report) -- graph_prune.recover.recover.Recovery. Handed in, so that pruning
+  # needs no training code.
+  recover: Any = None
   # (input name or "" for the only input, dims) for the verification inputs.
   input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
@@ -348,63 +352,94 @@ def _check_recovery(fmt: Format, options: Options) -> None:
                             "the TensorFlow model with --out_format=onnx")
   if options.plan_in:
     raise errors.UsageError("--plan_in applies a fixed plan; it does not combine with --recover")
-  from graph_prune.recover import recover as recover_lib  # pylint: disable=g-import-not-at-top
-  recover_lib.check(options.recover)
+  options.recover.check()
 
 
-def prune(in_path: str, out_path: str, options: Options = Options()) -> dict[str, Any]:
-  """Prunes the model at in_path into out_path (same format) and returns the report.
+@dataclasses.dataclass
+class _Pruned:
+  """What pruning in increments produced."""
+  model: Any
+  view: Any
+  plan: plan_lib.Plan                      # the kept channels, in the original's numbering
+  verification: Optional[oracle.Verification]
+  increments: list[dict]
+  copies: list[dict]
 
-  With options.steps > 1 the channels go in that many increments, each verified,
-  with recovery (options.recover) after each. Raises a GraphPruneError subclass on
-  bad input, impossible requests or a failed verification; nothing is written then.
-  """
+
+def check_options(in_path: str, out_path: str, options: Options) -> allocation.Spec:
+  """Every check that needs no model: paths, criterion, ratios, tolerance,
+  recovery. Raises UsageError/InputError before any work."""
   _check_paths(in_path, out_path, options)
   if options.criterion not in importance.CRITERIA:
     raise errors.UsageError(f"unknown criterion '{options.criterion}'; choose one of "
                             f"{', '.join(importance.CRITERIA)}")
-  spec = spec_of(options)  # validates ratio and round_to before any work
+  spec = spec_of(options)
   if not (math.isfinite(options.tolerance) and options.tolerance >= 0):
     raise errors.UsageError(f"--tolerance is {options.tolerance}; give a finite relative "
                             "difference >= 0, e.g. 1e-4")
   _check_recovery(format_for(in_path), options)
-  timings = {"verify_s": 0.0, "recover_s": 0.0, "plan_and_rewrite_s": 0.0}
+  return spec
+
+
+def prune(in_path: str, out_path: str, options: Options = Options()) -> report_lib.Report:
+  """Prunes the model at in_path into out_path (same format) and returns the report.
+
+  Stages: check the options; load, normalise and analyse; plan; prune in
+  options.steps increments (each verified, recovered after when options.recover);
+  assemble the report; export and write. Raises a GraphPruneError subclass on bad
+  input, impossible requests or a failed verification; nothing is written then.
+  """
+  spec = check_options(in_path, out_path, options)
+  timings = {"load_s": 0.0, "plan_and_rewrite_s": 0.0, "verify_s": 0.0, "recover_s": 0.0}
   t0 = time.perf_counter()
   prepared = prepare(in_path, options)
   timings["load_s"] = time.perf_counter() - t0
   plan = make_plan(prepared, options)
-  if not any(g.removed for g in plan.groups):
-    return _write_unchanged(in_path, out_path, prepared, plan, spec, options, timings)
+  if any(g.removed for g in plan.groups):
+    result = prune_in_increments(prepared, plan, options, timings)
+  else:
+    # Nothing removed (--ratio=0, or rounding keeps every channel): the output is
+    # the input as it was read, not its normalised form; nothing to verify.
+    result = _Pruned(prepared.format.adapter.load(in_path, options.signature, options.inputs,
+                                                  options.outputs),
+                     prepared.graph, plan, None, [], [])
+  doc = assemble_report(in_path, out_path, prepared, result, spec, options, timings)
+  return write_outputs(prepared, result, out_path, doc, options)
+
+
+def prune_in_increments(prepared: Prepared, plan: plan_lib.Plan, options: Options,
+                        timings: dict[str, float]) -> _Pruned:
+  """Prunes to `plan` in options.steps increments on a geometric schedule, each
+  rewritten, validated and verified, and recovered after when options.recover;
+  adds the time of each stage to `timings`."""
   adapter = prepared.format.adapter
   current, original_keep = prepared, {g.sources: np.arange(g.channels) for g in plan.groups}
   tensor_keep: dict[str, np.ndarray] = {}
-  increments, verifications, all_copies = [], [], []
+  increments, verifications, copies = [], [], []
+  pruned = pruned_view = None
   for step in range(1, options.steps + 1):
     t1 = time.perf_counter()
     step_plan = plan if options.steps == 1 else _increment_plan(current, options, plan, step)
-    pruned, pruned_view, verification, copies = _prune_checked(current, step_plan, options)
+    pruned, pruned_view, verification, step_copies = _prune_checked(current, step_plan, options)
     t2 = time.perf_counter()
     for gp in step_plan.groups:
       original_keep[gp.sources] = original_keep[gp.sources][list(gp.keep)]
     for tensor, positions in kept_positions(current.analysis, step_plan).items():
       tensor_keep[tensor] = tensor_keep.get(tensor, np.arange(len(
           current.analysis.dims[tensor])))[positions]
-    all_copies.extend(copies)
+    copies.extend(step_copies)
     increment = {"step": step, "groups": len(step_plan.groups),
                  "verify": dataclasses.asdict(verification) if verification else None}
     t3 = time.perf_counter()
     if options.recover is not None:
-      from graph_prune.recover import recover as recover_lib  # pylint: disable=g-import-not-at-top
       ckpt = options.recover.checkpoint_dir
       if ckpt and options.steps > 1:
         ckpt = os.path.join(ckpt, f"step_{step}")
-      pruned, increment["recovery"] = recover_lib.recover(prepared.model, pruned, tensor_keep,
-                                                          options.recover, ckpt)
+      pruned, increment["recovery"] = options.recover(prepared.model, pruned, tensor_keep, ckpt)
       pruned_view = adapter.to_view(pruned)
-    t4 = time.perf_counter()
     timings["plan_and_rewrite_s"] += t2 - t1
     timings["verify_s"] += t3 - t2
-    timings["recover_s"] += t4 - t3
+    timings["recover_s"] += time.perf_counter() - t3
     increments.append(increment)
     if verification:
       verifications.append(verification)
@@ -413,51 +448,43 @@ def prune(in_path: str, out_path: str, options: Options = Options()) -> dict[str
   final_plan = dataclasses.replace(plan, groups=tuple(
       dataclasses.replace(g, keep=tuple(int(k) for k in original_keep[g.sources]))
       for g in plan.groups))
-  excluded = {g.id: allocation.excluded_by(spec, g) for g in prepared.analysis.groups}
   worst = max(verifications, key=lambda v: v.max_rel_diff) if verifications else None
-  doc = build_report(in_path, out_path, prepared.analysis, final_plan,
-                     cost_lib.measure(prepared.graph, prepared.format.ops),
-                     cost_lib.measure(pruned_view, prepared.format.ops),
-                     worst, {k: v for k, v in excluded.items() if v}, timings)
-  doc["shared_constants_copied"] = all_copies
-  if options.steps > 1 or options.recover is not None:
-    doc["steps"] = options.steps
-    doc["increments"] = increments
-  if options.recover is not None:
-    doc["recovery"] = increments[-1]["recovery"]
-  if options.out_format == "onnx" and prepared.format.name != "onnx":
-    pruned, doc["export"] = _export_onnx(adapter, pruned, prepared.graph, options)
-    adapter = format_for(out_path).adapter
-  if options.round_to_how:
-    doc["round_to_auto"] = options.round_to_how
-  adapter.write(pruned, out_path)
-  if options.plan_out:
-    files.write_text(options.plan_out, final_plan.to_json())
-  if options.report:
-    files.write_json(options.report, doc, default=_json_default)
-  return doc
+  return _Pruned(pruned, pruned_view, final_plan, worst, increments, copies)
 
 
-def _write_unchanged(in_path: str, out_path: str, prepared: Prepared, plan: plan_lib.Plan,
-                     spec: allocation.Spec, options: Options, timings) -> dict[str, Any]:
-  """The plan removes nothing (--ratio=0, or rounding keeps every channel): the
-  output is the input model as it was read, not its normalised form, and there is
-  nothing to verify."""
-  adapter = prepared.format.adapter
-  model = adapter.load(in_path, options.signature, options.inputs, options.outputs)
-  cost = cost_lib.measure(prepared.graph, prepared.format.ops)
+def assemble_report(in_path: str, out_path: str, prepared: Prepared, result: _Pruned,
+                    spec: allocation.Spec, options: Options,
+                    timings: dict[str, float]) -> report_lib.Report:
+  ops = prepared.format.ops
   excluded = {g.id: allocation.excluded_by(spec, g) for g in prepared.analysis.groups}
-  doc = build_report(in_path, out_path, prepared.analysis, plan, cost, cost, None,
-                     {k: v for k, v in excluded.items() if v}, timings)
-  doc["unchanged"] = True
-  if options.out_format == "onnx" and prepared.format.name != "onnx":
-    model, doc["export"] = _export_onnx(adapter, model, prepared.graph, options)
+  unchanged = result.view is prepared.graph
+  before = cost_lib.measure(prepared.graph, ops)
+  after = before if unchanged else cost_lib.measure(result.view, ops)
+  recovering = options.recover is not None and not unchanged
+  return report_lib.build(
+      in_path, out_path, prepared.analysis, result.plan, before, after, result.verification,
+      {k: v for k, v in excluded.items() if v}, timings,
+      shared_constants_copied=tuple(result.copies), unchanged=unchanged,
+      round_to_auto=options.round_to_how or None,
+      steps=options.steps if (options.steps > 1 or recovering) else None,
+      increments=tuple(result.increments) if (options.steps > 1 or recovering) else None,
+      recovery=result.increments[-1]["recovery"] if recovering else None)
+
+
+def write_outputs(prepared: Prepared, result: _Pruned, out_path: str, doc: report_lib.Report,
+                  options: Options) -> report_lib.Report:
+  """Exports to ONNX where asked (checked against the pruned model), then writes the
+  model, the plan and the report, each atomically; returns the final report."""
+  adapter, model = prepared.format.adapter, result.model
+  if options.out_format == "onnx" and prepared.format.name != formats.ONNX:
+    model, export = _export_onnx(adapter, model, prepared.graph, options)
+    doc = dataclasses.replace(doc, export=export)
     adapter = format_for(out_path).adapter
   adapter.write(model, out_path)
   if options.plan_out:
-    files.write_text(options.plan_out, plan.to_json())
+    files.write_text(options.plan_out, result.plan.to_json())
   if options.report:
-    files.write_json(options.report, doc, default=_json_default)
+    files.write_json(options.report, doc.to_json(), default=_json_default)
   return doc
 
 

@@ -1,7 +1,38 @@
-"""The pruning report: a JSON-ready dict, and its text table for stdout."""
+"""The pruning report: a frozen dataclass, its JSON form (--report) and its text
+table for stdout.
+
+JSON schema (the keys of Report.to_json(); every key is always there unless
+marked "optional"):
+
+  input, output                 paths as given
+  criterion, ratio, round_to    the plan's ("" criterion: a plan read with --plan_in)
+  round_to_auto                 optional: how --round_to=auto chose the multiple
+  params_before/after           floating-point constant elements with at least one axis
+  flops_before/after            multiply-adds x 2 of the linear layers, one sample
+  const_bytes_before/after      bytes of all constants
+  groups_total, groups_pruned   channel groups found; of them pruned
+  groups                        per pruned group: id, sources, members, channels_before,
+                                channels_after, criterion
+  skipped                       per group left whole: id, sources, channels, reasons (up
+                                to 5), more_reasons
+  shared_constants_copied       per shared constant that needed copies: constant, copies, why
+  timings_s                     load_s, plan_and_rewrite_s, verify_s, recover_s
+  verify                        the oracle's result (oracle.Verification as a dict), or
+                                null when skipped (--noverify) or not needed (unchanged)
+  unchanged                     true when nothing was removed: the output is the input
+  steps, increments             optional: with --steps > 1 or --recover: per increment
+                                step, groups, verify, recovery
+  recovery                      optional: the last increment's recovery report
+  export                        optional: format, opset, tool, max_abs_diff, max_rel_diff
+                                of an --out_format=onnx export
+
+The dataclass is also a read-only mapping over these keys (report["verify"]), so
+code reading a report reads the same keys as a reader of the JSON file.
+"""
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 from typing import Any, Optional
 
@@ -11,12 +42,68 @@ from graph_prune.analysis import groups as groups_lib
 from graph_prune.verify import oracle
 
 _MAX_REASONS = 5
+_OPTIONAL = ("round_to_auto", "steps", "increments", "recovery", "export")
+
+
+@dataclasses.dataclass(frozen=True)
+class Report(collections.abc.Mapping):
+  input: str
+  output: str
+  criterion: str
+  ratio: float
+  round_to: int
+  params_before: int
+  params_after: int
+  flops_before: int
+  flops_after: int
+  const_bytes_before: int
+  const_bytes_after: int
+  groups_total: int
+  groups_pruned: int
+  groups: tuple[dict, ...]
+  skipped: tuple[dict, ...]
+  timings_s: dict
+  verify: Optional[dict]
+  shared_constants_copied: tuple[dict, ...] = ()
+  unchanged: bool = False
+  round_to_auto: Optional[str] = None
+  steps: Optional[int] = None
+  increments: Optional[tuple[dict, ...]] = None
+  recovery: Optional[dict] = None
+  export: Optional[dict] = None
+
+  def to_json(self) -> dict[str, Any]:
+    """The JSON form: the schema above, optional keys only where they apply."""
+    out = {}
+    for field in dataclasses.fields(self):
+      value = getattr(self, field.name)
+      if field.name in _OPTIONAL and value is None:
+        continue
+      out[field.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+  def __getitem__(self, key: str) -> Any:
+    if key not in self._keys():
+      raise KeyError(key)
+    value = getattr(self, key)
+    return list(value) if isinstance(value, tuple) else value
+
+  def __iter__(self):
+    return iter(self._keys())
+
+  def __len__(self) -> int:
+    return len(self._keys())
+
+  def _keys(self) -> list[str]:
+    return [f.name for f in dataclasses.fields(self)
+            if not (f.name in _OPTIONAL and getattr(self, f.name) is None)]
 
 
 def build(in_path: str, out_path: str, analysis: groups_lib.Analysis, plan: plan_lib.Plan,
           before: cost_lib.Cost, after: cost_lib.Cost,
           verification: Optional[oracle.Verification], excluded: dict[int, str],
-          timings: dict[str, float]) -> dict[str, Any]:
+          timings: dict[str, float], **extra: Any) -> Report:
+  """The report of a run; `extra` sets the fields after `verify`."""
   planned = {g.group: g for g in plan.groups}
   groups, skipped = [], []
   for g in analysis.groups:
@@ -36,24 +123,22 @@ def build(in_path: str, out_path: str, analysis: groups_lib.Analysis, plan: plan
         reasons = ["not in the plan"]
       skipped.append({"id": g.id, "sources": list(g.sources), "channels": g.channels,
                       "reasons": reasons, "more_reasons": max(0, len(g.blocked) - _MAX_REASONS)})
-  doc = {
-      "input": in_path, "output": out_path, "criterion": plan.criterion, "ratio": plan.ratio,
-      "round_to": plan.round_to,
-      "params_before": before.params, "params_after": after.params,
-      "flops_before": before.flops, "flops_after": after.flops,
-      "const_bytes_before": before.const_bytes, "const_bytes_after": after.const_bytes,
-      "groups_total": len(analysis.groups), "groups_pruned": len(groups),
-      "groups": groups, "skipped": skipped, "timings_s": timings,
-      "verify": dataclasses.asdict(verification) if verification else None,
-  }
-  return doc
+  return Report(
+      input=in_path, output=out_path, criterion=plan.criterion, ratio=plan.ratio,
+      round_to=plan.round_to, params_before=before.params, params_after=after.params,
+      flops_before=before.flops, flops_after=after.flops,
+      const_bytes_before=before.const_bytes, const_bytes_after=after.const_bytes,
+      groups_total=len(analysis.groups), groups_pruned=len(groups), groups=tuple(groups),
+      skipped=tuple(skipped), timings_s=dict(timings),
+      verify=dataclasses.asdict(verification) if verification else None, **extra)
 
 
 def _pct(before: int, after: int) -> str:
   return f"{100.0 * (before - after) / before:5.1f}%" if before else "  n/a"
 
 
-def text(doc: dict[str, Any]) -> str:
+def text(doc) -> str:
+  """The report (a Report or its JSON form) as text for stdout."""
   lines = [f"graph_prune: {doc['input']} -> {doc['output']}  "
            f"(criterion {doc['criterion'] or 'plan'}, ratio {doc['ratio']}, "
            f"round_to {doc['round_to']})", ""]

@@ -75,12 +75,38 @@ class TimingTest(absltest.TestCase):
 
     settings = timing.Settings(warmup=2, min_runs=4, max_seconds=100.0)
     result = timing.measure([make("A", 0.3), make("B", 0.1)], settings, clock=lambda: now[0])
-    # Warm-up calls first, then strict A B A B; constant times converge at min_runs.
-    self.assertEqual(order, ["A", "A", "B", "B"] + ["A", "B"] * 4)
+    # Warm-up calls first, then one call of each per round in a seeded shuffled
+    # order; constant times converge at min_runs.
+    self.assertEqual(order[:4], ["A", "A", "B", "B"])
+    rounds = [order[i:i + 2] for i in range(4, len(order), 2)]
+    self.assertLen(rounds, 4)
+    self.assertTrue(all(sorted(r) == ["A", "B"] for r in rounds), rounds)
     self.assertTrue(result.converged)
     self.assertLen(result.times[0], 4)
     self.assertAlmostEqual(timing.speedup(result).median, 3.0)
     self.assertEqual(timing.speedup(result).n, 4)
+
+  def test_order_within_rounds_is_shuffled(self):
+    # Bug: a fixed A-then-B order made an identical copy look 1.35x faster, as the
+    # second call of a round ran faster. With the order shuffled, an identical
+    # copy comes out even, and the same seed gives the same order.
+    def run(seed):
+      now, position = [0.0], [0]
+
+      def call():
+        now[0] += 1.35 if position[0] % 2 == 0 else 1.0   # the first of a round is slower
+        position[0] += 1
+      settings = timing.Settings(warmup=0, min_runs=400, max_runs=400, max_seconds=1e9,
+                                 seed=seed)
+      return timing.measure([call, call], settings, clock=lambda: now[0])
+    result = run(0)
+    speedups = result.ratios[0]
+    slower_first = sum(r > 1 for r in speedups) / len(speedups)
+    self.assertBetween(slower_first, 0.4, 0.6)
+    a, b = (sum(t) / len(t) for t in result.times)   # fixed order A-B: 1.35
+    self.assertBetween(a / b, 0.97, 1.03)
+    self.assertEqual(run(0).ratios, result.ratios)
+    self.assertNotEqual(run(1).ratios, result.ratios)
 
   def test_budget_ends_the_loop(self):
     now, step = [0.0], [0]

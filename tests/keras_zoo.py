@@ -14,9 +14,8 @@ allowed so that the deepest stages still have spatial extent larger than 1x1
 import numpy as np
 import keras
 import tensorflow as tf
-from tensorflow.python.framework.convert_to_constants import (
-    convert_variables_to_constants_v2,
-)
+
+from graph_prune.adapters import tf_model
 
 NUM_CLASSES = 10
 
@@ -282,18 +281,7 @@ def freeze(model):
     an XLA-compiled ``tf.function``; they stay ``StatefulPartitionedCall``
     nodes with a function in ``graph_def.library``.
     """
-    spec = tf.TensorSpec(
-        [None] + list(model.inputs[0].shape[1:]), tf.float32, name="input"
-    )
-
-    @tf.function
-    def forward(x):
-        """Inference-mode forward pass (batch norm uses moving statistics)."""
-        return model(x, training=False)
-
-    frozen = convert_variables_to_constants_v2(forward.get_concrete_function(spec))
-    graph_def = frozen.graph.as_graph_def()
-    return graph_def, frozen.inputs[0].name, frozen.outputs[0].name
+    return tf_model.freeze(model, list(model.inputs[0].shape[1:]))
 
 
 class _Serving(tf.Module):

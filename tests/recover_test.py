@@ -24,6 +24,8 @@ from graph_prune.adapters import tf_trainable
 from graph_prune.data import preprocess
 from graph_prune.ops import tf_ops
 from graph_prune.recover import calibrate
+from graph_prune.recover import data as recover_data
+from graph_prune.recover import options as recover_options
 from graph_prune.recover import recover
 from tests import keras_zoo
 
@@ -34,8 +36,8 @@ _PB = os.path.join(_ROOT, "models", "default", "fmnist_vgg_bn.pb")
 _SM = os.path.join(_ROOT, "models", "default", "fmnist_vgg_bn_savedmodel")
 _DATA = "fashion-mnist:train"
 _SCALE = preprocess.Preprocess(scale=1 / 255)
-_FAST = recover.Options(data=_DATA, preprocess=_SCALE, holdout_samples=1000,
-                        calibration_samples=1024, log_every=50)
+_FAST = recover_options.Options(data=_DATA, preprocess=_SCALE, holdout_samples=1000,
+                                calibration_samples=1024, log_every=50)
 
 
 def _cli(*args, timeout=600):
@@ -128,8 +130,8 @@ class RecoveryTest(absltest.TestCase):
 
   def _prune(self, name, options, source=_PB, **kw):
     out = os.path.join(self.tmp, name)
-    doc = pipeline.prune(source, out, pipeline.Options(ratio=0.5, overwrite=True, recover=options,
-                                                     **kw))
+    doc = pipeline.prune(source, out, pipeline.Options(
+        ratio=0.5, overwrite=True, recover=recover.Recovery(options), **kw))
     return out, doc
 
   def _agreement(self, path):
@@ -153,7 +155,7 @@ class RecoveryTest(absltest.TestCase):
 
   def test_finetune_on_labels(self):
     out, doc = self._prune("finetuned.pb", dataclasses.replace(
-        _FAST, method=recover.FINETUNE, train_steps=200, distill_weight=0.5))
+        _FAST, method=recover_options.FINETUNE, train_steps=200, distill_weight=0.5))
     self.assertEqual(doc["recovery"]["distill_weight"], 0.5)
     history = doc["recovery"]["history"]
     self.assertGreater(history[-1]["accuracy"], history[0]["accuracy"])
@@ -162,7 +164,7 @@ class RecoveryTest(absltest.TestCase):
 
   def test_bn_recalibration_raises_agreement_without_training(self):
     out, doc = self._prune("recalibrated.pb", dataclasses.replace(
-        _FAST, method=recover.BN_RECALIBRATE))
+        _FAST, method=recover_options.BN_RECALIBRATE))
     rec = doc["recovery"]
     self.assertEqual(rec["sites_adjusted"], rec["sites"])
     self.assertEqual(rec["sites"], 7)  # five conv+BN, fc1+BN, logits
@@ -173,7 +175,7 @@ class RecoveryTest(absltest.TestCase):
     plan = pipeline.make_plan(prepared, pipeline.Options(ratio=0.5))
     pruned = pipeline.rewrite(prepared, plan)
     kept = pipeline.kept_positions(prepared.analysis, plan)
-    data = recover.load_data(pruned, _FAST, labels=False)
+    data = recover_data.load_data(pruned, _FAST, labels=False)
     out, _ = calibrate.recalibrate(prepared.model, pruned, kept, data, _FAST)
     sites, _ = calibrate.find_sites(tf_model.to_view(out), tf_ops.REGISTRY)
     x = calibrate._calibration(data, _FAST.calibration_samples)  # pylint: disable=protected-access
@@ -195,7 +197,7 @@ class RecoveryTest(absltest.TestCase):
       np.testing.assert_allclose(gs, ws, rtol=1e-4)
 
   def test_two_increments_reach_the_single_shot_counts(self):
-    out, doc = self._prune("steps.pb", dataclasses.replace(_FAST, method=recover.BN_RECALIBRATE),
+    out, doc = self._prune("steps.pb", dataclasses.replace(_FAST, method=recover_options.BN_RECALIBRATE),
                            steps=2)
     self.assertEqual(doc["steps"], 2)
     self.assertLen(doc["increments"], 2)
@@ -232,7 +234,8 @@ class RecoveryTest(absltest.TestCase):
         "from graph_prune.recover import recover\n"
         "o = recover.Options(data='fashion-mnist:train', preprocess=preprocess.Preprocess("
         "scale=1/255), holdout_samples=500, train_steps=60, strategy='mirrored')\n"
-        "doc = pipeline.prune(sys.argv[1], sys.argv[2], pipeline.Options(ratio=0.5, recover=o, overwrite=True))\n"
+        "doc = pipeline.prune(sys.argv[1], sys.argv[2], pipeline.Options(ratio=0.5, "
+        "recover=recover.Recovery(o), overwrite=True))\n"
         "print('RESULT', json.dumps(doc['recovery']))\n")
     env = dict(os.environ, PYTHONPATH=_ROOT, TF_CPP_MIN_LOG_LEVEL="3")
     r = subprocess.run([sys.executable, "-c", script, _PB, os.path.join(self.tmp, "mirror.pb")],

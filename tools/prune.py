@@ -86,29 +86,18 @@ def _input_shapes(specs):
   return tuple(out)
 
 
-def _round_to(value):
-  """An int, or 'auto' resolved on the present device; returns (multiple, how)."""
-  if value != "auto":
-    try:
-      return int(value), ""
-    except ValueError:
-      raise errors.UsageError(f"--round_to must be a positive integer or 'auto', not "
-                              f"'{value}'") from None
-  from graph_prune.bench import runners  # pylint: disable=g-import-not-at-top
-  from graph_prune.bench import widths  # pylint: disable=g-import-not-at-top
-  kind = runners.resolve_device("auto", "graphdef").kind
-  return widths.auto_round_to(kind, widths.Cache(cli.path(_WIDTHS_CACHE.value)
-                                                 or widths.default_cache()))
-
-
-def _recover_options():
-  """recover.Options from the flags, or None without --recover."""
+def _recovery():
+  """The recovery step from the flags, or None without --recover."""
   from graph_prune.data import preprocess  # pylint: disable=g-import-not-at-top
   prep = preprocess.Preprocess(
       resize=preprocess.parse_resize(_RESIZE.value), scale=preprocess.parse_scale(_SCALE.value),
       mean=preprocess.parse_floats(_MEAN.value, "mean"),
       std=preprocess.parse_floats(_STD.value, "std"))
-  return recover_flags.options(cli, prep, cli.path(_DATA_DIR.value), _SEED.value)
+  options = recover_flags.options(cli, prep, cli.path(_DATA_DIR.value), _SEED.value)
+  if options is None:
+    return None
+  from graph_prune.recover import recover  # pylint: disable=g-import-not-at-top
+  return recover.Recovery(options)
 
 
 def main(argv):
@@ -117,7 +106,9 @@ def main(argv):
   from graph_prune import pipeline  # pylint: disable=g-import-not-at-top
   from graph_prune import report  # pylint: disable=g-import-not-at-top
   try:
-    round_to, round_to_how = _round_to(_ROUND_TO.value)
+    from graph_prune.bench import widths  # pylint: disable=g-import-not-at-top
+    round_to, round_to_how = widths.resolve_round_to(_ROUND_TO.value,
+                                                     cache=cli.path(_WIDTHS_CACHE.value))
     options = pipeline.Options(
         ratio=_RATIO.value, criterion=_CRITERION.value, round_to=round_to,
         round_to_how=round_to_how,
@@ -126,7 +117,7 @@ def main(argv):
         report=cli.path(_REPORT.value), verify=_VERIFY.value, tolerance=_TOLERANCE.value,
         signature=_SIGNATURE.value, inputs=tuple(_INPUTS.value), outputs=tuple(_OUTPUTS.value),
         overwrite=_OVERWRITE.value, out_format=_OUT_FORMAT.value, opset=_OPSET.value,
-        steps=_STEPS.value, recover=_recover_options(),
+        steps=_STEPS.value, recover=_recovery(),
         input_shapes=_input_shapes(_INPUT_SHAPE.value))
     doc = pipeline.prune(cli.path(flags.FLAGS["in"].value), cli.path(_OUT.value), options)
   except errors.GraphPruneError as e:

@@ -43,12 +43,12 @@ RECOVER_OUTPUT = flags.DEFINE_string("recover_output", None, "Output with the cl
 
 
 def options(cli, preprocess: preprocess_lib.Preprocess, data_dir, seed: int):
-  """recover.Options from the flags, or None without --recover; `cli` (tools/cli.py)
+  """recover options from the flags, or None without --recover; `cli` (tools/cli.py)
   resolves relative paths the way the calling tool does."""
   if RECOVER.value == "none":
     return None
-  from graph_prune.recover import recover  # pylint: disable=g-import-not-at-top
-  return recover.Options(
+  from graph_prune.recover import options as options_lib  # pylint: disable=g-import-not-at-top
+  return options_lib.Options(
       method=RECOVER.value, data=cli.data_path(RECOVER_DATA.value) or "", data_dir=data_dir,
       split=RECOVER_SPLIT.value, preprocess=preprocess,
       batch_size=RECOVER_BATCH.value, train_steps=RECOVER_STEPS.value,

@@ -108,25 +108,8 @@ def _image_spec():
 
 def export_frozen_graph(model, path):
   """Writes a frozen GraphDef with input 'images:0' and output 'logits:0'."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from tensorflow.python.framework import convert_to_constants  # pylint: disable=g-import-not-at-top
-
-  concrete = tf.function(lambda images: model(images, training=False)).get_concrete_function(
-      _image_spec())
-  frozen = convert_to_constants.convert_variables_to_constants_v2(concrete)
-  graph_def = frozen.graph.as_graph_def()
-  # The function's return value is an Identity node named 'Identity'; rename it so that
-  # the graph reads images:0 -> logits:0 like the SavedModel signature.  It is a sink,
-  # so no input list refers to it.
-  sink = frozen.outputs[0].op.name
-  names = {n.name for n in graph_def.node}
-  if _OUTPUT_NAME in names:
-    raise RuntimeError(f"frozen graph already has a node '{_OUTPUT_NAME}'")
-  for node in graph_def.node:
-    if node.name == sink:
-      node.name = _OUTPUT_NAME
-    if any(i.lstrip("^").split(":")[0] == sink for i in node.input):
-      raise RuntimeError(f"output node '{sink}' has consumers; cannot rename it")
+  from graph_prune.adapters import tf_model  # pylint: disable=g-import-not-at-top
+  graph_def, _, _ = tf_model.freeze(model, [28, 28, 1], _INPUT_NAME, _OUTPUT_NAME)
   with open(path, "wb") as f:
     # deterministic=True sorts map fields (node attrs), so equal graphs give equal bytes.
     f.write(graph_def.SerializeToString(deterministic=True))

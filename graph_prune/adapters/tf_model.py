@@ -439,6 +439,33 @@ def _replace_dir(src: str, dst: str) -> None:
     os.replace(src, dst)
 
 
+def freeze(model, input_shape: Sequence[Optional[int]], input_name: str = "input",
+           output_name: Optional[str] = None) -> tuple[tf.compat.v1.GraphDef, str, str]:
+  """A Keras model (or any callable on one tensor) frozen into a GraphDef in
+  inference mode (batch norm on moving statistics): input placeholder
+  `input_name` of shape [None] + input_shape, and the output renamed to
+  `output_name` if given. Returns (graph_def, input tensor, output tensor). The
+  one freezing helper of the project (tests, benchmarks, the default model)."""
+  spec = tf.TensorSpec([None] + list(input_shape), tf.float32, name=input_name)
+  call = (lambda x: model(x, training=False)) if hasattr(model, "layers") else model
+  concrete = tf.function(call).get_concrete_function(spec)
+  frozen = convert_to_constants.convert_variables_to_constants_v2(concrete)
+  graph_def = frozen.graph.as_graph_def()
+  output = frozen.outputs[0].name
+  if output_name is not None:
+    # The function's return value is a sink Identity: renaming it touches no input.
+    sink = frozen.outputs[0].op.name
+    if any(n.name == output_name for n in graph_def.node):
+      raise ValueError(f"the frozen graph already has a node '{output_name}'")
+    for node in graph_def.node:
+      if any(i.lstrip("^").split(":")[0] == sink for i in node.input):
+        raise ValueError(f"output node '{sink}' has readers; cannot rename it")
+      if node.name == sink:
+        node.name = output_name
+    output = f"{output_name}:0"
+  return graph_def, frozen.inputs[0].name, output
+
+
 def rename_functions(graph_def: tf.compat.v1.GraphDef) -> tf.compat.v1.GraphDef:
   """Gives every library function a name derived from its content.
 

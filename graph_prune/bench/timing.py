@@ -1,9 +1,12 @@
-"""The A/B timing loop and its statistics; no framework imports.
+"""The A/B timing loop and its statistics; no framework imports. Every benchmark
+of the project times through measure().
 
-Models are called in strict alternation (A B A B ...), one call each per round,
-so that slow drifts of the machine (other processes, clock changes, thermal
-limits) hit every model alike; the speedup of one model over another is the
-ratio of their times within each round, summarised over the rounds.
+Models are called once each per round, so that slow drifts of the machine (other
+processes, clock changes, thermal limits) hit every model alike; the order within
+each round is shuffled (seeded), because a fixed order favours one position (a
+model timed against an identical copy looked 1.35x faster in second place). The
+speedup of one model over another is the ratio of their times within each round,
+summarised over the rounds.
 
 The loop stops when every model's median latency (and, with two models, the
 median ratio) is known to `target_rse` relative standard error, or when the
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 import time
 from typing import Callable, Optional, Sequence
 
@@ -31,6 +35,7 @@ class Settings:
   max_runs: int = 100_000     # rounds at most (bounds memory for microsecond models)
   max_seconds: float = 10.0   # time budget per model: the loop stops after models x this
   target_rse: float = 0.01    # relative standard error of the medians that ends the loop
+  seed: int = 0               # of the order within each round
 
   def __post_init__(self):
     if self.warmup < 0 or self.min_runs < 1 or self.max_runs < self.min_runs:
@@ -96,7 +101,7 @@ def summarise(values: Sequence[float]) -> Summary:
 
 def measure(calls: Sequence[Callable[[], object]], settings: Settings,
             label: str = "", clock: Callable[[], float] = time.perf_counter) -> Result:
-  """Times the calls in alternation, one call of each per round.
+  """Times the calls one of each per round, in a shuffled order each round.
 
   Each call must return only when its work is done (device work synchronised).
   """
@@ -110,11 +115,14 @@ def measure(calls: Sequence[Callable[[], object]], settings: Settings,
   start = last_log = clock()
   next_check, converged = settings.min_runs, False
   rounds = 0
+  order = list(range(len(calls)))
+  shuffle = random.Random(settings.seed).shuffle
   while rounds < settings.max_runs:
-    for call, out in zip(calls, times):
+    shuffle(order)
+    for i in order:
       t0 = clock()
-      call()
-      out.append(clock() - t0)
+      calls[i]()
+      times[i].append(clock() - t0)
     rounds += 1
     now = clock()
     if rounds >= next_check:

@@ -20,6 +20,7 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
+from graph_prune import errors
 from graph_prune import files
 
 # Fixed multiples where the hardware documents them; CPUs are measured.
@@ -164,3 +165,24 @@ def auto_round_to(device_kind: str, cache: Cache, xla: bool = True) -> tuple[int
   return m, (f"{m} (measured on this CPU: 3x3 convolution {REPRESENTATIVE.key} batch "
              f"{REPRESENTATIVE_BATCH}, widths "
              f"{REPRESENTATIVE_WIDTHS[0]}-{REPRESENTATIVE_WIDTHS[-1]}, cache {cache.path})")
+
+
+def resolve_round_to(value: str, device: str = "auto", cache: Optional[str] = None,
+                     xla: bool = True) -> tuple[int, str]:
+  """--round_to as given: a positive integer (with no explanation), or "auto"
+  resolved on `device` (its kind, as runners.resolve_device gives it: 128 on TPU,
+  8 on GPU, on CPU measured and cached in `cache`). Returns (multiple, how it was
+  chosen). The one resolution //tools:prune and //tools:sweep share."""
+  if str(value) != "auto":
+    try:
+      multiple = int(value)
+    except ValueError:
+      raise errors.UsageError(f"--round_to must be a positive integer or 'auto', not "
+                              f"'{value}'") from None
+    if multiple < 1:
+      raise errors.UsageError(f"--round_to must be at least 1, got {multiple}")
+    return multiple, ""
+  from graph_prune.bench import runners  # pylint: disable=g-import-not-at-top
+  kind = device.split(":")[0] if device not in ("", "auto") else runners.resolve_device(
+      "auto", "tensorflow").kind
+  return auto_round_to(kind, Cache(cache or default_cache()), xla=xla)

@@ -28,7 +28,8 @@ from graph_prune.adapters import tf_model
 from graph_prune.adapters import tf_trainable
 from graph_prune.ops import desc
 from graph_prune.ops import tf_ops
-from graph_prune.recover import recover as recover_lib
+from graph_prune.recover import data as data_lib
+from graph_prune.recover import options as options_lib
 
 tf = tf_model.tf
 
@@ -142,14 +143,14 @@ def _moments(fn, x: np.ndarray, count: int, batch: int = 256) -> list[tuple[np.n
   return [st.result() for st in stats[:count]]
 
 
-def _calibration(data: recover_lib.Data, samples: int) -> np.ndarray:
+def _calibration(data: data_lib.Data, samples: int) -> np.ndarray:
   rows = [x for x, _ in data.train.take(samples).batch(1024).as_numpy_iterator()]
   return np.concatenate(rows)
 
 
 def recalibrate(original: tf_model.TFModel, pruned: tf_model.TFModel,
-                kept: Mapping[str, np.ndarray], data: recover_lib.Data,
-                options: recover_lib.Options) -> tuple[tf_model.TFModel, dict]:
+                kept: Mapping[str, np.ndarray], data: data_lib.Data,
+                options: options_lib.Options) -> tuple[tf_model.TFModel, dict]:
   x = _calibration(data, options.calibration_samples)
   graph = tf_model.to_view(pruned)
   sites, skipped = find_sites(graph, tf_ops.REGISTRY)

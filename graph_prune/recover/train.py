@@ -11,6 +11,8 @@ uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -23,7 +25,8 @@ from graph_prune import errors
 from graph_prune import files
 from graph_prune.adapters import tf_model
 from graph_prune.adapters import tf_trainable
-from graph_prune.recover import recover as recover_lib
+from graph_prune.recover import data as data_lib
+from graph_prune.recover import options as options_lib
 
 tf = tf_model.tf
 
@@ -32,7 +35,7 @@ _FINGERPRINT_FILE = "recovery.json"
 _LABEL_CHECK = "graph_prune: label out of range"
 
 
-def _optimizer(options: recover_lib.Options):
+def _optimizer(options: options_lib.Options):
   import keras  # pylint: disable=g-import-not-at-top
   steps = max(options.train_steps, 1)
   warmup = min(steps // 10, 500)
@@ -43,12 +46,12 @@ def _optimizer(options: recover_lib.Options):
   return keras.optimizers.Adam(schedule), schedule
 
 
-def _per_sample_loss(student, teacher, labels, options: recover_lib.Options):
+def _per_sample_loss(student, teacher, labels, options: options_lib.Options):
   t = options.temperature
   soft = tf.nn.softmax(teacher / t)
   kd = tf.reduce_sum(soft * (tf.math.log(soft + 1e-12) - tf.nn.log_softmax(student / t)),
                      axis=-1) * (t * t)
-  if options.method == recover_lib.DISTILL:
+  if options.method == options_lib.DISTILL:
     return kd
   classes = tf.shape(student, out_type=tf.int64)[-1]
   with tf.control_dependencies([
@@ -60,13 +63,13 @@ def _per_sample_loss(student, teacher, labels, options: recover_lib.Options):
 
 
 def _checkpoint_dir(path: Optional[str], pruned: tf_model.TFModel,
-                    options: recover_lib.Options) -> Optional[str]:
+                    options: options_lib.Options) -> Optional[str]:
   """Checks that a directory with checkpoints belongs to this recovery."""
   if not path:
     return None
-  recover_lib.ensure_dir(path)
+  ensure_dir(path)
   marker = os.path.join(path, _FINGERPRINT_FILE)
-  fp = recover_lib.fingerprint(pruned, options)
+  fp = fingerprint(pruned, options)
   if os.path.exists(marker):
     with open(marker, encoding="utf-8") as f:
       if json.load(f).get("fingerprint") != fp:
@@ -81,13 +84,13 @@ def _checkpoint_dir(path: Optional[str], pruned: tf_model.TFModel,
 
 
 def train(teacher, pruned: tf_model.TFModel, logits: str,
-          data: recover_lib.Data, options: recover_lib.Options,
+          data: data_lib.Data, options: options_lib.Options,
           checkpoint_dir: Optional[str] = None) -> tuple[tf_model.TFModel, dict]:
   """Trains the pruned model's weights against `teacher` (the original's logits as a
   function of the input) and the labels; returns the model with the trained
   weights and the training report."""
   checkpoint_dir = _checkpoint_dir(checkpoint_dir, pruned, options)
-  strategy = recover_lib.make_strategy(options.strategy)
+  strategy = make_strategy(options.strategy)
   replicas = strategy.num_replicas_in_sync
   if options.batch_size % replicas:
     raise errors.UsageError(f"--recover_batch_size {options.batch_size} does not split over "
@@ -134,7 +137,7 @@ def train(teacher, pruned: tf_model.TFModel, logits: str,
     return tuple(strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for v in per_replica)
 
   history = []
-  labelled = options.method == recover_lib.FINETUNE
+  labelled = options.method == options_lib.FINETUNE
   window_loss, window_same, window_right, window_n = 0.0, 0.0, 0.0, 0
   t0 = time.perf_counter()
   last = t0
@@ -177,8 +180,45 @@ def train(teacher, pruned: tf_model.TFModel, logits: str,
          "replicas": replicas, "train_s": round(train_s, 3), "history": history,
          "trainable_constants": len(student.weight_names),
          "trainable_params": int(sum(np.prod(w.shape) for w in student.weights))}
-  if options.method == recover_lib.DISTILL or options.distill_weight:
+  if options.method == options_lib.DISTILL or options.distill_weight:
     doc["temperature"] = options.temperature
-  if options.method == recover_lib.FINETUNE:
+  if options.method == options_lib.FINETUNE:
     doc["distill_weight"] = options.distill_weight
   return student.model(), doc
+
+
+def make_strategy(name: str):
+  """default: the one device TensorFlow picks; mirrored: all local GPUs (without
+  GPUs, every logical CPU device: that is how the tests run two replicas);
+  tpu: the TPU system this host reaches."""
+  if name == "mirrored":
+    devices = (tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU"))
+    return tf.distribute.MirroredStrategy([d.name for d in devices])
+  if name == "tpu":
+    try:
+      resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
+      tf.config.experimental_connect_to_cluster(resolver)
+      tf.tpu.experimental.initialize_tpu_system(resolver)
+    except (ValueError, RuntimeError, tf.errors.OpError) as e:
+      raise errors.UsageError(f"--strategy=tpu: no TPU found ({str(e).splitlines()[0]})"
+                              ) from None
+    return tf.distribute.TPUStrategy(resolver)
+  return tf.distribute.get_strategy()
+
+
+def fingerprint(pruned: tf_model.TFModel, options: options_lib.Options) -> str:
+  """Identifies a recovery: the pruned graph and every option that changes its result."""
+  h = hashlib.sha256(pruned.graph_def.SerializeToString(deterministic=True))
+  fields = dataclasses.asdict(options)
+  for key in ("checkpoint_dir", "checkpoint_every", "log_every"):
+    fields.pop(key)
+  h.update(repr(sorted(fields.items())).encode())
+  return h.hexdigest()
+
+
+def ensure_dir(path: str) -> str:
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise errors.UsageError(f"cannot create --checkpoint_dir '{path}' ({e.strerror})") from None
+  return path

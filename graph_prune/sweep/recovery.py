@@ -26,7 +26,7 @@ COLUMNS = ("recover_method", "recover_train_steps", "top1_recovered", "top5_reco
 
 @dataclasses.dataclass(frozen=True)
 class RecoveryStep:
-  options: Any  # graph_prune.recover.recover.Options
+  options: Any  # graph_prune.recover.options.Options
   columns: tuple[str, ...] = COLUMNS
 
   @property
@@ -46,12 +46,13 @@ class RecoveryStep:
     root, ext = os.path.splitext(ctx.pruned)
     out = f"{root}_recovered{ext}"
     ckpt = os.path.join(config.out_dir, "checkpoints", run.key)
+    from graph_prune.recover import recover as recover_lib  # pylint: disable=g-import-not-at-top
     t0 = time.perf_counter()
     doc = pipeline.prune(config.model, out, pipeline.Options(
         ratio=run.ratio, criterion=run.criterion, round_to=ctx.row["round_to_used"],
         seed=config.seed, tolerance=config.tolerance, signature=config.signature,
         inputs=tuple(config.inputs), outputs=tuple(config.outputs), overwrite=True,
-        recover=dataclasses.replace(self.options, checkpoint_dir=ckpt)))
+        recover=recover_lib.Recovery(dataclasses.replace(self.options, checkpoint_dir=ckpt))))
     recover_s = time.perf_counter() - t0
     try:
       if doc["params_after"] != ctx.row["params_pruned"]:

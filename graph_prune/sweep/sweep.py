@@ -256,9 +256,8 @@ def measure_original(config: config_lib.Config, notify: Notify = logging.info) -
 
 def resolve_auto(config: config_lib.Config, device_label: str) -> dict[str, Any]:
   """round_to "auto" on the sweep's device, as //tools:prune resolves it."""
-  kind = device_label.split(":")[0]
-  cache = widths.Cache(config.widths_cache or widths.default_cache())
-  multiple, how = widths.auto_round_to(kind, cache, xla=config.xla)
+  multiple, how = widths.resolve_round_to("auto", device_label, config.widths_cache,
+                                          xla=config.xla)
   return {"multiple": multiple, "how": how}
 
 
