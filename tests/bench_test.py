@@ -21,6 +21,7 @@ from graph_prune import errors
 from graph_prune import pipeline
 from graph_prune.bench import benchmark
 from graph_prune.bench import timing
+from tests import binaries
 from tests import keras_zoo
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(graph_prune.__file__)))
@@ -43,7 +44,7 @@ def _vgg_style():
 
 def _bench(*args):
   env = dict(os.environ, PYTHONPATH=_ROOT, TF_CPP_MIN_LOG_LEVEL="3")
-  return subprocess.run([sys.executable, _BENCH, *args], capture_output=True, text=True,
+  return subprocess.run([*binaries.command("bench"), *args], capture_output=True, text=True,
                         env=env, timeout=300, check=False)
 
 

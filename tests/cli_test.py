@@ -10,6 +10,7 @@ from absl.testing import absltest
 from absl.testing import parameterized
 
 import graph_prune
+from tests import binaries
 from tests import keras_zoo
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(graph_prune.__file__)))
@@ -18,7 +19,7 @@ _PRUNE = os.path.join(_ROOT, "tools", "prune.py")
 
 def _prune(*args):
   env = dict(os.environ, PYTHONPATH=_ROOT, TF_CPP_MIN_LOG_LEVEL="3")
-  return subprocess.run([sys.executable, _PRUNE, *args], capture_output=True, text=True,
+  return subprocess.run([*binaries.command("prune"), *args], capture_output=True, text=True,
                         env=env, timeout=300, check=False)
 
 

@@ -29,6 +29,7 @@ from graph_prune import errors
 from graph_prune.data import preprocess
 from graph_prune.evaluate import evaluate
 from graph_prune.evaluate import metrics
+from tests import binaries
 
 import tensorflow as tf  # pylint: disable=g-bad-import-order
 
@@ -118,7 +119,7 @@ def write_idx_dir(root, x, y):
 
 def _cli(*args):
   env = dict(os.environ, PYTHONPATH=_ROOT, TF_CPP_MIN_LOG_LEVEL="3")
-  return subprocess.run([sys.executable, _EVALUATE, *args], capture_output=True, text=True,
+  return subprocess.run([*binaries.command("evaluate"), *args], capture_output=True, text=True,
                         env=env, timeout=300, check=False)
 
 

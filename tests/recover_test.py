@@ -27,6 +27,7 @@ from graph_prune.recover import calibrate
 from graph_prune.recover import data as recover_data
 from graph_prune.recover import options as recover_options
 from graph_prune.recover import recover
+from tests import binaries
 from tests import keras_zoo
 
 tf = tf_model.tf
@@ -42,7 +43,7 @@ _FAST = recover_options.Options(data=_DATA, preprocess=_SCALE, holdout_samples=1
 
 def _cli(*args, timeout=600):
   env = dict(os.environ, PYTHONPATH=_ROOT, TF_CPP_MIN_LOG_LEVEL="3", TF_DETERMINISTIC_OPS="1")
-  return subprocess.run([sys.executable, os.path.join(_ROOT, "tools", "prune.py"), *args],
+  return subprocess.run([*binaries.command("prune"), *args],
                         capture_output=True, text=True, env=env, timeout=timeout, check=False)
 
 
@@ -255,7 +256,7 @@ class ResumeTest(absltest.TestCase):
               "--log_every=20", "--holdout_samples=500"]
     ckpt = os.path.join(tmp, "ckpt")
     env = dict(os.environ, PYTHONPATH=_ROOT, TF_CPP_MIN_LOG_LEVEL="3", TF_DETERMINISTIC_OPS="1")
-    proc = subprocess.Popen([sys.executable, os.path.join(_ROOT, "tools", "prune.py"), *common,
+    proc = subprocess.Popen([*binaries.command("prune"), *common,
                              f"--out={tmp}/resumed.pb", f"--checkpoint_dir={ckpt}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 300

@@ -31,6 +31,7 @@ from graph_prune.bench import widths
 from graph_prune.sweep import config
 from graph_prune.sweep import rows as rows_lib
 from graph_prune.sweep import sweep
+from tests import binaries
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(graph_prune.__file__)))
 _SWEEP = os.path.join(_ROOT, "tools", "sweep.py")
@@ -42,7 +43,7 @@ _PNG = b"\x89PNG\r\n\x1a\n"
 
 def _cli(*args, timeout=600):
   env = dict(os.environ, PYTHONPATH=_ROOT, TF_CPP_MIN_LOG_LEVEL="3")
-  return subprocess.run([sys.executable, _SWEEP, *args], capture_output=True, text=True,
+  return subprocess.run([*binaries.command("sweep"), *args], capture_output=True, text=True,
                         env=env, timeout=timeout, check=False)
 
 
@@ -402,7 +403,7 @@ class SweepTest(parameterized.TestCase):
             "--min_runs=3", "--max_seconds=0.2"]
     env = dict(os.environ, PYTHONPATH=_ROOT, TF_CPP_MIN_LOG_LEVEL="3")
     jsonl = os.path.join(out, "rows.jsonl")
-    proc = subprocess.Popen([sys.executable, _SWEEP, *args], env=env, start_new_session=True,
+    proc = subprocess.Popen([*binaries.command("sweep"), *args], env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
       deadline = time.monotonic() + 400

@@ -3,6 +3,8 @@ refusal or a rule that said something false (the adversarial battery of the
 correctness issue). Each test names the bug it guards against."""
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import tensorflow as tf
@@ -104,6 +106,29 @@ class TFCorrectnessTest(absltest.TestCase):
       tf.identity(tf.reduce_mean(_conv(h, 8, 4), [1, 2]), name="out")
     doc, _, _ = self._prune(g)
     self.assertEqual(doc["groups_pruned"], 2)
+
+  def test_nchw_graph_on_a_cpu_without_onednn(self):
+    # Bug: on a CPU without oneDNN (no AVX-512; or TF_ENABLE_ONEDNN_OPTS=0) the
+    # oracle's session failed on an NCHW MaxPool: "Default MaxPoolingOp only
+    # supports NHWC on device type CPU", a traceback. It runs under XLA now.
+    with tf.Graph().as_default() as g:
+      x = tf.compat.v1.placeholder(tf.float32, [None, 3, 8, 8], name="x")
+      h = tf.nn.conv2d(x, _c(3, 3, 3, 8), 1, "SAME", data_format="NCHW")
+      h = tf.nn.relu(tf.nn.bias_add(h, _c(8), data_format="NCHW"))
+      h = tf.nn.max_pool2d(h, 2, 2, "VALID", data_format="NCHW")
+      h = tf.nn.conv2d(h, _c(3, 3, 8, 4), 1, "SAME", data_format="NCHW")
+      tf.identity(tf.reduce_mean(h, [2, 3]), name="out")
+    tmp, path = self._write(g)
+    script = ("import sys\n"
+              "from graph_prune import pipeline\n"
+              "doc = pipeline.prune(sys.argv[1], sys.argv[2])\n"
+              "print('PASSED' if doc['verify']['passed'] else 'FAILED', doc['groups_pruned'])\n")
+    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="0", TF_CPP_MIN_LOG_LEVEL="3",
+               PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    r = subprocess.run([sys.executable, "-c", script, path, os.path.join(tmp, "out.pb")],
+                       capture_output=True, text=True, env=env, timeout=300, check=False)
+    self.assertEqual(r.returncode, 0, r.stderr[-2000:])
+    self.assertIn("PASSED 1", r.stdout)
 
   def test_non_finite_weight_is_refused(self):
     # Bug: a NaN filter ranked last and was removed although its channel was live.

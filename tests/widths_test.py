@@ -10,6 +10,7 @@ from absl.testing import absltest
 
 import graph_prune
 from graph_prune.bench import widths
+from tests import binaries
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(graph_prune.__file__)))
 
@@ -22,9 +23,9 @@ def _staircase(period, lo=1, hi=160, step_ms=2.0, noise=0.01, seed=0):
 
 
 def _run(tool, *args):
-  env = dict(os.environ, PYTHONPATH=_ROOT, TF_CPP_MIN_LOG_LEVEL="3")
-  return subprocess.run([sys.executable, os.path.join(_ROOT, "tools", tool), *args],
-                        capture_output=True, text=True, env=env, timeout=600, check=False)
+  return subprocess.run([*binaries.command(tool.removesuffix(".py")), *args],
+                        capture_output=True, text=True, env=binaries.env(), timeout=600,
+                        check=False)
 
 
 class FavouredMultipleTest(absltest.TestCase):

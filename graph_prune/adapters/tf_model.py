@@ -530,6 +530,12 @@ def _save_saved_model(sig: Signature, graph_def, path: str) -> None:
   tf.saved_model.save(module, path, signatures={sig.name: serve.get_concrete_function()})
 
 
+def _needs_onednn(e: Exception) -> bool:
+  """Whether a session failed for want of an NCHW kernel that only oneDNN has."""
+  text = e.message if isinstance(e, tf.errors.OpError) else str(e)
+  return "only supports NHWC" in text or "only NHWC" in text
+
+
 def _first_line(e: Exception) -> str:
   """The line of a TensorFlow error that says what went wrong (an OpError opens
   with "Graph execution error:" and where it was raised), with the node."""
@@ -545,10 +551,18 @@ def _first_line(e: Exception) -> str:
 
 
 class Runner:
-  """Runs a model's graph in a session of its own: feeds in input order, fetches outputs."""
+  """Runs a model's graph in a session of its own: feeds in input order, fetches outputs.
+
+  TensorFlow's CPU kernels for NCHW pooling and some other NCHW ops exist only
+  with oneDNN, which TensorFlow enables on CPUs with AVX-512 and similar (off with
+  TF_ENABLE_ONEDNN_OPTS=0, and on most laptops): where the session fails for that
+  reason, the graph runs compiled by XLA instead, which takes any layout.
+  """
 
   def __init__(self, model: TFModel, extra: Sequence[str] = ()):
     """`extra`: intermediate tensors fetched after the outputs."""
+    self._model, self._fetches = model, list(model.outputs) + list(extra)
+    self._xla = None
     self._graph = tf.Graph()
     try:
       with self._graph.as_default():
@@ -556,14 +570,27 @@ class Runner:
     except (ValueError, tf.errors.OpError) as e:
       raise errors.RunError(f"TensorFlow cannot import the graph ({_first_line(e)})") from None
     self._inputs = [self._graph.get_tensor_by_name(t) for t in model.inputs]
-    self._outputs = [self._graph.get_tensor_by_name(t) for t in list(model.outputs) + list(extra)]
+    self._outputs = [self._graph.get_tensor_by_name(t) for t in self._fetches]
     self._session = tf.compat.v1.Session(graph=self._graph)
 
   def __call__(self, feeds: Sequence[np.ndarray]) -> list[np.ndarray]:
+    if self._xla is not None:
+      return self._run_xla(feeds)
     try:
       return self._session.run(self._outputs, dict(zip(self._inputs, feeds)))
     except (ValueError, TypeError, tf.errors.OpError) as e:
-      raise errors.RunError(f"TensorFlow failed to run the graph ({_first_line(e)})") from None
+      if not _needs_onednn(e):
+        raise errors.RunError(f"TensorFlow failed to run the graph ({_first_line(e)})") from None
+    fn, _ = concrete_function(self._model.graph_def, self._model.inputs, self._fetches)
+    self._xla = tf.function(lambda *args: fn(*args), jit_compile=True)
+    return self._run_xla(feeds)
+
+  def _run_xla(self, feeds: Sequence[np.ndarray]) -> list[np.ndarray]:
+    try:
+      return [np.asarray(v) for v in self._xla(*[tf.constant(f) for f in feeds])]
+    except (ValueError, TypeError, tf.errors.OpError) as e:
+      raise errors.RunError(f"TensorFlow (XLA) failed to run the graph ({_first_line(e)})"
+                            ) from None
 
   def close(self) -> None:
     self._session.close()
