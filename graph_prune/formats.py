@@ -56,3 +56,24 @@ def for_name(name: str) -> Format:
   from graph_prune.adapters import tf_model  # pylint: disable=g-import-not-at-top
   from graph_prune.ops import tf_ops  # pylint: disable=g-import-not-at-top
   return Format(TENSORFLOW, tf_model, tf_ops.REGISTRY)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRef:
+  """A model and which of its tensors to use: the one value prune, bench, evaluate,
+  sweep and recovery load a model from. `signature` is a SavedModel's (default
+  serving_default); `inputs`/`outputs` name tensors (default: the graph's own:
+  placeholders and sinks, or the signature's)."""
+  path: str
+  signature: Optional[str] = None
+  inputs: tuple[str, ...] = ()
+  outputs: tuple[str, ...] = ()
+
+  @property
+  def format(self) -> Format:
+    return for_path(self.path)
+
+  def load(self) -> Any:
+    """The model, read by its format's adapter (InputError/UsageError on bad input)."""
+    return self.format.adapter.load(self.path, self.signature, tuple(self.inputs),
+                                    tuple(self.outputs))

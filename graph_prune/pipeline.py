@@ -88,10 +88,13 @@ def _check_paths(in_path: str, out_path: str, options: Options) -> None:
     raise errors.InputError(f"--plan_in '{options.plan_in}' does not exist")
 
 
+def model_ref(in_path: str, options: Options) -> formats.ModelRef:
+  return formats.ModelRef(in_path, options.signature, options.inputs, options.outputs)
+
+
 def prepare(in_path: str, options: Options = Options()) -> Prepared:
-  fmt = format_for(in_path)
-  return prepare_model(fmt, fmt.adapter.load(in_path, options.signature, options.inputs,
-                                             options.outputs))
+  ref = model_ref(in_path, options)
+  return prepare_model(ref.format, ref.load())
 
 
 def prepare_model(fmt: Format, model: Any) -> Prepared:
@@ -400,9 +403,7 @@ def prune(in_path: str, out_path: str, options: Options = Options()) -> report_l
   else:
     # Nothing removed (--ratio=0, or rounding keeps every channel): the output is
     # the input as it was read, not its normalised form; nothing to verify.
-    result = _Pruned(prepared.format.adapter.load(in_path, options.signature, options.inputs,
-                                                  options.outputs),
-                     prepared.graph, plan, None, [], [])
+    result = _Pruned(model_ref(in_path, options).load(), prepared.graph, plan, None, [], [])
   doc = assemble_report(in_path, out_path, prepared, result, spec, options, timings)
   return write_outputs(prepared, result, out_path, doc, options)
 

@@ -81,9 +81,9 @@ def format_of(path: str) -> str:
 def load(path: str, signature: Optional[str] = None, inputs: Sequence[str] = (),
          outputs: Sequence[str] = ()) -> Loaded:
   """Reads a model with its format adapter; raises InputError/UsageError on bad input."""
-  fmt = formats.for_path(path)
-  model = fmt.adapter.load(path, signature, inputs, outputs)
-  return Loaded(path, ONNX if fmt.name == formats.ONNX else model.kind, model)
+  ref = formats.ModelRef(path, signature, tuple(inputs), tuple(outputs))
+  model = ref.load()
+  return Loaded(path, ONNX if ref.format.name == formats.ONNX else model.kind, model)
 
 
 def size_on_disk(loaded: Loaded) -> int:

@@ -123,8 +123,8 @@ def _open(spec: ModelSpec, data_shape=None) -> _Model:
   if spec.layout not in ("auto", NHWC, NCHW):
     raise errors.UsageError(f"--layout '{spec.layout}' is not auto, NHWC or NCHW")
   outputs = (spec.output,) if spec.output and not os.path.isdir(spec.path) else ()
-  model = adapter.load(spec.path, signature=spec.signature,
-                       inputs=(spec.input,) if spec.input else (), outputs=outputs)
+  model = formats.ModelRef(spec.path, spec.signature, (spec.input,) if spec.input else (),
+                           outputs).load()
   if len(model.inputs) != 1:
     raise errors.UsageError(f"model '{spec.path}' has {len(model.inputs)} inputs "
                             f"({', '.join(model.inputs)}); evaluation feeds one: pick it with "
