@@ -84,6 +84,16 @@ def block_inputs(ctx: RuleContext, reason: str) -> None:
       ctx.block(d.units, reason)
 
 
+def constant(ctx: RuleContext, tensor: str, what: str) -> bool:
+  """Whether `tensor` (the node's `what`: "weights", "filter") is a constant; if
+  not, the node's input channels are blocked with that reason."""
+  if ctx.graph.is_const(tensor):
+    return True
+  verb = "are" if what.endswith("s") else "is"
+  block_inputs(ctx, f"{describe(ctx.node)}: {what} {verb} not a constant")
+  return False
+
+
 def describe(node: view.Node) -> str:
   return f"{node.op} '{node.name}'"
 

@@ -163,3 +163,27 @@ def einsum_linear(g: view.GraphView, node: view.Node) -> Optional[Linear]:
   w = g.constants[node.inputs[1]]
   return Linear(node.inputs[1], tw.index(new), tw.index(contracted), out.index(new),
                 int(w.shape[tw.index(contracted)]))
+
+
+def dense_linear(g: view.GraphView, node: view.Node, transposed: bool) -> Optional[Linear]:
+  """x @ W with a constant 2-D W (W given as [out, in] when `transposed`)."""
+  w = g.constants.get(node.inputs[1]) if len(node.inputs) > 1 else None
+  if w is None or w.ndim != 2 or node.inputs[0] in g.constants:
+    return None
+  in_axis, out_axis = (1, 0) if transposed else (0, 1)
+  return Linear(node.inputs[1], out_axis, in_axis, -1, int(w.shape[in_axis]))
+
+
+def spatial_linear(node: view.Node, w, out_axis: int, in_axis: int, channel_first: bool,
+                   fan_in: int, **kw) -> Linear:
+  """A convolution-like layer: its kernel is the weight's spatial axes (all but the
+  two channel axes), its strides the node's `strides` on the spatial axes of its
+  input (TensorFlow's 4- or 5-long attribute, or ONNX's one per spatial axis)."""
+  rank = w.ndim
+  kernel = tuple(int(k) for a, k in enumerate(w.shape) if a not in (out_axis % rank,
+                                                                   in_axis % rank))
+  strides = tuple(node.attrs.get("strides") or (1,) * rank)
+  if len(strides) == rank:    # TensorFlow: one entry per input axis
+    strides = strides[2:] if channel_first else strides[1:-1]
+  return Linear(node.inputs[1], out_axis % rank, in_axis % rank, 1 if channel_first else -1,
+                fan_in, kernel=kernel, strides=tuple(int(v) for v in strides), **kw)

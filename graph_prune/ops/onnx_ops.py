@@ -53,11 +53,8 @@ def _conv_linear(g: view.GraphView, node: view.Node):
   if w is None or w.ndim < 3:
     return None
   group = int(node.attrs.get("group", 1))
-  spatial = w.ndim - 2
-  strides = tuple(node.attrs.get("strides") or (1,) * spatial)
-  return desc.Linear(node.inputs[1], 0, 1, 1, int(w.shape[1]), groups=group,
-                     multiplier=int(w.shape[0]) // group if w.shape[1] == 1 else 1,
-                     kernel=tuple(int(k) for k in w.shape[2:]), strides=strides)
+  return desc.spatial_linear(node, w, 0, 1, True, int(w.shape[1]), groups=group,
+                             multiplier=int(w.shape[0]) // group if w.shape[1] == 1 else 1)
 
 
 @_op("Conv", linear=_conv_linear,
@@ -66,8 +63,7 @@ def _conv_linear(g: view.GraphView, node: view.Node):
          "loses the same positions of its input and output blocks, group stays; 1-D, 2-D, 3-D")
 def conv(ctx: RuleContext) -> None:
   x, w = ctx.node.inputs[:2]
-  if not ctx.graph.is_const(w):
-    base.block_inputs(ctx, f"{describe(ctx.node)}: weights are not a constant")
+  if not base.constant(ctx, w, "weights"):
     return
   cout, cin_per_group = ctx.graph.constants[w].shape[:2]
   group = ctx.node.attrs.get("group", 1)
@@ -114,12 +110,8 @@ def _conv_transpose_linear(g: view.GraphView, node: view.Node):
   w = g.constants.get(node.inputs[1]) if len(node.inputs) > 1 else None
   if w is None or w.ndim < 3:
     return None
-  spatial = w.ndim - 2
-  return desc.Linear(node.inputs[1], 1, 0, 1, int(w.shape[0]),
-                     groups=int(node.attrs.get("group", 1)),
-                     kernel=tuple(int(k) for k in w.shape[2:]),
-                     strides=tuple(node.attrs.get("strides") or (1,) * spatial),
-                     transposed=True)
+  return desc.spatial_linear(node, w, 1, 0, True, int(w.shape[0]),
+                             groups=int(node.attrs.get("group", 1)), transposed=True)
 
 
 @_op("ConvTranspose", linear=_conv_transpose_linear,
@@ -127,8 +119,7 @@ def _conv_transpose_linear(g: view.GraphView, node: view.Node):
          "every group loses the same positions")
 def conv_transpose(ctx: RuleContext) -> None:
   x, w = ctx.node.inputs[:2]
-  if not ctx.graph.is_const(w):
-    base.block_inputs(ctx, f"{describe(ctx.node)}: weights are not a constant")
+  if not base.constant(ctx, w, "weights"):
     return
   if ctx.node.attrs.get("output_shape") is not None and len(ctx.node.attrs["output_shape"]) > 2:
     base.block_inputs(ctx, f"{describe(ctx.node)}: output_shape names the channels")
@@ -192,11 +183,7 @@ def _dense(ctx: RuleContext, a: str, w: str, in_axis: int, out_axis: int,
 
 
 def _gemm_linear(g: view.GraphView, node: view.Node):
-  w = g.constants.get(node.inputs[1])
-  if w is None or w.ndim != 2:
-    return None
-  in_axis, out_axis = (1, 0) if node.attrs.get("transB", 0) else (0, 1)
-  return desc.Linear(node.inputs[1], out_axis, in_axis, 1, int(w.shape[in_axis]))
+  return desc.dense_linear(g, node, bool(node.attrs.get("transB", 0)))
 
 
 @_op("Gemm", linear=_gemm_linear,
@@ -222,10 +209,7 @@ def gemm(ctx: RuleContext) -> None:
 
 
 def _matmul_linear(g: view.GraphView, node: view.Node):
-  w = g.constants.get(node.inputs[1])
-  if w is None or w.ndim != 2 or node.inputs[0] in g.constants:
-    return None
-  return desc.Linear(node.inputs[1], 1, 0, -1, int(w.shape[0]))
+  return desc.dense_linear(g, node, transposed=False)
 
 
 @_op("MatMul", linear=_matmul_linear,

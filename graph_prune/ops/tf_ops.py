@@ -32,17 +32,11 @@ def _conv_linear(g: view.GraphView, node: view.Node):
   w = g.constants.get(node.inputs[1])
   if w is None or w.ndim not in (4, 5):
     return None
-  rank = w.ndim
-  fmt = node.attrs.get("data_format", "NHWC")
-  axis = 1 if fmt.startswith("NC") else rank - 1
-  spatial = tuple(range(2, rank)) if fmt.startswith("NC") else tuple(range(1, rank - 1))
-  strides = node.attrs.get("strides") or (1,) * rank
+  first = node.attrs.get("data_format", "NHWC").startswith("NC")
   xshape = g.shape(node.inputs[0])
-  cin = xshape[axis] if xshape is not None and len(xshape) == rank else None
+  cin = xshape[1 if first else -1] if xshape is not None and len(xshape) == w.ndim else None
   groups = cin // w.shape[-2] if cin and w.shape[-2] and cin % w.shape[-2] == 0 else 1
-  return desc.Linear(node.inputs[1], rank - 1, rank - 2, axis, int(w.shape[-2]), groups=groups,
-                     kernel=tuple(int(k) for k in w.shape[:-2]),
-                     strides=tuple(int(strides[a]) for a in spatial))
+  return desc.spatial_linear(node, w, -1, -2, first, int(w.shape[-2]), groups=groups)
 
 
 @_op("Conv2D", linear=_conv_linear,
@@ -52,8 +46,7 @@ def _conv_linear(g: view.GraphView, node: view.Node):
      doc="creates channels (filters, DHWIO axis 4); input channels cut its axis 3")
 def conv(ctx: RuleContext) -> None:
   x, w = ctx.node.inputs[:2]
-  if not ctx.graph.is_const(w):
-    base.block_inputs(ctx, f"{describe(ctx.node)}: filter is not a constant")
+  if not base.constant(ctx, w, "filter"):
     return
   rank = ctx.graph.constants[w].ndim
   axis = _channel_axis(ctx, rank)
@@ -89,21 +82,16 @@ def _depthwise_linear(g: view.GraphView, node: view.Node):
   w = g.constants.get(node.inputs[1])
   if w is None or w.ndim != 4:
     return None
-  fmt = node.attrs.get("data_format", "NHWC")
-  spatial = (2, 3) if fmt.startswith("NC") else (1, 2)
-  strides = node.attrs.get("strides") or (1, 1, 1, 1)
-  return desc.Linear(node.inputs[1], 2, 2, 1 if fmt.startswith("NC") else 3, 1,
-                     groups=int(w.shape[2]), multiplier=int(w.shape[3]),
-                     kernel=tuple(int(k) for k in w.shape[:2]),
-                     strides=tuple(int(strides[a]) for a in spatial))
+  first = node.attrs.get("data_format", "NHWC").startswith("NC")
+  return desc.spatial_linear(node, w, 2, 3, first, 1, groups=int(w.shape[2]),
+                             multiplier=int(w.shape[3]))
 
 
 @_op("DepthwiseConv2dNative", linear=_depthwise_linear,
      doc="channel c becomes outputs c*M..c*M+M-1 (multiplier M); filters cut on axis 2")
 def depthwise(ctx: RuleContext) -> None:
   x, w = ctx.node.inputs[:2]
-  if not ctx.graph.is_const(w):
-    base.block_inputs(ctx, f"{describe(ctx.node)}: filter is not a constant")
+  if not base.constant(ctx, w, "filter"):
     return
   d = ctx.dim(x)
   if d is None:
@@ -115,11 +103,9 @@ def depthwise(ctx: RuleContext) -> None:
 
 
 def _matmul_linear(g: view.GraphView, node: view.Node):
-  w = g.constants.get(node.inputs[1])
-  if w is None or w.ndim != 2 or node.attrs.get("transpose_a"):
+  if node.attrs.get("transpose_a"):
     return None
-  in_axis, out_axis = (1, 0) if node.attrs.get("transpose_b") else (0, 1)
-  return desc.Linear(node.inputs[1], out_axis, in_axis, 1, int(w.shape[in_axis]))
+  return desc.dense_linear(g, node, bool(node.attrs.get("transpose_b")))
 
 
 @_op("MatMul", linear=_matmul_linear,
@@ -561,8 +547,7 @@ def _backprop_linear(g: view.GraphView, node: view.Node):
          "input channels cut filter axis 3; the output size's channel entry rewritten")
 def conv2d_transpose(ctx: RuleContext) -> None:
   sizes_t, w, x = ctx.node.inputs[:3]
-  if not ctx.graph.is_const(w):
-    base.block_inputs(ctx, f"{describe(ctx.node)}: filter is not a constant")
+  if not base.constant(ctx, w, "filter"):
     return
   axis = _channel_axis(ctx)
   target, refs = _reshape_target(ctx, sizes_t)
