@@ -6,6 +6,7 @@ The one module that chains the stages; the CLIs only turn flags into a call of
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import os
@@ -23,6 +24,7 @@ from graph_prune.analysis import cost as cost_lib
 from graph_prune.analysis import groups as groups_lib
 from graph_prune.criteria import allocation
 from graph_prune.criteria import importance
+from graph_prune.graph.edits import Edits
 from graph_prune.rewrite import slicing
 from graph_prune.verify import oracle
 
@@ -246,19 +248,36 @@ def _probes(graph, cut) -> list[str]:
 
 
 def run_oracle(adapter, original, masked, pruned, graph, options: Options,
-               cut=frozenset()) -> oracle.Verification:
-  """Runs original, masked original and pruned model on the same seeded inputs;
-  raises VerificationError (nothing is written) when they disagree."""
-  runners = []
+               cut=frozenset(), pruned_graph=None) -> oracle.Verification:
+  """Runs the original, the masked original and the pruned model on the same
+  seeded inputs, one model at a time (so that no two of them are in memory as
+  runnable graphs at once); raises VerificationError (nothing is written) when
+  they disagree. `masked` is the masked model, or its weight edits (an Edits that
+  only changes constants: the original is run with them, and no masked copy of
+  the model is made). The views' constants are handed to the runners, which feed
+  the large weights from them instead of decoding another copy."""
   probes = _probes(graph, cut)
-  try:
-    for what, m in (("original", original), ("masked original", masked), ("pruned", pruned)):
-      runners.append(_Checked(what, lambda model: adapter.Runner(model, probes), m))
-    sets = oracle_inputs(graph, runners[0], options)
-    verification = oracle.verify(*runners, sets, options.tolerance, options.seed)
-  finally:
-    for r in runners:
-      r.close()
+  masked_arrays = None
+  if isinstance(masked, Edits):
+    masked_arrays = collections.ChainMap(dict(masked.constants), graph.constants)
+    masked = original
+  runs = (("original", original, graph.constants), ("masked original", masked, masked_arrays),
+          ("pruned", pruned, pruned_graph.constants if pruned_graph is not None else None))
+  outputs, sets = [], None
+  for what, model, arrays in runs:
+    runner = _Checked(what, lambda m, a=arrays: adapter.Runner(m, probes, optimize=False,
+                                                               arrays=a), model)
+    try:
+      if sets is None:
+        sets = oracle_inputs(graph, runner, options)
+      outputs.append([runner(inputs) for inputs in sets])
+    finally:
+      runner.close()
+      del runner
+    if what == "original":
+      for out in outputs[0]:
+        oracle.check_finite(out)
+  verification = oracle.compare(*outputs, sets, options.tolerance, options.seed)
   if not verification.passed:
     raise errors.VerificationError(
         f"verification failed: pruned differs from the masked original by "
@@ -317,10 +336,12 @@ def _prune_checked(prepared: Prepared, plan: plan_lib.Plan, options: Options):
                                    "please report this model") from None
   verification = None
   if options.verify:
-    masked = adapter.apply_edits(prepared.model,
-                                 slicing.build_edits(prepared.analysis, plan, slicing.MASK))
+    masked = slicing.build_edits(prepared.analysis, plan, slicing.MASK)
+    if (masked.new_constants or masked.rewires or masked.attrs or
+        not getattr(adapter, "RUNS_WITH_WEIGHTS", False)):
+      masked = adapter.apply_edits(prepared.model, masked)   # the masked model itself
     verification = run_oracle(adapter, prepared.model, masked, pruned, prepared.graph, options,
-                              set(kept_positions(prepared.analysis, plan)))
+                              set(kept_positions(prepared.analysis, plan)), pruned_view)
   return pruned, pruned_view, verification, copies_of(edits)
 
 

@@ -3,8 +3,10 @@ file, input untouched."""
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
+import time
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -158,6 +160,64 @@ class CliTest(parameterized.TestCase):
     self.assertEqual(sorted(os.listdir(tmp)), ["pruned_sm", "r.json"])
     self.assertEqual(_digest(self.sm), before)
 
+
+
+class InterruptTest(absltest.TestCase):
+  """SIGTERM or SIGINT at any point leaves no output and no temporary file."""
+
+  # Runs //tools:prune with one step made slow (the disk's fsync: inside the
+  # write; the oracle's comparison: before anything is written), so that the
+  # test knows where the signal lands.
+  _PAUSED = (
+      "import os, runpy, sys, time\n"
+      "def pausing(fn):\n"
+      "  def wrapped(*args, **kw):\n"
+      "    print('PAUSED', file=sys.stderr, flush=True)\n"
+      "    time.sleep(60)\n"
+      "    return fn(*args, **kw)\n"
+      "  return wrapped\n"
+      "if os.environ['GP_PAUSE'] == 'write':\n"
+      "  os.fsync = pausing(os.fsync)\n"
+      "else:\n"
+      "  from graph_prune.verify import oracle\n"
+      "  oracle.compare = pausing(oracle.compare)\n"
+      "sys.argv = ['prune'] + sys.argv[1:]\n"
+      "runpy.run_path(os.environ['GP_PRUNE'], run_name='__main__')\n")
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    model, _ = keras_zoo.make_planted_model(seed=1)
+    gd, _, _ = keras_zoo.freeze(model)
+    cls.pb = os.path.join(absltest.get_default_test_tmpdir(), "interrupted.pb")
+    with open(cls.pb, "wb") as f:
+      f.write(gd.SerializeToString())
+
+  def _interrupt(self, sig, pause):
+    tmp = self.create_tempdir().full_path
+    proc = subprocess.Popen(
+        [sys.executable, "-c", self._PAUSED, f"--in={self.pb}", f"--out={tmp}/out.pb",
+         f"--report={tmp}/r.json", f"--plan_out={tmp}/plan.json"],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+        env=binaries.env(GP_PRUNE=_PRUNE, GP_PAUSE=pause))
+    for line in proc.stderr:
+      if "PAUSED" in line:
+        break
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    self.assertEqual(proc.returncode, 130, err[-1500:])
+    self.assertIn("prune: interrupted", err)
+    self.assertNotIn("Traceback", err)
+    self.assertEqual(os.listdir(tmp), [])
+
+  def test_sigterm_mid_write(self):
+    self._interrupt(signal.SIGTERM, "write")
+
+  def test_sigint_mid_write(self):
+    self._interrupt(signal.SIGINT, "write")
+
+  def test_sigterm_during_verification(self):
+    self._interrupt(signal.SIGTERM, "verify")
 
 if __name__ == "__main__":
   absltest.main()

@@ -3,6 +3,7 @@
   bazel run //tools:prune -- --in=model.pb --out=pruned.pb --ratio=0.5 --criterion=l1
 """
 
+import signal
 import sys
 
 from absl import app
@@ -100,8 +101,16 @@ def _recovery():
   return recover.Recovery(options)
 
 
+def _interrupted(signum, frame):
+  del frame
+  raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv):
   del argv
+  # SIGTERM unwinds like Ctrl-C, so that every write's clean-up runs: an
+  # interrupted prune leaves neither an output nor a temporary file.
+  signal.signal(signal.SIGTERM, _interrupted)
   # Imported here so that flag errors and --help do not pay for importing TensorFlow.
   from graph_prune import pipeline  # pylint: disable=g-import-not-at-top
   from graph_prune import report  # pylint: disable=g-import-not-at-top
@@ -123,6 +132,9 @@ def main(argv):
   except errors.GraphPruneError as e:
     print(f"prune: error: {e}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt as e:
+    print(f"prune: interrupted ({e or 'SIGINT'}); nothing written", file=sys.stderr)
+    return 130
   except Exception as e:  # pylint: disable=broad-except  (one line, never a traceback wall)
     logging.debug("internal error", exc_info=True)
     first = (str(e).splitlines() or [""])[0][:300]

@@ -464,12 +464,19 @@ def _first_line(e: Exception) -> str:
 class Runner:
   """Runs a model in ONNX Runtime on the CPU: feeds in input order, fetches outputs."""
 
-  def __init__(self, model: ONNXModel, extra: Sequence[str] = (), options=None):
-    """`extra`: intermediate tensors fetched after the outputs."""
+  def __init__(self, model: ONNXModel, extra: Sequence[str] = (), options=None,
+               optimize: bool = True, arrays=None):
+    """`extra`: intermediate tensors fetched after the outputs; optimize=False
+    runs ONNX Runtime's basic graph optimisations only (the oracle's few runs).
+    `arrays` is accepted for the protocol and not needed: the session reads the
+    weights from the model."""
+    del arrays
     import onnxruntime  # pylint: disable=g-import-not-at-top
     if options is None:
       options = onnxruntime.SessionOptions()
       options.log_severity_level = 4  # errors come back as RunError, not log lines
+      if not optimize:
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_BASIC
     graph = model.proto.graph
     # Extra fetches must be graph outputs: added for serialising, then taken off
     # again (the model is left as it was; copying it would copy every weight).

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import os
 import shutil
 import tempfile
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -30,6 +31,10 @@ from google.protobuf import text_format  # pylint: disable=g-import-not-at-top
 from tensorflow.core.protobuf import config_pb2  # pylint: disable=g-import-not-at-top
 from tensorflow.python.framework import convert_to_constants  # pylint: disable=g-import-not-at-top
 from tensorflow.python.grappler import tf_optimizer  # pylint: disable=g-import-not-at-top
+
+# The Runner can run a model with other values for its large weights (`arrays`):
+# the oracle runs the masked original so, without copying the model.
+RUNS_WITH_WEIGHTS = True
 
 GRAPHDEF = "graphdef"
 GRAPHDEF_TEXT = "graphdef_text"
@@ -79,13 +84,13 @@ def _parse_graph_def(path: str) -> tuple[tf.compat.v1.GraphDef, str]:
   if not gd.node:
     raise errors.InputError(f"'{path}' holds no graph nodes; give a frozen .pb/.pbtxt or a "
                             "SavedModel directory")
+  _check_constants(gd, path)
   try:
     with tf.Graph().as_default():
-      tf.compat.v1.import_graph_def(gd, name="")
+      tf.compat.v1.import_graph_def(_light(gd)[0], name="")
   except (ValueError, TypeError, tf.errors.OpError) as e:
     raise errors.InputError(f"'{path}' is not a valid TensorFlow graph "
                             f"({str(e).splitlines()[0][:200]})") from None
-  _check_constants(gd, path)
   return gd, kind
 
 
@@ -192,13 +197,106 @@ def _load_saved_model(path: str, signature: str) -> TFModel:
   return TFModel(SAVED_MODEL, gd, tuple(t for _, t in ins), tuple(t for _, t in outs), sig)
 
 
+# Weights of at least this many elements are left out of the graphs that grappler,
+# shape inference and import validation see (each would copy them).
+_LIGHT_ELEMENTS = 1 << 14
+# Ops that read a weight without computing anything from its values that constant
+# folding could use: a weight read only by these stays out of grappler's sight.
+_WEIGHT_SLOTS = {"Conv2D": 1, "Conv3D": 1, "DepthwiseConv2dNative": 1, "MatMul": 1,
+                 "Conv2DBackpropInput": 1, "Einsum": 1, "PartitionedCall": None,
+                 "StatefulPartitionedCall": None}
+
+
+def _light(graph_def: tf.compat.v1.GraphDef, also: frozenset = frozenset()
+           ) -> tuple[tf.compat.v1.GraphDef, dict]:
+  """A copy of the graph in which every large constant that only linear layers
+  read as their weight (directly or through Identity) is a Placeholder of its
+  dtype and shape; and those constants' NodeDefs by name (not copied). Grappler,
+  shape inference and import treat the placeholders like inputs. Weights that
+  grappler could fold a constant factor into (a batch-norm scale after the layer)
+  stay constants, so the result is the same as on the full graph, without copying
+  the other weights each time. Constants named in `also` become placeholders
+  whatever they are (a runner that feeds them)."""
+  readers: dict[str, list] = {}
+  for node in graph_def.node:
+    for i, t in enumerate(node.input):
+      if not t.startswith("^"):   # a control edge reads no value
+        readers.setdefault(_node_name(t), []).append((node, i))
+
+  producers = {n.name: n for n in graph_def.node}
+
+  def scaled(node) -> bool:
+    """Whether grappler may fold a constant factor into this layer's weight: its
+    output read by a Mul (MulConvPushDown), or its input a Mul's output."""
+    if any(r.op == "Mul" for r, _ in readers.get(node.name, ())):
+      return True
+    source = producers.get(_node_name(node.input[0])) if node.input else None
+    return source is not None and source.op == "Mul"
+
+  def weight_only(name, depth=0):
+    for node, i in readers.get(name, ()):
+      if node.op == "Identity" and depth < 4:
+        if not weight_only(node.name, depth + 1):
+          return False
+        continue
+      slot = _WEIGHT_SLOTS.get(node.op, -1)
+      if slot == -1 or (slot is not None and i != slot) or scaled(node):
+        return False
+    return bool(readers.get(name))
+
+  heavy = {}
+  for node in graph_def.node:
+    if node.op != "Const" or "value" not in node.attr or node.input:
+      continue   # (a constant with a control input lives in a while loop's frame)
+    if node.name in also:
+      heavy[node.name] = node
+      continue
+    shape = node.attr["value"].tensor.tensor_shape
+    if shape.unknown_rank or math.prod(max(d.size, 0) for d in shape.dim) < _LIGHT_ELEMENTS:
+      continue
+    if weight_only(node.name):
+      heavy[node.name] = node
+  if not heavy:
+    return graph_def, {}
+  light = tf.compat.v1.GraphDef()
+  for field in ("versions", "library"):
+    if graph_def.HasField(field):
+      getattr(light, field).CopyFrom(getattr(graph_def, field))
+  for node in graph_def.node:
+    if node.name in heavy:
+      ph = light.node.add(name=node.name, op="Placeholder", device=node.device)
+      ph.attr["dtype"].type = node.attr["dtype"].type
+      ph.attr["shape"].shape.CopyFrom(node.attr["value"].tensor.tensor_shape)
+    else:
+      light.node.add().CopyFrom(node)
+  return light, heavy
+
+
+def _restore(light: tf.compat.v1.GraphDef, heavy: dict) -> tf.compat.v1.GraphDef:
+  """The light graph with its placeholders swapped back for the constants."""
+  if not heavy:
+    return light
+  out = tf.compat.v1.GraphDef()
+  for field in ("versions", "library"):
+    if light.HasField(field):
+      getattr(out, field).CopyFrom(getattr(light, field))
+  for node in light.node:
+    if node.name in heavy and node.op == "Placeholder":
+      out.node.add().CopyFrom(heavy[node.name])
+    else:
+      out.node.add().CopyFrom(node)
+  return out
+
+
 def normalise(model: TFModel) -> TFModel:
   """Grappler constant folding: Identity chains, decomposed batch-norm, Reshape(Const)
-  become per-channel constants the analysis can slice."""
+  become per-channel constants the analysis can slice. Large weights stay out of
+  grappler's copy of the graph (see _light)."""
+  light, heavy = _light(model.graph_def)
   graph = tf.Graph()
   with graph.as_default():
-    tf.compat.v1.import_graph_def(model.graph_def, name="")
-  meta = tf.compat.v1.train.export_meta_graph(graph_def=model.graph_def, graph=graph)
+    tf.compat.v1.import_graph_def(light, name="")
+  meta = tf.compat.v1.train.export_meta_graph(graph_def=light, graph=graph)
   fetch = meta.collection_def["train_op"]
   for t in model.outputs:
     fetch.node_list.value.append(_node_name(t))
@@ -207,7 +305,7 @@ def normalise(model: TFModel) -> TFModel:
   rewrite.optimizers.extend(["constfold", "dependency"])
   rewrite.min_graph_nodes = -1
   rewrite.meta_optimizer_iterations = 2  # rewriter_config ONE=1, TWO=2
-  out = tf_optimizer.OptimizeGraph(config, meta)
+  out = _restore(tf_optimizer.OptimizeGraph(config, meta), heavy)
   names = {n.name for n in out.node}
   for t in model.inputs + model.outputs:
     if _node_name(t) not in names:
@@ -234,9 +332,10 @@ def to_view(model: TFModel) -> view.GraphView:
   """The graph view; importing the graph runs TensorFlow's shape inference, which
   also validates it (a broken rewrite raises ValueError here)."""
   graph_def, inputs, outputs = model.graph_def, model.inputs, model.outputs
+  light, heavy = _light(graph_def)
   graph = tf.Graph()
   with graph.as_default():
-    tf.compat.v1.import_graph_def(graph_def, name="")
+    tf.compat.v1.import_graph_def(light, name="")
   node_defs = {n.name: n for n in graph_def.node}
   functions = {f.signature.name: f for f in graph_def.library.function}
   ops = graph.get_operations()
@@ -244,7 +343,7 @@ def to_view(model: TFModel) -> view.GraphView:
   layout = "NHWC"
   for op in ops:
     attrs = _attrs(node_defs[op.name])
-    kind, reads = op.type, tuple(t.name for t in op.inputs)
+    kind, reads = ("Const" if op.name in heavy else op.type), tuple(t.name for t in op.inputs)
     inner = _call_as_op(node_defs[op.name], functions) if op.type in _CALLS else None
     if inner is not None:
       # Seen as the convolution it calls; its weights are outside, edited as usual.
@@ -257,9 +356,9 @@ def to_view(model: TFModel) -> view.GraphView:
       shapes[t.name] = None if t.shape.rank is None else tuple(t.shape.as_list())
       if t.dtype.is_numpy_compatible:
         dtypes[t.name] = t.dtype.as_numpy_dtype.__name__
-    if op.type == "Const":
+    if kind == "Const":
       try:
-        constants[op.outputs[0].name] = tf.make_ndarray(op.get_attr("value"))
+        constants[op.outputs[0].name] = tf.make_ndarray(node_defs[op.name].attr["value"].tensor)
       except (ValueError, TypeError) as e:
         raise errors.InputError(f"constant '{op.name}' cannot be read ({_first_line(e)}); the "
                                 "model is corrupt") from None
@@ -559,38 +658,67 @@ class Runner:
   reason, the graph runs compiled by XLA instead, which takes any layout.
   """
 
-  def __init__(self, model: TFModel, extra: Sequence[str] = ()):
-    """`extra`: intermediate tensors fetched after the outputs."""
+  def __init__(self, model: TFModel, extra: Sequence[str] = (), optimize: bool = True,
+               arrays: Optional[Mapping[str, np.ndarray]] = None):
+    """`extra`: intermediate tensors fetched after the outputs. optimize=False
+    switches off grappler and the graph optimiser: for a few runs (the oracle's)
+    they only cost time, and memory for the copies of the constants they make;
+    the large weights are then fed, taken from `arrays` (tensor name -> value, the
+    view's constants: no new copy) where it has them, else decoded."""
     self._model, self._fetches = model, list(model.outputs) + list(extra)
     self._xla = None
     self._graph = tf.Graph()
+    # Without optimisation the large weights are fed rather than imported: the
+    # graph then holds no copy of them, and each run reads the decoded arrays.
+    fed = frozenset()
+    if arrays is not None and not optimize:
+      # Every floating-point weight the caller has (the masked model's among them)
+      # is fed; integer constants (shapes, axes) stay in the graph.
+      fed = frozenset(_node_name(t) for t, v in arrays.items()
+                      if np.ndim(v) and np.issubdtype(np.asarray(v).dtype, np.floating))
+    graph_def, heavy = (model.graph_def, {}) if optimize else _light(model.graph_def, fed)
+    self._graph_def = graph_def
     try:
       with self._graph.as_default():
-        tf.compat.v1.import_graph_def(model.graph_def, name="")
+        tf.compat.v1.import_graph_def(graph_def, name="")
     except (ValueError, tf.errors.OpError) as e:
       raise errors.RunError(f"TensorFlow cannot import the graph ({_first_line(e)})") from None
     self._inputs = [self._graph.get_tensor_by_name(t) for t in model.inputs]
     self._outputs = [self._graph.get_tensor_by_name(t) for t in self._fetches]
-    self._session = tf.compat.v1.Session(graph=self._graph)
+    arrays = arrays or {}
+    self._weights = {self._graph.get_tensor_by_name(f"{name}:0"):
+                     arrays[f"{name}:0"] if f"{name}:0" in arrays
+                     else tf.make_ndarray(node.attr["value"].tensor)
+                     for name, node in heavy.items()}
+    config = config_pb2.ConfigProto()
+    if not optimize:
+      config.graph_options.rewrite_options.disable_meta_optimizer = True
+      config.graph_options.optimizer_options.opt_level = config_pb2.OptimizerOptions.L0
+      config.graph_options.optimizer_options.do_constant_folding = False
+    self._session = tf.compat.v1.Session(graph=self._graph, config=config)
 
   def __call__(self, feeds: Sequence[np.ndarray]) -> list[np.ndarray]:
     if self._xla is not None:
       return self._run_xla(feeds)
     try:
-      return self._session.run(self._outputs, dict(zip(self._inputs, feeds)))
+      return self._session.run(self._outputs, {**self._weights, **dict(zip(self._inputs, feeds))})
     except (ValueError, TypeError, tf.errors.OpError) as e:
       if not _needs_onednn(e):
         raise errors.RunError(f"TensorFlow failed to run the graph ({_first_line(e)})") from None
-    fn, _ = concrete_function(self._model.graph_def, self._model.inputs, self._fetches)
+    weights = [t.name for t in self._weights]
+    fn, _ = concrete_function(self._graph_def, list(self._model.inputs) + weights,
+                              self._fetches)
     self._xla = tf.function(lambda *args: fn(*args), jit_compile=True)
     return self._run_xla(feeds)
 
   def _run_xla(self, feeds: Sequence[np.ndarray]) -> list[np.ndarray]:
     try:
-      return [np.asarray(v) for v in self._xla(*[tf.constant(f) for f in feeds])]
+      args = [tf.constant(f) for f in list(feeds) + list(self._weights.values())]
+      return [np.asarray(v) for v in self._xla(*args)]
     except (ValueError, TypeError, tf.errors.OpError) as e:
       raise errors.RunError(f"TensorFlow (XLA) failed to run the graph ({_first_line(e)})"
                             ) from None
 
   def close(self) -> None:
     self._session.close()
+    self._session = self._graph = self._xla = self._weights = self._graph_def = None

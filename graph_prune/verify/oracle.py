@@ -122,20 +122,23 @@ def max_diff(ref: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> tuple[floa
   return max_abs, max_rel
 
 
-def verify(original: Run, masked: Run, pruned: Run, sets: Sequence[Sequence[np.ndarray]],
-           tolerance: float, seed: int) -> Verification:
-  """Compares the three models on every input set; the worst differences count."""
+def check_finite(outputs: Sequence[np.ndarray]) -> None:
+  """Refuses outputs of the input model that hold NaN: nothing could be checked."""
+  if any(np.isnan(np.asarray(b, dtype=np.float64)).any() for b in outputs
+         if np.issubdtype(np.asarray(b).dtype, np.number)):
+    raise errors.InputError("the input model computes NaN on the verification inputs, so "
+                            "nothing could be checked; give realistic input sizes with "
+                            "--input_shape, or fix the model's weights")
+
+
+def compare(original: Sequence[Sequence[np.ndarray]], masked: Sequence[Sequence[np.ndarray]],
+            pruned: Sequence[Sequence[np.ndarray]], sets: Sequence[Sequence[np.ndarray]],
+            tolerance: float, seed: int) -> Verification:
+  """The verdict from the three models' outputs on every input set (one list of
+  outputs per set); the worst differences count."""
   max_abs = max_rel = eff_abs = eff_rel = 0.0
   samples = 0
-  for inputs in sets:
-    base = original(inputs)
-    if any(np.isnan(np.asarray(b, dtype=np.float64)).any() for b in base
-           if np.issubdtype(np.asarray(b).dtype, np.number)):
-      raise errors.InputError("the input model computes NaN on the verification inputs, so "
-                              "nothing could be checked; give realistic input sizes with "
-                              "--input_shape, or fix the model's weights")
-    ref = masked(inputs)
-    got = pruned(inputs)
+  for base, ref, got, inputs in zip(original, masked, pruned, sets):
     a, r = max_diff(ref, got)
     ea, er = max_diff(base, ref)
     max_abs, max_rel = max(max_abs, a), max(max_rel, r)

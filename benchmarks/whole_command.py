@@ -1,0 +1,193 @@
+"""The whole command, file to file, and each of its stages: wall time and peak
+resident memory above the interpreter's baseline with TensorFlow imported.
+
+  bazel run //benchmarks:whole_command -- --models=VGG16,ResNet50 --size=224 \
+      --work_dir=/tmp/whole_command [--json=out.json]
+
+Each model (a Keras application, weights=None with every bias and batch-norm
+statistic randomised; tests/keras_zoo.py) is frozen once into --work_dir. Then,
+per model:
+
+- the command itself: //tools:prune --ratio=0.5 in a child process, its wall time
+  and its peak resident set (the kernel's high-water mark) above a child that only
+  imports TensorFlow and runs one op (the baseline);
+- the stages, in another child process, one after another as the pipeline runs
+  them: load, normalise, view + analyse, plan, rewrite, validate (the pruned
+  model's view), verify (the oracle), write; per stage its seconds and the peak
+  resident set above the baseline reached during it (the high-water mark is reset
+  before each stage, /proc/self/clear_refs), and the constant bytes of the model.
+
+Linux only (/proc/self/status).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+
+_MODELS = flags.DEFINE_list("models", ["VGG16", "ResNet50"], "keras.applications names.")
+_SIZE = flags.DEFINE_integer("size", 224, "Input height and width.")
+_WORK_DIR = flags.DEFINE_string("work_dir", None, "Where the frozen models are kept.")
+_RATIO = flags.DEFINE_float("ratio", 0.5, "Pruning ratio.")
+_JSON = flags.DEFINE_string("json", None, "Also write the figures as JSON here.")
+_STAGE = flags.DEFINE_string("stage_child", None, "(internal) run the stages of this model.")
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _kib(field: str) -> int:
+  with open("/proc/self/status", encoding="ascii") as f:
+    for line in f:
+      if line.startswith(field + ":"):
+        return int(line.split()[1])
+  raise KeyError(field)
+
+
+def _reset_peak() -> None:
+  import ctypes  # pylint: disable=g-import-not-at-top
+  import gc  # pylint: disable=g-import-not-at-top
+  gc.collect()
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except OSError:
+    pass
+  with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+    f.write("5")
+
+
+def _baseline_kib() -> int:
+  """Resident set of an interpreter with TensorFlow imported and one op run."""
+  script = ("import os\nos.environ['TF_CPP_MIN_LOG_LEVEL'] = '3'\nimport tensorflow as tf\n"
+            "tf.constant(1.0) + 1.0\n"
+            "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
+  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       check=True, env=dict(os.environ, PYTHONPATH=_ROOT))
+  return int(out.stdout.strip().splitlines()[-1])
+
+
+def _build(name: str, size: int, work_dir: str) -> str:
+  path = os.path.join(work_dir, f"{name}_{size}.pb")
+  if not os.path.exists(path):
+    script = ("import sys\nfrom tests import keras_zoo\n"
+              "gd, _, _ = keras_zoo.freeze(keras_zoo.build(sys.argv[1], size=int(sys.argv[2])))\n"
+              "open(sys.argv[3], 'wb').write(gd.SerializeToString())\n")
+    subprocess.run([sys.executable, "-c", script, name, str(size), path], check=True,
+                   env=dict(os.environ, PYTHONPATH=_ROOT, TF_CPP_MIN_LOG_LEVEL="3"))
+  return path
+
+
+def _command(path: str, out: str, ratio: float) -> dict:
+  """//tools:prune as a user runs it, in a child that reports its own high-water
+  mark at exit: wall time and peak resident set."""
+  script = ("import os, runpy, sys\n"
+            "sys.argv = ['prune'] + sys.argv[1:]\n"
+            "try:\n  runpy.run_path(os.path.join(os.environ['GP_ROOT'], 'tools', 'prune.py'), "
+            "run_name='__main__')\n"
+            "except SystemExit as e:\n  code = e.code\nelse:\n  code = 0\n"
+            "hwm = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
+            "print('PEAK_KIB', hwm, 'EXIT', code, file=sys.stderr)\n")
+  t0 = time.perf_counter()
+  r = subprocess.run([sys.executable, "-c", script, f"--in={path}", f"--out={out}",
+                      f"--ratio={ratio}", "--overwrite"], capture_output=True, text=True,
+                     env=dict(os.environ, PYTHONPATH=_ROOT, GP_ROOT=_ROOT,
+                              TF_CPP_MIN_LOG_LEVEL="3"), check=False)
+  wall = time.perf_counter() - t0
+  tail = r.stderr.rsplit("PEAK_KIB", 1)
+  if len(tail) != 2 or not tail[1].split()[2] in ("0", "None"):
+    raise RuntimeError(f"prune failed: {r.stderr[-800:]}")
+  return {"wall_s": wall, "peak_kib": int(tail[1].split()[0])}
+
+
+def _stages(path: str, ratio: float) -> dict:
+  """The pipeline's stages one by one, in this process (a child of main)."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.constant(1.0) + 1.0  # pylint: disable=expression-not-assigned
+  from graph_prune import formats  # pylint: disable=g-import-not-at-top
+  from graph_prune import pipeline  # pylint: disable=g-import-not-at-top
+  from graph_prune.analysis import groups as groups_lib  # pylint: disable=g-import-not-at-top
+  from graph_prune.rewrite import slicing  # pylint: disable=g-import-not-at-top
+  _reset_peak()
+  base = _kib("VmRSS")
+  fmt = formats.for_path(path)
+  adapter, options = fmt.adapter, pipeline.Options(ratio=ratio)
+  stages, state = [], {}
+
+  def stage(name, fn):
+    _reset_peak()
+    t0 = time.perf_counter()
+    value = fn()
+    seconds = time.perf_counter() - t0
+    stages.append({"stage": name, "seconds": seconds,
+                   "peak_above_baseline_bytes": (_kib("VmHWM") - base) * 1024,
+                   "resident_after_bytes": (_kib("VmRSS") - base) * 1024})
+    return value
+
+  model = stage("load", lambda: adapter.load(path))
+  model = stage("normalise", lambda: adapter.normalise(model))
+  graph = stage("view", lambda: adapter.to_view(model))
+  analysis = stage("analyse", lambda: groups_lib.analyse(graph, fmt.ops))
+  prepared = pipeline.Prepared(fmt, model, graph, analysis)
+  plan = stage("plan", lambda: pipeline.make_plan(prepared, options))
+  state["edits"] = stage("rewrite", lambda: slicing.build_edits(analysis, plan, slicing.SLICE))
+  pruned = stage("apply", lambda: adapter.apply_edits(model, state["edits"]))
+
+  pruned_view = stage("validate", lambda: adapter.to_view(pruned))
+
+  def verify():
+    masked = slicing.build_edits(analysis, plan, slicing.MASK)
+    if masked.new_constants or masked.rewires or not getattr(adapter, "RUNS_WITH_WEIGHTS", False):
+      masked = adapter.apply_edits(model, masked)
+    return pipeline.run_oracle(adapter, model, masked, pruned, graph, options,
+                               set(pipeline.kept_positions(analysis, plan)), pruned_view)
+  verification = stage("verify", verify)
+  out = os.path.join(tempfile.mkdtemp(), "out.pb")
+  stage("write", lambda: adapter.write(pruned, out))
+  const_bytes = sum(int(c.nbytes) for c in graph.constants.values())
+  return {"const_bytes": const_bytes, "stages": stages,
+          "verify_max_rel_diff": verification.max_rel_diff}
+
+
+def main(argv):
+  del argv
+  if _STAGE.value:
+    print("RESULT " + json.dumps(_stages(_STAGE.value, _RATIO.value)))
+    return 0
+  work_dir = _WORK_DIR.value or tempfile.mkdtemp()
+  os.makedirs(work_dir, exist_ok=True)
+  baseline = _baseline_kib()
+  results = {"baseline_kib": baseline, "ratio": _RATIO.value, "models": {}}
+  for name in _MODELS.value:
+    path = _build(name, _SIZE.value, work_dir)
+    command = _command(path, os.path.join(work_dir, f"{name}_pruned.pb"), _RATIO.value)
+    r = subprocess.run([sys.executable, os.path.abspath(__file__), f"--stage_child={path}",
+                        f"--ratio={_RATIO.value}"], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=_ROOT), check=False)
+    if r.returncode:
+      raise RuntimeError(f"stages of {name} failed: {r.stderr[-2000:]}")
+    staged = json.loads(r.stdout.split("RESULT ", 1)[1])
+    const = staged["const_bytes"]
+    peak = (command["peak_kib"] - baseline) * 1024 if command["peak_kib"] else None
+    results["models"][name] = dict(staged, command_wall_s=command["wall_s"],
+                                   command_peak_above_baseline_bytes=peak)
+    print(f"\n{name} {_SIZE.value}x{_SIZE.value}: constants {const / 1e6:.1f} MB; whole command "
+          f"{command['wall_s']:.1f} s, peak {peak / 1e6 if peak else float('nan'):.0f} MB above "
+          f"the baseline ({peak / const if peak else float('nan'):.2f}x the constants)")
+    print(f"  {'stage':10}{'s':>9}{'peak MB':>10}{'x const':>9}{'resident MB':>13}")
+    for s in staged["stages"]:
+      print(f"  {s['stage']:10}{s['seconds']:>9.2f}{s['peak_above_baseline_bytes'] / 1e6:>10.0f}"
+            f"{s['peak_above_baseline_bytes'] / const:>9.2f}"
+            f"{s['resident_after_bytes'] / 1e6:>13.0f}")
+  if _JSON.value:
+    with open(_JSON.value, "w", encoding="utf-8") as f:
+      json.dump(results, f, indent=1, sort_keys=True)
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(main)
