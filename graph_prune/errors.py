@@ -27,3 +27,7 @@ class VerificationError(GraphPruneError):
 
 class RunError(GraphPruneError):
   """The runtime (TensorFlow, ONNX Runtime) failed to run a model."""
+
+
+class ReconstructionError(GraphPruneError):
+  """Reconstruction made the pruned model agree less with the original."""

@@ -25,6 +25,7 @@ from graph_prune.analysis import groups as groups_lib
 from graph_prune.criteria import allocation
 from graph_prune.criteria import importance
 from graph_prune.graph.edits import Edits
+from graph_prune.reconstruct import reconstruct as reconstruct_lib
 from graph_prune.rewrite import slicing
 from graph_prune.verify import oracle
 
@@ -57,6 +58,17 @@ class Options:
   recover: Any = None
   # (input name or "" for the only input, dims) for the verification inputs.
   input_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
+  # Re-fit the layers after each increment (reconstruct.Options), or None.
+  reconstruct: Optional[reconstruct_lib.Options] = None
+  # The taylor criterion's filter scores (TensorFlow, gradients): a callable
+  # (model, [(weight constant, output axis)], samples) -> {weight: per-filter
+  # scores} -- graph_prune.recover.taylor.filter_scores. Handed in like `recover`.
+  taylor: Any = None
+  # Where calibration samples come from (calibrated criteria, reconstruction): an
+  # object with check() and load(format, graph view) -> samples --
+  # graph_prune.calibration.samples.Spec. Handed in, so that pruning needs no
+  # data-reading code.
+  calibration: Any = None
 
 
 Format = formats.Format
@@ -116,7 +128,27 @@ def spec_of(options: Options) -> allocation.Spec:
   return allocation.Spec(options.ratio, options.round_to, options.overrides, options.exclude)
 
 
-def make_plan(prepared: Prepared, options: Options) -> plan_lib.Plan:
+def scores_of(prepared: Prepared, options: Options, samples=None,
+              seed: Optional[int] = None) -> importance.Scores:
+  """The criterion's scores; a calibrated criterion's statistics come from one pass
+  of the prepared model over the calibration samples."""
+  seed = options.seed if seed is None else seed
+  if options.criterion not in importance.CALIBRATED:
+    return importance.score(prepared.analysis, options.criterion, seed)
+  if samples is None:
+    raise errors.UsageError(f"--criterion={options.criterion} needs --calibration_data")
+  fmt = prepared.format
+  if options.criterion == "taylor":
+    stats = options.taylor(prepared.model, [(s.weight, s.weight_axis)
+                                            for s in prepared.analysis.sources], samples.fit)
+    return importance.score(prepared.analysis, options.criterion, seed, stats, fmt.ops)
+  from graph_prune.calibration import activations  # pylint: disable=g-import-not-at-top
+  tensors = importance.calibration_tensors(prepared.analysis, options.criterion, fmt.ops)
+  stats = activations.channel_stats(fmt, prepared.model, prepared.graph, tensors, samples.fit)
+  return importance.score(prepared.analysis, options.criterion, seed, stats, fmt.ops)
+
+
+def make_plan(prepared: Prepared, options: Options, samples=None) -> plan_lib.Plan:
   analysis = prepared.analysis
   if options.plan_in:
     with open(options.plan_in, encoding="utf-8") as f:
@@ -137,8 +169,8 @@ def make_plan(prepared: Prepared, options: Options) -> plan_lib.Plan:
         f"nothing prunable: --exclude={','.join(spec.exclude)} matches every prunable group; "
         "narrow the patterns")
   check_finite(analysis)
-  scores = importance.score(analysis, options.criterion, options.seed)
-  return allocation.allocate(analysis, scores, spec, options.criterion)
+  return allocation.allocate(analysis, scores_of(prepared, options, samples), spec,
+                             options.criterion)
 
 
 def check_finite(analysis: groups_lib.Analysis) -> None:
@@ -324,7 +356,8 @@ def kept_positions(analysis: groups_lib.Analysis, plan: plan_lib.Plan) -> dict[s
 
 
 def _prune_checked(prepared: Prepared, plan: plan_lib.Plan, options: Options):
-  """Rewrite, validate, verify (when asked): the pruned model, its view and the check."""
+  """Rewrite, validate, verify (when asked): the pruned model, its view, the check,
+  the copied constants and the seconds the check took."""
   adapter = prepared.format.adapter
   edits = slicing.build_edits(prepared.analysis, plan, slicing.SLICE)
   pruned = adapter.apply_edits(prepared.model, edits)
@@ -334,15 +367,17 @@ def _prune_checked(prepared: Prepared, plan: plan_lib.Plan, options: Options):
   except (ValueError, errors.InputError) as e:
     raise errors.VerificationError(f"the pruned graph is invalid ({str(e).splitlines()[0][:300]}); "
                                    "please report this model") from None
-  verification = None
+  verification, verify_s = None, 0.0
   if options.verify:
+    t0 = time.perf_counter()
     masked = slicing.build_edits(prepared.analysis, plan, slicing.MASK)
     if (masked.new_constants or masked.rewires or masked.attrs or
         not getattr(adapter, "RUNS_WITH_WEIGHTS", False)):
       masked = adapter.apply_edits(prepared.model, masked)   # the masked model itself
     verification = run_oracle(adapter, prepared.model, masked, pruned, prepared.graph, options,
                               set(kept_positions(prepared.analysis, plan)), pruned_view)
-  return pruned, pruned_view, verification, copies_of(edits)
+    verify_s = time.perf_counter() - t0
+  return pruned, pruned_view, verification, copies_of(edits), verify_s
 
 
 def copies_of(edits) -> list[dict[str, Any]]:
@@ -356,13 +391,13 @@ def copies_of(edits) -> list[dict[str, Any]]:
           for src, n in sorted(counts.items())]
 
 
-def _increment_plan(current: Prepared, options: Options, final: plan_lib.Plan, step: int
-                    ) -> plan_lib.Plan:
+def _increment_plan(current: Prepared, options: Options, final: plan_lib.Plan, step: int,
+                    samples=None) -> plan_lib.Plan:
   """Increment `step` of options.steps: scores on the current (recovered) weights,
   kept counts on the geometric schedule towards the final plan's."""
   counts = {g.sources: allocation.schedule(g.channels, len(g.keep), options.steps, step,
                                            options.round_to) for g in final.groups}
-  scores = importance.score(current.analysis, options.criterion, options.seed + step)
+  scores = scores_of(current, options, samples, options.seed + step)
   return allocation.allocate_counts(current.analysis, scores, counts, final)
 
 
@@ -402,6 +437,25 @@ def check_options(in_path: str, out_path: str, options: Options) -> allocation.S
     raise errors.UsageError(f"--tolerance is {options.tolerance}; give a finite relative "
                             "difference >= 0, e.g. 1e-4")
   _check_recovery(format_for(in_path), options)
+  if options.reconstruct is not None:
+    reconstruct_lib.check(options.reconstruct)
+  needs = [what for what, needed in (
+      (f"--criterion={options.criterion}", options.criterion in importance.CALIBRATED),
+      (f"--reconstruct={getattr(options.reconstruct, 'method', '')}",
+       options.reconstruct is not None)) if needed]
+  if needs and options.calibration is None:
+    raise errors.UsageError(f"{' and '.join(needs)} need{'s' if len(needs) == 1 else ''} "
+                            "calibration samples: give --calibration_data (images or a .npz "
+                            "of inputs; no labels needed)")
+  if options.calibration is not None:
+    options.calibration.check()
+  if options.criterion == "taylor":
+    if format_for(in_path).name != formats.TENSORFLOW:
+      raise errors.UsageError("--criterion=taylor needs gradients, which this tool takes from "
+                              "TensorFlow; for an ONNX model use activation, apoz or wanda")
+    if options.taylor is None:
+      raise errors.UsageError("--criterion=taylor: no gradient code handed in "
+                              "(pipeline.Options.taylor)")
   return spec
 
 
@@ -414,13 +468,18 @@ def prune(in_path: str, out_path: str, options: Options = Options()) -> report_l
   input, impossible requests or a failed verification; nothing is written then.
   """
   spec = check_options(in_path, out_path, options)
-  timings = {"load_s": 0.0, "plan_and_rewrite_s": 0.0, "verify_s": 0.0, "recover_s": 0.0}
+  timings = {"load_s": 0.0, "plan_and_rewrite_s": 0.0, "verify_s": 0.0, "reconstruct_s": 0.0,
+             "recover_s": 0.0}
   t0 = time.perf_counter()
   prepared = prepare(in_path, options)
+  samples = None
+  if options.calibration is not None and (options.reconstruct is not None or
+                                          options.criterion in importance.CALIBRATED):
+    samples = options.calibration.load(prepared.format, prepared.graph)
   timings["load_s"] = time.perf_counter() - t0
-  plan = make_plan(prepared, options)
+  plan = make_plan(prepared, options, samples)
   if any(g.removed for g in plan.groups):
-    result = prune_in_increments(prepared, plan, options, timings)
+    result = prune_in_increments(prepared, plan, options, timings, samples)
   else:
     # Nothing removed (--ratio=0, or rounding keeps every channel): the output is
     # the input as it was read, not its normalised form; nothing to verify.
@@ -430,10 +489,11 @@ def prune(in_path: str, out_path: str, options: Options = Options()) -> report_l
 
 
 def prune_in_increments(prepared: Prepared, plan: plan_lib.Plan, options: Options,
-                        timings: dict[str, float]) -> _Pruned:
+                        timings: dict[str, float], samples=None) -> _Pruned:
   """Prunes to `plan` in options.steps increments on a geometric schedule, each
-  rewritten, validated and verified, and recovered after when options.recover;
-  adds the time of each stage to `timings`."""
+  rewritten, validated and verified, then reconstructed (options.reconstruct)
+  and recovered (options.recover) where asked; adds the time of each stage to
+  `timings`."""
   adapter = prepared.format.adapter
   current, original_keep = prepared, {g.sources: np.arange(g.channels) for g in plan.groups}
   tensor_keep: dict[str, np.ndarray] = {}
@@ -441,8 +501,10 @@ def prune_in_increments(prepared: Prepared, plan: plan_lib.Plan, options: Option
   pruned = pruned_view = None
   for step in range(1, options.steps + 1):
     t1 = time.perf_counter()
-    step_plan = plan if options.steps == 1 else _increment_plan(current, options, plan, step)
-    pruned, pruned_view, verification, step_copies = _prune_checked(current, step_plan, options)
+    step_plan = (plan if options.steps == 1 else
+                 _increment_plan(current, options, plan, step, samples))
+    pruned, pruned_view, verification, step_copies, verify_s = _prune_checked(
+        current, step_plan, options)
     t2 = time.perf_counter()
     for gp in step_plan.groups:
       original_keep[gp.sources] = original_keep[gp.sources][list(gp.keep)]
@@ -453,15 +515,22 @@ def prune_in_increments(prepared: Prepared, plan: plan_lib.Plan, options: Option
     increment = {"step": step, "groups": len(step_plan.groups),
                  "verify": dataclasses.asdict(verification) if verification else None}
     t3 = time.perf_counter()
+    if options.reconstruct is not None:
+      done = reconstruct_lib.reconstruct(prepared.format, prepared.model, prepared.graph,
+                                         pruned, pruned_view, tensor_keep, samples,
+                                         options.reconstruct)
+      pruned, pruned_view, increment["reconstruction"] = done.model, done.view, done.report
+    t4 = time.perf_counter()
     if options.recover is not None:
       ckpt = options.recover.checkpoint_dir
       if ckpt and options.steps > 1:
         ckpt = os.path.join(ckpt, f"step_{step}")
       pruned, increment["recovery"] = options.recover(prepared.model, pruned, tensor_keep, ckpt)
       pruned_view = adapter.to_view(pruned)
-    timings["plan_and_rewrite_s"] += t2 - t1
-    timings["verify_s"] += t3 - t2
-    timings["recover_s"] += time.perf_counter() - t3
+    timings["plan_and_rewrite_s"] += t3 - t1 - verify_s
+    timings["verify_s"] += verify_s
+    timings["reconstruct_s"] += t4 - t3
+    timings["recover_s"] += time.perf_counter() - t4
     increments.append(increment)
     if verification:
       verifications.append(verification)
@@ -490,7 +559,9 @@ def assemble_report(in_path: str, out_path: str, prepared: Prepared, result: _Pr
       round_to_auto=options.round_to_how or None,
       steps=options.steps if (options.steps > 1 or recovering) else None,
       increments=tuple(result.increments) if (options.steps > 1 or recovering) else None,
-      recovery=result.increments[-1]["recovery"] if recovering else None)
+      recovery=result.increments[-1]["recovery"] if recovering else None,
+      reconstruction=(result.increments[-1].get("reconstruction")
+                      if result.increments else None))
 
 
 def write_outputs(prepared: Prepared, result: _Pruned, out_path: str, doc: report_lib.Report,

@@ -16,13 +16,21 @@ marked "optional"):
   skipped                       per group left whole: id, sources, channels, reasons (up
                                 to 5), more_reasons
   shared_constants_copied       per shared constant that needed copies: constant, copies, why
-  timings_s                     load_s, plan_and_rewrite_s, verify_s, recover_s
+  timings_s                     load_s (with the calibration samples), plan_and_rewrite_s,
+                                verify_s, reconstruct_s, recover_s
   verify                        the oracle's result (oracle.Verification as a dict), or
                                 null when skipped (--noverify) or not needed (unchanged)
   unchanged                     true when nothing was removed: the output is the input
   steps, increments             optional: with --steps > 1 or --recover: per increment
                                 step, groups, verify, recovery
   recovery                      optional: the last increment's recovery report
+  reconstruction                optional: the last increment's reconstruction report:
+                                method, data, samples, holdout, ridge, max_rows,
+                                layers_refitted, layers (node, inputs_kept, rows,
+                                intercept_into, rel_error_before/after on the rows),
+                                skipped, holdout_samples, holdout_before/after
+                                (agreement, rel_error, max_rel_diff against the
+                                original: the sliced and the reconstructed model), seconds
   export                        optional: format, opset, tool, max_abs_diff, max_rel_diff
                                 of an --out_format=onnx export
 
@@ -42,7 +50,7 @@ from graph_prune.analysis import groups as groups_lib
 from graph_prune.verify import oracle
 
 _MAX_REASONS = 5
-_OPTIONAL = ("round_to_auto", "steps", "increments", "recovery", "export")
+_OPTIONAL = ("round_to_auto", "steps", "increments", "recovery", "reconstruction", "export")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +78,7 @@ class Report(collections.abc.Mapping):
   steps: Optional[int] = None
   increments: Optional[tuple[dict, ...]] = None
   recovery: Optional[dict] = None
+  reconstruction: Optional[dict] = None
   export: Optional[dict] = None
 
   def to_json(self) -> dict[str, Any]:
@@ -174,6 +183,18 @@ def text(doc) -> str:
                  f"(tolerance {v['tolerance']:.0e}, {v['samples']} seeded samples)")
     lines.append(f"  pruning moved the outputs by at most {v['effect_max_abs']:.3g} "
                  f"(rel {v['effect_max_rel']:.3g}) against the unpruned model")
+  r = doc.get("reconstruction")
+  if r:
+    b, a = r["holdout_before"], r["holdout_after"]
+    agree = (f"top-1 agreement with the original {b['agreement']:.2%} -> {a['agreement']:.2%}, "
+             if b["agreement"] is not None else "")
+    lines.append(f"reconstruction: {r['method']}, {r['layers_refitted']} layers re-fitted on "
+                 f"{r['samples']} samples ({r['seconds']:.1f} s); on {r['holdout_samples']} "
+                 f"held-out samples {agree}relative error {b['rel_error']:.3g} -> "
+                 f"{a['rel_error']:.3g}")
+    if r["skipped"]:
+      lines.append(f"  not re-fitted: {r['skipped'][0]}" +
+                   (f" (+{len(r['skipped']) - 1} more)" if len(r["skipped"]) > 1 else ""))
   for inc in doc.get("increments", ()):
     r = inc.get("recovery")
     if not r:

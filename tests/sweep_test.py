@@ -492,6 +492,24 @@ class SweepTest(parameterized.TestCase):
     r = _cli(*common, "--recover_train_steps=300")
     self._check_error(r, "holds another sweep")
 
+  def test_reconstruction_columns(self):
+    out = self.create_tempdir().full_path
+    r = _cli(f"--in={_MODEL}", f"--out_dir={out}", "--ratios=0.5", "--criteria=activation",
+             "--batch_sizes=1", "--max_seconds=0.3", "--min_runs=3", "--nomemory",
+             "--data=fashion-mnist:test", "--max_samples=1000", "--scale=1/255",
+             "--reconstruct=lsq", "--calibration_data=fashion-mnist:train",
+             "--calibration_samples=800", "--calibration_holdout=200")
+    self.assertEqual(r.returncode, 0, r.stderr[-3000:])
+    (row,) = [json.loads(l) for l in _lines(os.path.join(out, "rows.jsonl"))]
+    self.assertEqual(row["status"], "ok", row["error"])
+    self.assertEqual((row["reconstruct_method"], row["reconstruct_layers"]), ("lsq", 6))
+    self.assertLess(row["holdout_agreement_sliced"], 0.5)
+    self.assertGreater(row["holdout_agreement_reconstructed"], 0.8)
+    self.assertLess(row["holdout_rel_error_reconstructed"], row["holdout_rel_error_sliced"])
+    # The evaluated (and benchmarked) model is the reconstructed one.
+    self.assertGreater(row["top1"], 0.8)
+    self.assertEqual(tuple(row), rows_lib.columns((1,), accuracy=True, reconstruct=True))
+
   def _check_error(self, r, needle):
     self.assertEqual(r.returncode, 2, r.stderr[-3000:])
     lines = [l for l in r.stderr.splitlines() if l.startswith("sweep: ")]
@@ -515,6 +533,9 @@ class SweepTest(parameterized.TestCase):
       ("unwritable_out_dir", ["--out_dir={file}/sub"], "is not a writable directory"),
       ("out_dir_is_file", ["--out_dir={file}"], "is a file"),
       ("plots_only_without_sweep", ["--plots_only"], "holds no sweep"),
+      ("calibrated_without_data", ["--criteria=l1,apoz"], "apoz: give --calibration_data"),
+      ("reconstruct_without_data", ["--reconstruct=bias"],
+       "--reconstruct: give --calibration_data"),
   )
   def test_bad_input(self, args, needle):
     tmp = self.create_tempdir().full_path

@@ -11,6 +11,7 @@ from absl import flags
 from absl import logging
 
 from graph_prune import errors
+from tools import calibration_flags
 from tools import cli
 from tools import recover_flags
 
@@ -18,7 +19,9 @@ _IN = flags.DEFINE_string("in", None,
                           "Input: frozen GraphDef (.pb/.pbtxt), SavedModel dir, or .onnx file.")
 _OUT = flags.DEFINE_string("out", None, "Output path; same format as the input.")
 _RATIO = flags.DEFINE_float("ratio", 0.5, "Fraction of channels removed from each group, [0, 1).")
-_CRITERION = flags.DEFINE_string("criterion", "l1", "l1, l2, bn_scale, fpgm or random.")
+_CRITERION = flags.DEFINE_string("criterion", "l1", "l1, l2, bn_scale, fpgm, random, or "
+                                 "with --calibration_data activation, apoz, wanda or taylor "
+                                 "(TensorFlow).")
 _ROUND_TO = flags.DEFINE_string(
     "round_to", "1", "Keep a multiple of this many channels, or 'auto': 128 on TPU, 8 on GPU, "
     "on CPU the multiple measured from a convolution's latency staircase (cached).")
@@ -50,12 +53,16 @@ _STEPS = flags.DEFINE_integer("steps", 1, "Prune in this many increments, recove
                               "each (geometric schedule to --ratio).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Fashion-MNIST directory for "
                                 "fashion-mnist:SPLIT (default: the Debian package's).")
-_RESIZE = flags.DEFINE_string("resize", None, "Recovery data: resize images (bilinear) to H,W.")
-_SCALE = flags.DEFINE_string("scale", "1", "Recovery data: multiply pixels by this, e.g. 1/255.")
-_MEAN = flags.DEFINE_list("mean", [], "Recovery data: subtract per channel (after --scale).")
-_STD = flags.DEFINE_list("std", [], "Recovery data: then divide per channel.")
+_RESIZE = flags.DEFINE_string("resize", None, "Recovery and calibration data: resize images "
+                              "(bilinear) to H,W.")
+_SCALE = flags.DEFINE_string("scale", "1", "Recovery and calibration data: multiply pixels by "
+                             "this, e.g. 1/255.")
+_MEAN = flags.DEFINE_list("mean", [], "Recovery and calibration data: subtract per channel "
+                          "(after --scale).")
+_STD = flags.DEFINE_list("std", [], "Recovery and calibration data: then divide per channel.")
 
 flags.adopt_module_key_flags(recover_flags)  # listed by --help with this tool's own
+flags.adopt_module_key_flags(calibration_flags)
 flags.mark_flags_as_required(["in", "out"])
 
 
@@ -87,18 +94,29 @@ def _input_shapes(specs):
   return tuple(out)
 
 
-def _recovery():
-  """The recovery step from the flags, or None without --recover."""
+def _preprocess():
   from graph_prune.data import preprocess  # pylint: disable=g-import-not-at-top
-  prep = preprocess.Preprocess(
+  return preprocess.Preprocess(
       resize=preprocess.parse_resize(_RESIZE.value), scale=preprocess.parse_scale(_SCALE.value),
       mean=preprocess.parse_floats(_MEAN.value, "mean"),
       std=preprocess.parse_floats(_STD.value, "std"))
-  options = recover_flags.options(cli, prep, cli.path(_DATA_DIR.value), _SEED.value)
-  if options is None:
+
+
+def _recovery():
+  """The recovery step from the flags, or None without --recover."""
+  if recover_flags.RECOVER.value == "none":
     return None
+  options = recover_flags.options(cli, _preprocess(), cli.path(_DATA_DIR.value), _SEED.value)
   from graph_prune.recover import recover  # pylint: disable=g-import-not-at-top
   return recover.Recovery(options)
+
+
+def _taylor():
+  """The taylor criterion's gradient code (TensorFlow), only when it is asked for."""
+  if _CRITERION.value != "taylor":
+    return None
+  from graph_prune.recover import taylor  # pylint: disable=g-import-not-at-top
+  return taylor.filter_scores
 
 
 def _interrupted(signum, frame):
@@ -127,7 +145,9 @@ def main(argv):
         signature=_SIGNATURE.value, inputs=tuple(_INPUTS.value), outputs=tuple(_OUTPUTS.value),
         overwrite=_OVERWRITE.value, out_format=_OUT_FORMAT.value, opset=_OPSET.value,
         steps=_STEPS.value, recover=_recovery(),
-        input_shapes=_input_shapes(_INPUT_SHAPE.value))
+        input_shapes=_input_shapes(_INPUT_SHAPE.value),
+        reconstruct=calibration_flags.reconstruct(_SEED.value), taylor=_taylor(),
+        calibration=calibration_flags.calibration(cli, _preprocess, cli.path(_DATA_DIR.value)))
     doc = pipeline.prune(cli.path(flags.FLAGS["in"].value), cli.path(_OUT.value), options)
   except errors.GraphPruneError as e:
     print(f"prune: error: {e}", file=sys.stderr)

@@ -8,6 +8,7 @@ same model input.
 from absl import flags
 
 from graph_prune.data import preprocess as preprocess_lib
+from tools import calibration_flags
 
 RECOVER = flags.DEFINE_enum(
     "recover", "none", ["none", "distill", "finetune", "bn_recalibrate"],
@@ -15,7 +16,7 @@ RECOVER = flags.DEFINE_enum(
     "(optionally mixed with distillation), or bn_recalibrate (no gradient steps).")
 RECOVER_DATA = flags.DEFINE_string(
     "recover_data", None, "Recovery data: .npz (x, and y for finetune), TFRecords, class "
-    "folders, IDX files or fashion-mnist:train.")
+    "folders, IDX files or fashion-mnist:train (default: --calibration_data).")
 RECOVER_SPLIT = flags.DEFINE_string("recover_split", "train",
                                     "IDX split (train or test) of an IDX directory.")
 RECOVER_BATCH = flags.DEFINE_integer("recover_batch_size", 64,
@@ -27,8 +28,6 @@ LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-3, "Peak Adam learning ra
 TEMPERATURE = flags.DEFINE_float("temperature", 4.0, "Distillation temperature.")
 DISTILL_WEIGHT = flags.DEFINE_float("distill_weight", 0.0,
                                     "finetune: weight of the distillation term, [0, 1].")
-CALIBRATION = flags.DEFINE_integer("calibration_samples", 2048,
-                                   "bn_recalibrate: samples the statistics come from.")
 HOLDOUT = flags.DEFINE_integer("holdout_samples", 2000, "Samples kept out of recovery; "
                                "agreement with the original is reported on them.")
 STRATEGY = flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "tpu"],
@@ -49,11 +48,13 @@ def options(cli, preprocess: preprocess_lib.Preprocess, data_dir, seed: int):
     return None
   from graph_prune.recover import options as options_lib  # pylint: disable=g-import-not-at-top
   return options_lib.Options(
-      method=RECOVER.value, data=cli.data_path(RECOVER_DATA.value) or "", data_dir=data_dir,
+      method=RECOVER.value,
+      data=cli.data_path(RECOVER_DATA.value or calibration_flags.CALIBRATION_DATA.value) or "",
+      data_dir=data_dir,
       split=RECOVER_SPLIT.value, preprocess=preprocess,
       batch_size=RECOVER_BATCH.value, train_steps=RECOVER_STEPS.value,
       learning_rate=LEARNING_RATE.value, temperature=TEMPERATURE.value,
-      distill_weight=DISTILL_WEIGHT.value, calibration_samples=CALIBRATION.value,
+      distill_weight=DISTILL_WEIGHT.value, calibration_samples=calibration_flags.CALIBRATION_SAMPLES.value,
       holdout_samples=HOLDOUT.value, strategy=STRATEGY.value,
       checkpoint_dir=cli.path(CHECKPOINT_DIR.value), checkpoint_every=CHECKPOINT_EVERY.value,
       log_every=LOG_EVERY.value, seed=seed, output=RECOVER_OUTPUT.value)

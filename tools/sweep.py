@@ -12,6 +12,7 @@ sweep; --flagfile=FILE reads the flags from a file. A progress line per run on
 stderr, a summary on stdout.
 """
 
+import dataclasses
 import os
 import sys
 
@@ -20,12 +21,14 @@ from absl import flags
 from absl import logging
 
 from graph_prune import errors
+from tools import calibration_flags
 from tools import cli
 from tools import recover_flags
 
 _BENCH = cli.BenchFlags()
 flags.adopt_module_key_flags(cli)  # listed by --help with this tool's own
 flags.adopt_module_key_flags(recover_flags)  # listed by --help with this tool's own
+flags.adopt_module_key_flags(calibration_flags)
 _IN = flags.DEFINE_string("in", None,
                           "Input: frozen GraphDef (.pb/.pbtxt), SavedModel dir, or .onnx file.")
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Directory of the sweep (created if missing).")
@@ -124,13 +127,18 @@ def main(argv):
         seed=_SEED.value, tolerance=_TOLERANCE.value, signature=_SIGNATURE.value,
         inputs=tuple(_INPUTS.value), outputs=tuple(_OUTPUTS.value), data=_data(),
         keep_models=_KEEP_MODELS.value, widths_cache=cli.path(_WIDTHS_CACHE.value),
-        overwrite=_OVERWRITE.value)
+        overwrite=_OVERWRITE.value, reconstruct=calibration_flags.reconstruct(_SEED.value))
     steps = []
     data = settings.data
-    recovery = recover_flags.options(cli, preprocess.Preprocess(
-        resize=data.resize, scale=data.scale, mean=data.mean, std=data.std)
-                                     if data else preprocess.Preprocess(),
-                                     cli.path(_DATA_DIR.value), _SEED.value)
+    prep = (preprocess.Preprocess(resize=data.resize, scale=data.scale, mean=data.mean,
+                                  std=data.std) if data else preprocess.Preprocess())
+    taylor = None
+    if "taylor" in settings.criteria:
+      from graph_prune.recover import taylor as taylor_lib  # pylint: disable=g-import-not-at-top
+      taylor = taylor_lib.filter_scores
+    settings = dataclasses.replace(settings, calibration=calibration_flags.calibration(
+        cli, lambda: prep, cli.path(_DATA_DIR.value)), taylor=taylor)
+    recovery = recover_flags.options(cli, prep, cli.path(_DATA_DIR.value), _SEED.value)
     if recovery is not None:
       from graph_prune.sweep import recovery as recovery_lib  # pylint: disable=g-import-not-at-top
       steps.append(recovery_lib.RecoveryStep(recovery))

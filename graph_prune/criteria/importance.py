@@ -1,22 +1,35 @@
-"""Importance of each unit of each group, from the model's constants.
+"""Importance of each unit of each group, from the model's constants or, for the
+calibrated criteria, from its activations on calibration samples.
 
 Per-channel scores are computed for every producer (source) of a group and
 averaged over the producers that feed the unit, so residual stages weigh all
 their convolutions. A low score means "remove first".
+
+Calibrated criteria (their statistics come from calibration.activations):
+  activation  mean |activation| of the channel where the next layers read it
+  apoz        1 - the fraction of zeros there (Average Percentage Of Zeros: a
+              channel that a ReLU zeroes most of the time goes first)
+  wanda       per output channel of a producer: sum of |weight| x the L2 norm
+              of the input channel it reads (Sun et al., made structured)
+  taylor      first-order Taylor estimate of the loss change when a filter is
+              zeroed (recover/taylor.py computes it: TensorFlow, gradients)
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from typing import Any, Mapping, Optional
 
 import numpy as np
 
 from graph_prune import errors
 from graph_prune.analysis import groups as groups_lib
 from graph_prune.ops import channels as base
+from graph_prune.ops import desc
+from graph_prune.ops import geometry
 
-CRITERIA = ("l1", "l2", "bn_scale", "fpgm", "random")
+CALIBRATED = ("activation", "apoz", "wanda", "taylor")
+CRITERIA = ("l1", "l2", "bn_scale", "fpgm", "random") + CALIBRATED
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,13 +75,82 @@ def _fpgm(rows: np.ndarray) -> np.ndarray:
   return np.sqrt(d2).sum(axis=1)
 
 
-def _element_scores(analysis: groups_lib.Analysis, criterion: str) -> np.ndarray:
-  """Score per element (NaN where no producer or scale says anything)."""
+def calibration_tensors(analysis: groups_lib.Analysis, criterion: str,
+                        ops: desc.Registry) -> dict[str, int]:
+  """The tensors (name -> channel axis) whose statistics a calibrated criterion
+  reads: where the next layers read a group's channels (activation, apoz), or
+  the inputs of the producers (wanda)."""
+  graph = analysis.graph
+  out: dict[str, int] = {}
+  if criterion == "taylor":
+    return out
+  if criterion == "wanda":
+    for src in analysis.sources:
+      node = graph.node(src.node)
+      lin = ops.linear(graph, node)
+      if lin is not None and not lin.transposed and node.inputs[0] not in graph.constants:
+        out[node.inputs[0]] = lin.channel_axis % (graph.rank(node.inputs[0]) or 1)
+    return out
+  for sl in analysis.slices:
+    if sl.role == base.SINK and sl.by in analysis.dims and sl.by not in graph.constants:
+      rank = graph.rank(sl.by)
+      if rank:
+        out[sl.by] = analysis.dims[sl.by].axis % rank
+  return out
+
+
+def _wanda(analysis: groups_lib.Analysis, src: groups_lib.Source, ops: desc.Registry,
+           stats: Mapping[str, Any]) -> Optional[np.ndarray]:
+  """Sum over a producer's filter of |weight| x its input channel's L2 norm."""
+  graph = analysis.graph
+  node = graph.node(src.node)
+  lin = ops.linear(graph, node)
+  st = stats.get(node.inputs[0]) if lin is not None else None
+  if st is None or st.sq_sum is None:
+    return None
+  layer = geometry.Layer(lin, tuple(graph.constants[lin.weight].shape))
+  if geometry.supported(layer):
+    return None
+  norms = st.norm
+  if len(norms) != layer.groups * layer.fan_in:
+    return None
+  m = np.abs(geometry.matrix(np.asarray(graph.constants[lin.weight], np.float64), layer))
+  per_feature = np.tile(norms.reshape(layer.groups, layer.fan_in),
+                        (1, m.shape[1] // layer.fan_in))                 # [G, F]
+  return np.einsum("gf,gfo->go", per_feature, m).reshape(-1)
+
+
+def _element_scores(analysis: groups_lib.Analysis, criterion: str,
+                    stats: Optional[Mapping[str, Any]] = None,
+                    ops: Optional[desc.Registry] = None) -> np.ndarray:
+  """Score per element (NaN where no producer, scale or statistic says anything)."""
   n = len(analysis.element_group)
   total = np.zeros(n)
   count = np.zeros(n)
   consts = analysis.graph.constants
-  if criterion == "bn_scale":
+  if criterion in ("activation", "apoz"):
+    for tensor, st in (stats or {}).items():
+      if tensor not in analysis.dims or st.abs_sum is None:
+        continue
+      units = analysis.dims[tensor].units
+      vals = st.mean_abs if criterion == "activation" else 1.0 - st.zero_fraction
+      if len(vals) != len(units):
+        continue
+      np.add.at(total, units, vals)
+      np.add.at(count, units, 1)
+  elif criterion == "taylor":
+    for src in analysis.sources:
+      vals = (stats or {}).get(src.weight)
+      if vals is not None and len(vals) == len(src.elements):
+        total[src.elements] += vals
+        count[src.elements] += 1
+  elif criterion == "wanda":
+    for src in analysis.sources:
+      vals = _wanda(analysis, src, ops, stats or {})
+      if vals is not None and len(vals) == len(src.elements):
+        total[src.elements] += vals
+        count[src.elements] += 1
+  elif criterion == "bn_scale":
     for sl in analysis.slices:
       if sl.role != base.SCALE or sl.by not in analysis.dims:
         continue
@@ -102,7 +184,16 @@ def _per_unit(analysis, element_scores) -> dict[int, np.ndarray]:
   return {g.id: mean[offsets[g.id]:offsets[g.id + 1]] for g in analysis.groups}
 
 
-def score(analysis: groups_lib.Analysis, criterion: str, seed: int = 0) -> Scores:
+def score(analysis: groups_lib.Analysis, criterion: str, seed: int = 0,
+          stats: Optional[Mapping[str, Any]] = None,
+          ops: Optional[desc.Registry] = None) -> Scores:
+  """Scores of every prunable group. The calibrated criteria read `stats` (tensor ->
+  calibration.activations.ChannelStats of the tensors calibration_tensors names;
+  for taylor, source weight constant -> one score per filter) and `ops`; a group
+  they say nothing about is ranked by L1 norm."""
+  if criterion in CALIBRATED and (stats is None or ops is None):
+    raise errors.UsageError(f"--criterion={criterion} needs calibration samples "
+                            "(--calibration_data)")
   if criterion not in CRITERIA:
     raise errors.UsageError(f"unknown criterion '{criterion}'; choose one of "
                             f"{', '.join(CRITERIA)}")
@@ -113,11 +204,12 @@ def score(analysis: groups_lib.Analysis, criterion: str, seed: int = 0) -> Score
     for g in prunable:
       per_group[g.id], used[g.id] = rng.random(g.channels), "random"
     return Scores(per_group, used)
-  units = _per_unit(analysis, _element_scores(analysis, criterion))
+  units = _per_unit(analysis, _element_scores(analysis, criterion, stats, ops))
   fallback = None
   for g in prunable:
     if np.isnan(units[g.id]).any():
-      # bn_scale on a group without batch-norm: rank by filter L1 norm instead.
+      # bn_scale on a group without batch-norm, a calibrated criterion on one it
+      # has no statistics for: rank by filter L1 norm instead.
       if fallback is None:
         fallback = _per_unit(analysis, _element_scores(analysis, "l1"))
       per_group[g.id], used[g.id] = fallback[g.id], "l1"

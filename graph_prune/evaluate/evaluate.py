@@ -20,6 +20,7 @@ import numpy as np
 from graph_prune import errors
 from graph_prune import files
 from graph_prune import formats
+from graph_prune.data import layout as layout_lib
 from graph_prune.data import preprocess as preprocess_lib
 from graph_prune.data import sources
 from graph_prune.evaluate import metrics
@@ -27,7 +28,7 @@ from graph_prune.evaluate import metrics
 # Only for tf.errors: the data pipeline (tf.data) reports what it could not read with them.
 import tensorflow as tf  # pylint: disable=g-bad-import-order
 
-NHWC, NCHW = "NHWC", "NCHW"
+NHWC, NCHW = layout_lib.NHWC, layout_lib.NCHW
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +75,7 @@ class _Model:
     if self.input_shape is None:
       return None
     s = self.input_shape
-    return _image_shape(s, self.layout)
+    return layout_lib.image_shape(s, self.layout)
 
   def describe(self) -> dict:
     return {"path": self.spec.path, "format": self.format, "input": self.input,
@@ -89,30 +90,6 @@ def _shape_json(shape):
 
 def _shape_text(shape) -> str:
   return "?" if shape is None else "[" + ",".join("?" if d is None else str(d) for d in shape) + "]"
-
-
-def _image_shape(shape, layout: str):
-  return (shape[2], shape[3], shape[1]) if layout == NCHW else tuple(shape[1:])
-
-
-def _detect_layout(fmt: formats.Format, view, name: str, shape, data_shape) -> str:
-  """The first reader of the input that says decides (a convolution by its channel
-  axis; tf2onnx puts a Transpose 0,3,1,2 behind an NHWC input); failing that,
-  TensorFlow feeds NHWC; for ONNX the layout that the data's [H, W, C] fits, if
-  only one does; failing that, the layout whose channel dimension is the smaller
-  (NCHW, ONNX's own, on a tie)."""
-  layout = fmt.ops.input_layout(view, name)
-  if layout:
-    return layout
-  if fmt.name == formats.TENSORFLOW:
-    return NHWC
-  if data_shape is not None and len(data_shape) == 3:
-    fitting = [l for l in (NHWC, NCHW) if _fits(data_shape, _image_shape(shape, l))]
-    if len(fitting) == 1:
-      return fitting[0]
-  big = float("inf")
-  first, last = shape[1] or big, shape[3] or big
-  return NHWC if last < first else NCHW
 
 
 def _open(spec: ModelSpec, data_shape=None) -> _Model:
@@ -151,16 +128,11 @@ def _open(spec: ModelSpec, data_shape=None) -> _Model:
   layout = ""
   if shape is not None and len(shape) == 4:
     layout = (spec.layout if spec.layout != "auto"
-              else _detect_layout(fmt, view, name, shape, data_shape))
+              else layout_lib.detect(fmt, view, name, shape, data_shape))
   kind = model.kind if fmt.name == formats.TENSORFLOW else formats.ONNX
   return _Model(spec, kind, adapter.Runner(model), name, shape, view.dtypes.get(name, "float32"),
                 layout, names[index], index, keys[index] if signature else None,
                 signature.name if signature else None)
-
-
-def _fits(got, want) -> bool:
-  return len(got) == len(want) and all(w is None or g is None or g == w
-                                       for g, w in zip(got, want))
 
 
 def _misfit(got, model: _Model, data_spec: str) -> str:
@@ -177,9 +149,7 @@ def _misfit(got, model: _Model, data_spec: str) -> str:
 
 
 def _feed(model: _Model, batch: np.ndarray) -> np.ndarray:
-  if model.layout == NCHW:
-    batch = batch.transpose(0, 3, 1, 2)
-  return np.ascontiguousarray(batch.astype(model.dtype, copy=False))
+  return layout_lib.to_model(batch, model.layout, model.dtype)
 
 
 def _scores(model: _Model, batch: np.ndarray) -> np.ndarray:
@@ -260,7 +230,7 @@ def evaluate(model_spec: ModelSpec, data_spec: str, options: Options = Options()
     else:
       channels = examples.sample_shape[-1] if examples.sample_shape else None
     preprocess_lib.check(prep, channels, examples.images)
-    if got is not None and want is not None and not _fits(got, want):
+    if got is not None and want is not None and not layout_lib.fits(got, want):
       raise errors.InputError(_misfit(got, model, data_spec))
     ds = preprocess_lib.batches(examples, prep, options.batch_size, want, options.max_samples)
     load_s = time.perf_counter() - start
@@ -303,7 +273,8 @@ def _measure(model: _Model, reference: Optional[_Model], ds: tf.data.Dataset, da
                               f"0..{classes - 1})")
     accuracy.add(scores, labels)
     if reference:
-      if reference.sample_shape is not None and not _fits(x.shape[1:], reference.sample_shape):
+      if (reference.sample_shape is not None and
+          not layout_lib.fits(x.shape[1:], reference.sample_shape)):
         raise errors.UsageError(f"reference '{reference.spec.path}' takes "
                                 f"{_shape_text(reference.sample_shape)} samples, but the data "
                                 f"gives {_shape_text(x.shape[1:])}")

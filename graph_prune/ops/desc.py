@@ -41,6 +41,20 @@ class Linear:
   kernel: tuple[int, ...] = ()      # spatial kernel extent per spatial axis (empty: dense)
   strides: tuple[int, ...] = ()
   transposed: bool = False          # a transposed convolution: FLOPs follow its input
+  # Where the input is read (reconstruction extracts the same patches): dilation
+  # per spatial axis; padding "VALID", "SAME_UPPER" (TensorFlow's SAME: the odd
+  # pixel at the end), "SAME_LOWER" or "EXPLICIT" with (begin, end) per spatial axis.
+  dilations: tuple[int, ...] = ()
+  padding: str = "VALID"
+  pads: tuple[tuple[int, int], ...] = ()
+  # The weight axis that, after out_axis, indexes output channels (TensorFlow's
+  # depthwise [H, W, C, M]: output c*M + m), or None.
+  multiplier_axis: Optional[int] = None
+  # The op's own bias input (ONNX Conv's B, Gemm's C), added to every output.
+  bias: str = ""
+  # Factors the op applies besides x @ W (ONNX Gemm's alpha and beta).
+  alpha: float = 1.0
+  beta: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,13 +179,15 @@ def einsum_linear(g: view.GraphView, node: view.Node) -> Optional[Linear]:
                 int(w.shape[tw.index(contracted)]))
 
 
-def dense_linear(g: view.GraphView, node: view.Node, transposed: bool) -> Optional[Linear]:
+def dense_linear(g: view.GraphView, node: view.Node, transposed: bool, bias: str = "",
+                 alpha: float = 1.0, beta: float = 1.0) -> Optional[Linear]:
   """x @ W with a constant 2-D W (W given as [out, in] when `transposed`)."""
   w = g.constants.get(node.inputs[1]) if len(node.inputs) > 1 else None
   if w is None or w.ndim != 2 or node.inputs[0] in g.constants:
     return None
   in_axis, out_axis = (1, 0) if transposed else (0, 1)
-  return Linear(node.inputs[1], out_axis, in_axis, -1, int(w.shape[in_axis]))
+  return Linear(node.inputs[1], out_axis, in_axis, -1, int(w.shape[in_axis]), bias=bias,
+                alpha=alpha, beta=beta)
 
 
 def spatial_linear(node: view.Node, w, out_axis: int, in_axis: int, channel_first: bool,
@@ -182,8 +198,33 @@ def spatial_linear(node: view.Node, w, out_axis: int, in_axis: int, channel_firs
   rank = w.ndim
   kernel = tuple(int(k) for a, k in enumerate(w.shape) if a not in (out_axis % rank,
                                                                    in_axis % rank))
-  strides = tuple(node.attrs.get("strides") or (1,) * rank)
-  if len(strides) == rank:    # TensorFlow: one entry per input axis
-    strides = strides[2:] if channel_first else strides[1:-1]
+  spatial = rank - 2
+
+  def per_axis(values):
+    values = tuple(int(v) for v in (values or (1,) * spatial))
+    if len(values) == rank:    # TensorFlow: one entry per input axis
+      values = values[2:] if channel_first else values[1:-1]
+    return values
+  padding, pads = _padding(node.attrs, spatial, channel_first)
   return Linear(node.inputs[1], out_axis % rank, in_axis % rank, 1 if channel_first else -1,
-                fan_in, kernel=kernel, strides=tuple(int(v) for v in strides), **kw)
+                fan_in, kernel=kernel, strides=per_axis(node.attrs.get("strides")),
+                dilations=per_axis(node.attrs.get("dilations")), padding=padding, pads=pads,
+                **kw)
+
+
+def _padding(attrs, spatial: int, channel_first: bool):
+  """(padding, explicit pads) from TensorFlow's `padding`/`explicit_paddings` or
+  ONNX's `auto_pad`/`pads`."""
+  if "padding" in attrs:      # TensorFlow
+    mode = attrs["padding"]
+    if mode == "EXPLICIT":
+      flat = tuple(attrs.get("explicit_paddings") or (0,) * (2 * spatial + 4))
+      pairs = [tuple(flat[i:i + 2]) for i in range(0, len(flat), 2)]
+      pairs = pairs[2:] if channel_first else pairs[1:-1]
+      return "EXPLICIT", tuple((int(b), int(e)) for b, e in pairs)
+    return ("SAME_UPPER" if mode == "SAME" else mode), ()
+  mode = attrs.get("auto_pad", "NOTSET") or "NOTSET"
+  if mode != "NOTSET":
+    return mode, ()
+  flat = tuple(attrs.get("pads") or (0,) * (2 * spatial))
+  return "EXPLICIT", tuple((int(flat[i]), int(flat[i + spatial])) for i in range(spatial))

@@ -12,6 +12,7 @@ description for the model's opset blocks its channels.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import numpy as np
@@ -54,7 +55,8 @@ def _conv_linear(g: view.GraphView, node: view.Node):
     return None
   group = int(node.attrs.get("group", 1))
   return desc.spatial_linear(node, w, 0, 1, True, int(w.shape[1]), groups=group,
-                             multiplier=int(w.shape[0]) // group if w.shape[1] == 1 else 1)
+                             multiplier=int(w.shape[0]) // group if w.shape[1] == 1 else 1,
+                             bias=node.inputs[2] if len(node.inputs) > 2 else "")
 
 
 @_op("Conv", linear=_conv_linear,
@@ -183,7 +185,13 @@ def _dense(ctx: RuleContext, a: str, w: str, in_axis: int, out_axis: int,
 
 
 def _gemm_linear(g: view.GraphView, node: view.Node):
-  return desc.dense_linear(g, node, bool(node.attrs.get("transB", 0)))
+  lin = desc.dense_linear(g, node, bool(node.attrs.get("transB", 0)),
+                          bias=node.inputs[2] if len(node.inputs) > 2 else "",
+                          alpha=float(node.attrs.get("alpha", 1.0)),
+                          beta=float(node.attrs.get("beta", 1.0)))
+  if lin is not None and node.attrs.get("transA", 0):
+    lin = dataclasses.replace(lin, channel_axis=0)   # A's channels are its rows
+  return lin
 
 
 @_op("Gemm", linear=_gemm_linear,

@@ -84,7 +84,7 @@ def _depthwise_linear(g: view.GraphView, node: view.Node):
     return None
   first = node.attrs.get("data_format", "NHWC").startswith("NC")
   return desc.spatial_linear(node, w, 2, 3, first, 1, groups=int(w.shape[2]),
-                             multiplier=int(w.shape[3]))
+                             multiplier=int(w.shape[3]), multiplier_axis=3)
 
 
 @_op("DepthwiseConv2dNative", linear=_depthwise_linear,

@@ -19,13 +19,14 @@ correction changes what the later layers see.
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Optional
+from typing import Mapping
 
 from absl import logging
 import numpy as np
 
 from graph_prune.adapters import tf_model
 from graph_prune.adapters import tf_trainable
+from graph_prune.ops import affine
 from graph_prune.ops import desc
 from graph_prune.ops import tf_ops
 from graph_prune.recover import data as data_lib
@@ -50,15 +51,6 @@ class Site:
   shift: str = ""           # affine: the per-channel Add constant
   mean: str = ""            # batchnorm: mean and variance constants
   variance: str = ""
-
-
-def _other_const(node, tensor, graph, channels) -> Optional[str]:
-  """The node's other input if it is a constant with one value per channel."""
-  others = [t for t in node.inputs if t != tensor]
-  if len(node.inputs) != 2 or len(others) != 1 or others[0] not in graph.constants:
-    return None
-  value = graph.constants[others[0]]
-  return others[0] if value.size == channels and max(value.shape, default=1) == channels else None
 
 
 def find_sites(graph, ops: desc.Registry) -> tuple[list[Site], list[str]]:
@@ -86,20 +78,12 @@ def find_sites(graph, ops: desc.Registry) -> tuple[list[Site], list[str]]:
       continue
     axis = lin.channel_axis % len(shape)
     channels = shape[axis]
-    cur, scale, shift = out, "", ""
-    readers = graph.consumers(cur)
-    if len(readers) == 1 and ops.affine(graph, readers[0][0]) == "scale":
-      scale = _other_const(readers[0][0], cur, graph, channels) or ""
-      if scale:
-        cur = readers[0][0].outputs[0]
-        readers = graph.consumers(cur)
-    if len(readers) == 1 and ops.affine(graph, readers[0][0]) == "shift":
-      shift = _other_const(readers[0][0], cur, graph, channels) or ""
-    if not shift:
+    found = affine.after(graph, ops, out, channels)
+    if not found.shift:
       skipped.append(f"{node.name}: no per-channel shift right after it to re-fit")
       continue
-    sites.append(Site("affine", node.name, readers[0][0].outputs[0], axis, lin.weight,
-                      lin.out_axis, lin.multiplier, scale, shift))
+    sites.append(Site("affine", node.name, found.output, axis, lin.weight,
+                      lin.out_axis, lin.multiplier, found.scale, found.shift))
   return sites, skipped
 
 

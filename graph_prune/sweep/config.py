@@ -60,6 +60,11 @@ class Config:
   keep_models: bool = True
   widths_cache: Optional[str] = None         # for round_to "auto" (default: user cache)
   overwrite: bool = False
+  # Reconstruction after pruning (reconstruct.Options) and the calibration samples
+  # (calibration.samples.Spec) it and the calibrated criteria read.
+  reconstruct: Any = None
+  calibration: Any = None
+  taylor: Any = None   # the taylor criterion's gradient code (pipeline.Options.taylor)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,6 +219,8 @@ def definition(config: Config, step_names: Sequence[str] = ()) -> dict[str, Any]
       "tolerance": config.tolerance, "signature": config.signature,
       "inputs": list(config.inputs), "outputs": list(config.outputs),
       "data": dataclasses.asdict(config.data) if config.data else None,
+      "reconstruct": dataclasses.asdict(config.reconstruct) if config.reconstruct else None,
+      "calibration": dataclasses.asdict(config.calibration) if config.calibration else None,
       "steps": list(step_names),
   }))
 
@@ -227,6 +234,10 @@ def check(config: Config) -> None:
     raise errors.UsageError("a sweep needs at least one ratio, criterion and round_to")
   parse_ratios([str(r) for r in config.ratios])
   parse_criteria(config.criteria)
+  calibrated = [c for c in config.criteria if c in importance.CALIBRATED]
+  if (calibrated or config.reconstruct) and config.calibration is None:
+    what = ", ".join(calibrated + (["--reconstruct"] if config.reconstruct else []))
+    raise errors.UsageError(f"{what}: give --calibration_data (unlabelled samples)")
   parse_round_to([str(t) for t in config.round_to])
   benchmark.parse_batch_sizes([str(b) for b in config.batch_sizes])
   runners.check_device(config.device)

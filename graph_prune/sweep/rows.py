@@ -49,6 +49,12 @@ every column of its sweep (null where a figure does not apply: a failed run, no
                    same class
   mean_kl          mean KL(softmax(original) || softmax(pruned)), nats
   eval_samples, eval_s
+  with --reconstruct:
+  reconstruct_method, reconstruct_layers (layers re-fitted), reconstruct_s,
+  holdout_agreement_sliced, holdout_agreement_reconstructed,
+  holdout_rel_error_sliced, holdout_rel_error_reconstructed
+                   top-1 agreement and relative error against the original on
+                   the calibration samples kept out of the fit, before and after
   then:
   <columns of extra steps>   (see sweep.Step); the recovery step
                    (graph_prune/sweep/recovery.py) adds recover_method,
@@ -95,6 +101,9 @@ BATCH_COLUMNS = (
 )
 ACCURACY_COLUMNS = ("top1_orig", "top5_orig", "top1", "top5", "top1_drop", "agreement_top1",
                     "mean_kl", "eval_samples", "eval_s")
+RECONSTRUCT_COLUMNS = ("reconstruct_method", "reconstruct_layers", "reconstruct_s",
+                       "holdout_agreement_sliced", "holdout_agreement_reconstructed",
+                       "holdout_rel_error_sliced", "holdout_rel_error_reconstructed")
 TAIL_COLUMNS = ("elapsed_s", "finished_at")
 
 
@@ -103,9 +112,11 @@ def batch_column(batch: int, name: str) -> str:
 
 
 def columns(batch_sizes: Sequence[int], accuracy: bool,
-            extra: Sequence[str] = ()) -> tuple[str, ...]:
+            extra: Sequence[str] = (), reconstruct: bool = False) -> tuple[str, ...]:
   """Every column of a sweep, in order."""
   out = list(BASE_COLUMNS)
+  if reconstruct:
+    out += RECONSTRUCT_COLUMNS
   for b in batch_sizes:
     out += [batch_column(b, c) for c in BATCH_COLUMNS]
   out.append("bench_s")

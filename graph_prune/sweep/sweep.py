@@ -278,7 +278,8 @@ def _prune(config: config_lib.Config, spec: config_lib.RunSpec, used: int, how: 
   options = pipeline.Options(
       ratio=spec.ratio, criterion=spec.criterion, round_to=used, round_to_how=how,
       seed=config.seed, verify=True, tolerance=config.tolerance, signature=config.signature,
-      inputs=tuple(config.inputs), outputs=tuple(config.outputs), overwrite=True)
+      inputs=tuple(config.inputs), outputs=tuple(config.outputs), overwrite=True,
+      reconstruct=config.reconstruct, calibration=config.calibration, taylor=config.taylor)
   t0 = time.perf_counter()
   try:
     report = pipeline.prune(config.model, path, options)
@@ -298,6 +299,14 @@ def _prune(config: config_lib.Config, spec: config_lib.RunSpec, used: int, how: 
       groups_pruned=report["groups_pruned"], groups_total=report["groups_total"],
       verify_max_abs_diff=v.get("max_abs_diff"), verify_max_rel_diff=v.get("max_rel_diff"),
       output_change_max_rel=v.get("effect_max_rel"), round_to_used=report["round_to"])
+  r = report.get("reconstruction")
+  if r:
+    row.update(reconstruct_method=r["method"], reconstruct_layers=r["layers_refitted"],
+               reconstruct_s=r["seconds"],
+               holdout_agreement_sliced=r["holdout_before"]["agreement"],
+               holdout_agreement_reconstructed=r["holdout_after"]["agreement"],
+               holdout_rel_error_sliced=r["holdout_before"]["rel_error"],
+               holdout_rel_error_reconstructed=r["holdout_after"]["rel_error"])
 
 
 def _bench(config: config_lib.Config, path: str, baseline: Mapping[str, Any], row: dict) -> None:
@@ -467,7 +476,8 @@ def _run(config: config_lib.Config, steps: Sequence[Step], progress: Progress, n
     raise errors.InputError(f"'{jsonl}' has rows that are not in this sweep ({strays[0]}); "
                             "pass --overwrite to start over")
   cols = rows_lib.columns(config.batch_sizes, config.data is not None,
-                          [c for s in steps for c in s.columns])
+                          [c for s in steps for c in s.columns],
+                          reconstruct=config.reconstruct is not None)
   rows_lib.write_csv(csv_path, done, cols)  # a kill may have come between the two writes
   finished = {r["key"] for r in done}
   skipped = len(finished)

@@ -1,0 +1,54 @@
+"""The calibration and reconstruction flags, shared by //tools:prune and //tools:sweep.
+
+Calibration samples feed the calibrated criteria (--criterion=activation, apoz,
+wanda) and reconstruction (--reconstruct=bias or lsq); they are preprocessed with
+the calling tool's --resize, --scale, --mean and --std.
+"""
+
+from absl import flags
+
+CALIBRATION_DATA = flags.DEFINE_string(
+    "calibration_data", None, "Unlabelled samples for calibrated criteria and "
+    "--reconstruct: .npz (x; y not needed), TFRecords, class folders, IDX files or "
+    "fashion-mnist:train.")
+CALIBRATION_FORMAT = flags.DEFINE_string("calibration_format", "auto",
+                                         "Format of --calibration_data: auto, npz, tfrecord, "
+                                         "folder, idx.")
+CALIBRATION_SPLIT = flags.DEFINE_string("calibration_split", "train",
+                                        "IDX split (train or test) of an IDX directory.")
+CALIBRATION_SAMPLES = flags.DEFINE_integer(
+    "calibration_samples", 2048, "Calibration samples used (and bn_recalibrate's statistics).")
+CALIBRATION_HOLDOUT = flags.DEFINE_integer(
+    "calibration_holdout", 500, "Further samples kept out of calibration; reconstruction is "
+    "measured against the original on them (a fifth of the data when it has too few).")
+RECONSTRUCT = flags.DEFINE_enum(
+    "reconstruct", "none", ["none", "bias", "lsq"],
+    "After each pruning increment, without gradient steps: fold the removed channels' mean "
+    "contribution into the next layers' biases (bias), or re-fit the next layers' weights "
+    "by ridge least squares on the original's activations (lsq).")
+RECONSTRUCT_RIDGE = flags.DEFINE_float(
+    "reconstruct_ridge", 1e-3, "lsq: ridge towards the sliced weights, relative to the mean "
+    "input energy of each layer.")
+RECONSTRUCT_ROWS = flags.DEFINE_integer(
+    "reconstruct_rows", 1 << 17, "lsq: rows (output positions x samples) per layer; more are "
+    "sampled evenly.")
+
+
+def calibration(cli, preprocess, data_dir):
+  """calibration.samples.Spec from the flags, or None without --calibration_data;
+  `preprocess` is called for the tool's preprocessing only when needed."""
+  if not CALIBRATION_DATA.value:
+    return None
+  from graph_prune.calibration import samples  # pylint: disable=g-import-not-at-top
+  return samples.Spec(cli.data_path(CALIBRATION_DATA.value), CALIBRATION_FORMAT.value,
+                      data_dir, CALIBRATION_SPLIT.value, preprocess(),
+                      CALIBRATION_SAMPLES.value, CALIBRATION_HOLDOUT.value)
+
+
+def reconstruct(seed: int):
+  """reconstruct.Options from the flags, or None without --reconstruct."""
+  if RECONSTRUCT.value == "none":
+    return None
+  from graph_prune.reconstruct import reconstruct as lib  # pylint: disable=g-import-not-at-top
+  return lib.Options(method=RECONSTRUCT.value, ridge=RECONSTRUCT_RIDGE.value,
+                     max_rows=RECONSTRUCT_ROWS.value, seed=seed)
