@@ -411,6 +411,8 @@ def _check_recovery(fmt: Format, options: Options) -> None:
                             "the TensorFlow model with --out_format=onnx")
   if options.plan_in:
     raise errors.UsageError("--plan_in applies a fixed plan; it does not combine with --recover")
+  if getattr(options.recover, "grows", False) and options.steps > 1:
+    raise errors.UsageError("--recover=gap prunes in its own phases; leave --steps at 1")
   options.recover.check()
 
 
@@ -478,7 +480,9 @@ def prune(in_path: str, out_path: str, options: Options = Options()) -> report_l
     samples = options.calibration.load(prepared.format, prepared.graph)
   timings["load_s"] = time.perf_counter() - t0
   plan = make_plan(prepared, options, samples)
-  if any(g.removed for g in plan.groups):
+  if any(g.removed for g in plan.groups) and getattr(options.recover, "grows", False):
+    result = grow_and_prune(prepared, plan, options, timings, samples)
+  elif any(g.removed for g in plan.groups):
     result = prune_in_increments(prepared, plan, options, timings, samples)
   else:
     # Nothing removed (--ratio=0, or rounding keeps every channel): the output is
@@ -541,6 +545,35 @@ def prune_in_increments(prepared: Prepared, plan: plan_lib.Plan, options: Option
       for g in plan.groups))
   worst = max(verifications, key=lambda v: v.max_rel_diff) if verifications else None
   return _Pruned(pruned, pruned_view, final_plan, worst, increments, copies)
+
+
+def grow_and_prune(prepared: Prepared, plan: plan_lib.Plan, options: Options,
+                   timings: dict[str, float], samples=None) -> _Pruned:
+  """Grow-and-prune (options.recover.grows): the recovery trains the model at full
+  width with the removed channels masked, the parts of the plan taking turns at
+  full width, and re-chooses the kept channels of each part by the criterion; the
+  last state is then sliced with the final plan and verified like any other."""
+  fmt = prepared.format
+
+  def replan(model, current_plan: plan_lib.Plan, part) -> plan_lib.Plan:
+    current = prepare_model(fmt, model)
+    scores = scores_of(current, options, samples)
+    counts = {g.sources: len(g.keep) for g in current_plan.groups if g.group in part}
+    fresh = {g.sources: g for g in allocation.allocate_counts(current.analysis, scores, counts,
+                                                              current_plan).groups}
+    return dataclasses.replace(current_plan, groups=tuple(
+        dataclasses.replace(fresh[g.sources], group=g.group) if g.group in part else g
+        for g in current_plan.groups))
+
+  t0 = time.perf_counter()
+  model, plan, doc = options.recover.grow_and_prune(prepared.model, prepared.analysis, plan,
+                                                    replan, options.recover.checkpoint_dir)
+  timings["recover_s"] += time.perf_counter() - t0
+  trained = prepare_model(fmt, model)
+  result = prune_in_increments(trained, plan_lib.rebind(plan, trained.analysis),
+                               dataclasses.replace(options, recover=None), timings, samples)
+  result.increments[-1]["recovery"] = doc
+  return result
 
 
 def assemble_report(in_path: str, out_path: str, prepared: Prepared, result: _Pruned,

@@ -11,9 +11,11 @@ from graph_prune.data import preprocess as preprocess_lib
 from tools import calibration_flags
 
 RECOVER = flags.DEFINE_enum(
-    "recover", "none", ["none", "distill", "finetune", "bn_recalibrate"],
+    "recover", "none", ["none", "distill", "finetune", "bn_recalibrate", "gap"],
     "After pruning: distill from the original on unlabelled data, finetune on labels "
-    "(optionally mixed with distillation), or bn_recalibrate (no gradient steps).")
+    "(optionally mixed with distillation), bn_recalibrate (no gradient steps), or gap "
+    "(grow-and-prune: parts of the pruned groups take turns at full width while the model "
+    "is distilled, and are pruned back by the criterion on the trained weights).")
 RECOVER_DATA = flags.DEFINE_string(
     "recover_data", None, "Recovery data: .npz (x, and y for finetune), TFRecords, class "
     "folders, IDX files or fashion-mnist:train (default: --calibration_data).")
@@ -37,6 +39,10 @@ CHECKPOINT_DIR = flags.DEFINE_string(
     "checkpoint_dir", None, "Recovery checkpoints; a re-run with the same flags resumes there.")
 CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", 200, "Steps between checkpoints.")
 LOG_EVERY = flags.DEFINE_integer("log_every", 100, "Steps between progress lines.")
+GAP_PARTS = flags.DEFINE_integer("gap_parts", 4, "gap: the pruned groups are cut into this "
+                                 "many parts, grown in turn.")
+GAP_PHASE_STEPS = flags.DEFINE_integer("gap_phase_steps", 250, "gap: distillation steps per "
+                                       "phase; --recover_train_steps / this many phases.")
 RECOVER_OUTPUT = flags.DEFINE_string("recover_output", None, "Output with the class scores "
                                      "(default: the first; a Softmax's input is used).")
 
@@ -57,4 +63,5 @@ def options(cli, preprocess: preprocess_lib.Preprocess, data_dir, seed: int):
       distill_weight=DISTILL_WEIGHT.value, calibration_samples=calibration_flags.CALIBRATION_SAMPLES.value,
       holdout_samples=HOLDOUT.value, strategy=STRATEGY.value,
       checkpoint_dir=cli.path(CHECKPOINT_DIR.value), checkpoint_every=CHECKPOINT_EVERY.value,
-      log_every=LOG_EVERY.value, seed=seed, output=RECOVER_OUTPUT.value)
+      log_every=LOG_EVERY.value, seed=seed, output=RECOVER_OUTPUT.value,
+      gap_parts=GAP_PARTS.value, gap_phase_steps=GAP_PHASE_STEPS.value)

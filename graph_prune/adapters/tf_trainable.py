@@ -72,7 +72,7 @@ class Trainable(tf.Module):
     self._graph_def = tf_model.rename_functions(model.graph_def)
     self.fetches = tuple(fetches) or tuple(model.outputs)
     self.weight_names = tuple(trainable) if trainable is not None else weight_constants(model)
-    values = _constant_values(model.graph_def, self.weight_names)
+    values = constant_values(model.graph_def, self.weight_names)
     self.weights = [tf.Variable(values[n], name=_variable_name(n)) for n in self.weight_names]
     self._functions = _Functions()
 
@@ -109,7 +109,7 @@ class Trainable(tf.Module):
 
 def with_values(model: tf_model.TFModel, values: Mapping[str, np.ndarray]) -> tf_model.TFModel:
   """A copy of the model whose named constants hold `values` (same shapes)."""
-  old = _constant_values(model.graph_def, values.keys())
+  old = constant_values(model.graph_def, values.keys())
   for name, value in values.items():
     if old[name].shape != np.shape(value):
       raise ValueError(f"constant {name} has shape {old[name].shape}, not {np.shape(value)}")
@@ -123,7 +123,9 @@ class _Functions:
     self.by_fetches = {}
 
 
-def _constant_values(graph_def, names) -> dict[str, np.ndarray]:
+def constant_values(model_or_graph_def, names) -> dict[str, np.ndarray]:
+  """The values of the named constants (tensor names) of a model or GraphDef."""
+  graph_def = getattr(model_or_graph_def, "graph_def", model_or_graph_def)
   wanted = {n.split(":")[0]: n for n in names}
   out = {}
   for node in graph_def.node:

@@ -16,6 +16,16 @@ import numpy as np
 from graph_prune import errors
 
 
+def runner(adapter, model, extra: Sequence[str], arrays=None):
+  """A runner for many batches: where the adapter runs a graph with its weights fed
+  (TensorFlow), without a graph optimiser and with the weights taken from
+  `arrays` (no copy of them); otherwise (ONNX Runtime) with the runtime's full
+  optimisation, which fetching intermediate tensors leaves correct."""
+  if getattr(adapter, "RUNS_WITH_WEIGHTS", False):
+    return adapter.Runner(model, extra, optimize=False, arrays=arrays)
+  return adapter.Runner(model, extra)
+
+
 def fixed_batch(graph) -> Optional[int]:
   """The batch size the model's input insists on, or None."""
   shape = graph.shape(graph.inputs[0])
@@ -76,11 +86,11 @@ def channel_stats(fmt, model, graph, tensors: Mapping[str, int], x: np.ndarray,
   """Statistics of each tensor (name -> its channel axis) on the samples, in one pass."""
   names: Sequence[str] = list(tensors)
   stats = {t: ChannelStats() for t in names}
-  runner = fmt.adapter.Runner(model, names, optimize=False, arrays=graph.constants)
+  run = runner(fmt.adapter, model, names, graph.constants)
   try:
-    for _, outs in batches(runner, x, batch_size, fixed_batch(graph)):
+    for _, outs in batches(run, x, batch_size, fixed_batch(graph)):
       for t, value in zip(names, outs[len(outs) - len(names):]):
         stats[t].add(value, tensors[t])
   finally:
-    runner.close()
+    run.close()
   return stats

@@ -155,13 +155,12 @@ class _Work:
   def _runner(self, which: str, extra: list[str]):
     adapter = self.fmt.adapter
     if which == "original":
-      return adapter.Runner(self.original, extra, optimize=False,
-                            arrays=self.original_view.constants)
+      return activations.runner(adapter, self.original, extra, self.original_view.constants)
     arrays = collections.ChainMap(self.updates, self.pruned_view.constants)
-    if getattr(adapter, "RUNS_WITH_WEIGHTS", False):
-      return adapter.Runner(self.pruned, extra, optimize=False, arrays=arrays)
-    model = adapter.apply_edits(self.pruned, Edits(dict(self.updates), {}, ()))
-    return adapter.Runner(model, extra, optimize=False)
+    model = self.pruned
+    if self.updates and not getattr(adapter, "RUNS_WITH_WEIGHTS", False):
+      model = adapter.apply_edits(self.pruned, Edits(dict(self.updates), {}, ()))
+    return activations.runner(adapter, model, extra, arrays)
 
   def result(self):
     if not self.updates:
@@ -369,10 +368,10 @@ def _holdout(fmt, original, original_view, pruned, pruned_view, model, view, sam
   """The sliced and the reconstructed model against the original on held-out samples."""
   x = samples.holdout if len(samples.holdout) else samples.fit[:256]
   adapter = fmt.adapter
-  runners = [adapter.Runner(original, (), optimize=False, arrays=original_view.constants)]
+  runners = [activations.runner(adapter, original, (), original_view.constants)]
   try:
-    runners.append(adapter.Runner(pruned, (), optimize=False, arrays=pruned_view.constants))
-    runners.append(adapter.Runner(model, (), optimize=False, arrays=view.constants))
+    runners.append(activations.runner(adapter, pruned, (), pruned_view.constants))
+    runners.append(activations.runner(adapter, model, (), view.constants))
     acc = [_Agreement(), _Agreement()]
     fixed = activations.fixed_batch(pruned_view)
     streams = [activations.batches(r, x, options.batch_size, fixed) for r in runners]

@@ -9,8 +9,8 @@ from typing import Optional
 from graph_prune import errors
 from graph_prune.data import preprocess as preprocess_lib
 
-DISTILL, FINETUNE, BN_RECALIBRATE = "distill", "finetune", "bn_recalibrate"
-METHODS = (DISTILL, FINETUNE, BN_RECALIBRATE)
+DISTILL, FINETUNE, BN_RECALIBRATE, GAP = "distill", "finetune", "bn_recalibrate", "gap"
+METHODS = (DISTILL, FINETUNE, BN_RECALIBRATE, GAP)
 STRATEGIES = ("default", "mirrored", "tpu")
 
 
@@ -35,6 +35,8 @@ class Options:
   log_every: int = 100
   seed: int = 0
   output: Optional[str] = None     # the class-score output (default: the first output)
+  gap_parts: int = 4               # gap: the prunable groups are cut into this many parts
+  gap_phase_steps: int = 250       # gap: distillation steps per phase (one part grown)
 
 
 def check(options: Options) -> None:
@@ -52,7 +54,9 @@ def check(options: Options) -> None:
                              ("recover_train_steps", options.train_steps, 0),
                              ("calibration_samples", options.calibration_samples, 1),
                              ("checkpoint_every", options.checkpoint_every, 1),
-                             ("log_every", options.log_every, 1)):
+                             ("log_every", options.log_every, 1),
+                             ("gap_parts", options.gap_parts, 1),
+                             ("gap_phase_steps", options.gap_phase_steps, 1)):
     if value < least:
       raise errors.UsageError(f"--{name} is {value}; it must be at least {least}")
   if not options.learning_rate > 0 or not options.temperature > 0:

@@ -21,6 +21,7 @@ from graph_prune.adapters import tf_model
 from graph_prune.adapters import tf_trainable
 from graph_prune.recover import calibrate
 from graph_prune.recover import data as data_lib
+from graph_prune.recover import gap
 from graph_prune.recover import options as options_lib
 from graph_prune.recover import train
 from graph_prune.recover.options import Options
@@ -91,9 +92,33 @@ class Recovery:
   def checkpoint_dir(self) -> Optional[str]:
     return self.options.checkpoint_dir
 
+  @property
+  def grows(self) -> bool:
+    """Grow-and-prune works before the slicing (grow_and_prune), not after it."""
+    return self.options.method == options_lib.GAP
+
   def check(self) -> None:
     options_lib.check(self.options)
 
   def __call__(self, original: Any, pruned: Any, kept: Mapping[str, np.ndarray],
                checkpoint_dir: Optional[str]) -> tuple[Any, dict]:
     return recover(original, pruned, kept, self.options, checkpoint_dir)
+
+  def grow_and_prune(self, original: Any, analysis, plan, replan: gap.Replan,
+                     checkpoint_dir: Optional[str]) -> tuple[Any, Any, dict]:
+    """The full-width model trained by grow-and-prune with the final plan's channels
+    at zero, the final plan, and the report (agreement with the original on the
+    held-out samples, for the pruned start and the end)."""
+    options = self.options
+    logits = kept_logits(original, options)
+    data = data_lib.load_data(original, options, labels=False)
+    teacher = frozen_function(original, logits)
+    start = gap.masked(original, analysis, plan)
+    before = agreement(teacher, frozen_function(start, logits), data.holdout)
+    model, plan, doc = gap.grow_and_prune(original, analysis, plan, replan, teacher, logits,
+                                          data, options, checkpoint_dir or options.checkpoint_dir)
+    after = agreement(teacher, frozen_function(model, logits), data.holdout)
+    doc.update(method=options.method, data=options.data, logits=logits,
+               holdout_samples=len(data.holdout), holdout_agreement_before=before,
+               holdout_agreement_after=after)
+    return model, plan, doc

@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 import time
-from typing import Optional
+from typing import Mapping, Optional
 
 from absl import logging
 import numpy as np
@@ -85,10 +85,13 @@ def _checkpoint_dir(path: Optional[str], pruned: tf_model.TFModel,
 
 def train(teacher, pruned: tf_model.TFModel, logits: str,
           data: data_lib.Data, options: options_lib.Options,
-          checkpoint_dir: Optional[str] = None) -> tuple[tf_model.TFModel, dict]:
+          checkpoint_dir: Optional[str] = None,
+          masks: Optional[Mapping[str, np.ndarray]] = None) -> tuple[tf_model.TFModel, dict]:
   """Trains the pruned model's weights against `teacher` (the original's logits as a
   function of the input) and the labels; returns the model with the trained
-  weights and the training report."""
+  weights and the training report. `masks` (constant -> boolean array) keeps
+  weights at zero where they are False, after every step (grow-and-prune trains a
+  full-width model that must stay equal to a pruned one)."""
   checkpoint_dir = _checkpoint_dir(checkpoint_dir, pruned, options)
   strategy = make_strategy(options.strategy)
   replicas = strategy.num_replicas_in_sync
@@ -99,6 +102,8 @@ def train(teacher, pruned: tf_model.TFModel, logits: str,
     student = tf_trainable.Trainable(pruned, fetches=[logits])
     optimizer, schedule = _optimizer(options)
     optimizer.build(student.weights)
+    masked = [(w, tf.constant(masks[n], w.dtype)) for n, w in
+              zip(student.weight_names, student.weights) if masks and n in masks]
   ckpt = tf.train.Checkpoint(weights=student.weights, optimizer=optimizer)
   manager = None
   start = 0
@@ -124,6 +129,8 @@ def train(teacher, pruned: tf_model.TFModel, logits: str,
                                         global_batch_size=global_batch)
     grads = tape.gradient(loss, student.weights)
     optimizer.apply_gradients(zip(grads, student.weights))
+    for w, m in masked:
+      w.assign(w * m)
     predicted = tf.argmax(s, -1)
     same = tf.reduce_sum(tf.cast(tf.equal(predicted, tf.argmax(t, -1)), tf.float32))
     # Label accuracy where there are labels (finetune); unlabelled samples read -1.

@@ -40,17 +40,22 @@ def _apply(value: np.ndarray, ops, mode: str) -> np.ndarray:
   return out
 
 
-def build_edits(analysis: groups_lib.Analysis, plan: plan_lib.Plan, mode: str) -> Edits:
-  graph = analysis.graph
+def _keeper(analysis: groups_lib.Analysis, plan: plan_lib.Plan):
+  """tensor -> the keep-mask of its channels under the plan (cached)."""
   removed = analysis.removed_elements(plan.removed_units())
-  keep_cache: dict[str, np.ndarray] = {}
+  cache: dict[str, np.ndarray] = {}
 
   def keep(tensor: str) -> np.ndarray:
-    if tensor not in keep_cache:
-      keep_cache[tensor] = ~removed[analysis.dims[tensor].units]
-    return keep_cache[tensor]
+    if tensor not in cache:
+      cache[tensor] = ~removed[analysis.dims[tensor].units]
+    return cache[tensor]
+  return keep
 
-  # const -> consumer -> {axis: keep mask}
+
+def _wanted(analysis: groups_lib.Analysis, keep, mode: str
+            ) -> dict[str, dict[str, dict[int, np.ndarray]]]:
+  """const -> consumer -> {axis: keep mask}: every cut the plan makes (mask mode:
+  only the producers' and consumers' weights)."""
   wanted: dict[str, dict[str, dict[int, np.ndarray]]] = {}
   for sl in analysis.slices:
     if mode == MASK and sl.role not in (base.SOURCE, base.SINK):
@@ -60,6 +65,33 @@ def build_edits(analysis: groups_lib.Analysis, plan: plan_lib.Plan, mode: str) -
     if sl.axis in ops and not np.array_equal(ops[sl.axis], mask):
       raise AssertionError(f"{sl.consumer} cuts {sl.const} axis {sl.axis} two ways")
     ops[sl.axis] = mask
+  return wanted
+
+
+def weight_masks(analysis: groups_lib.Analysis, plan: plan_lib.Plan) -> dict[str, np.ndarray]:
+  """const -> boolean array of its shape, False where mask mode zeroes it: a
+  full-width model whose weights are multiplied by these computes what the pruned
+  model computes (grow-and-prune trains such a model). Raises ValueError for a
+  constant whose readers would need different masks."""
+  wanted = _wanted(analysis, _keeper(analysis, plan), MASK)
+  out = {}
+  for const, per_consumer in wanted.items():
+    shape = analysis.graph.constants[const].shape
+    masks = {consumer: _apply(np.ones(shape, bool), ops, MASK)
+             for consumer, ops in per_consumer.items()}
+    readers = {n.name for n, _ in analysis.graph.consumers(const)}
+    first = next(iter(masks.values()))
+    if readers - set(masks) and not first.all() or any(
+        not np.array_equal(m, first) for m in masks.values()):
+      raise ValueError(f"constant '{const}' is read by layers that keep different channels")
+    out[const] = first
+  return out
+
+
+def build_edits(analysis: groups_lib.Analysis, plan: plan_lib.Plan, mode: str) -> Edits:
+  graph = analysis.graph
+  keep = _keeper(analysis, plan)
+  wanted = _wanted(analysis, keep, mode)
   entries: dict[str, dict[str, list[tuple[int, int]]]] = {}
   remaps: dict[str, dict[str, tuple[str, str]]] = {}
   if mode == SLICE:
