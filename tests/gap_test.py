@@ -72,5 +72,30 @@ class GapTest(absltest.TestCase):
       pipeline.prune(DEFAULT, os.path.join(tmp, "o.pb"), dataclasses.replace(options, steps=2))
 
 
+class GapFromScratchTest(absltest.TestCase):
+  """//tools:train_default --gap_compare's runs, shortened: every run ends at the
+  target widths, GaP's parts take turns, and graph_prune prunes each result to
+  exactly those widths with the oracle passing."""
+
+  def test_runs_end_at_target_widths_and_prune_for_real(self):
+    from graph_prune.data import idx  # pylint: disable=g-import-not-at-top
+    from graph_prune.zoo import gap_scratch  # pylint: disable=g-import-not-at-top
+    x, y = idx.load_split(idx.FASHION_MNIST_DIR, "train")
+    x_test, y_test = idx.load_split(idx.FASHION_MNIST_DIR, "test")
+    for run in gap_scratch.RUNS:
+      r = gap_scratch.train_run(run, x[:3000], y[:3000], x_test[:500], y_test[:500], 0.75,
+                                steps=40, batch_size=32, learning_rate=3e-3, seed=0, parts=3,
+                                phase_steps=10, dense_fraction=0.5)
+      self.assertEqual(r["widths"], [8, 8, 16, 16, 32, 32])
+      if run == "gap":
+        grown = [tuple(e["grown"]) for e in r["events"]]
+        self.assertLen(grown, 3)   # 40 steps / 10 - 1: the last phase at target widths
+        self.assertLen(set(grown), 3)
+      real = gap_scratch.pruned_for_real(r["model"], 0.75, self.create_tempdir().full_path)
+      self.assertEqual(real["widths_pruned"], [8, 8, 16, 16, 32, 32])
+      self.assertLess(real["verify_max_rel_diff"], 1e-4)
+      self.assertEqual(real["params_pruned"], 18402)
+
+
 if __name__ == "__main__":
   absltest.main()

@@ -157,6 +157,19 @@ class CliTest(absltest.TestCase):
     self.assertIn("reconstruction: lsq, 6 layers re-fitted", res.stdout)
     self.assertTrue(os.path.exists(out))
 
+  def test_saved_model_bias(self):
+    out, report = os.path.join(self.tmp, "sm"), os.path.join(self.tmp, "r.json")
+    res = _run([f"--in={DEFAULT[:-3]}_savedmodel", f"--out={out}", "--ratio=0.25",
+                "--reconstruct=bias", "--calibration_data=fashion-mnist:train",
+                "--calibration_samples=300", "--calibration_holdout=100", "--scale=1/255",
+                f"--report={report}"])
+    self.assertEqual(res.returncode, 0, res.stderr[-2000:])
+    with open(report, encoding="utf-8") as f:
+      r = json.load(f)["reconstruction"]
+    self.assertEqual((r["method"], r["samples"], r["holdout_samples"]), ("bias", 300, 100))
+    self.assertEqual(r["layers_refitted"], 6)
+    self.assertTrue(os.path.isfile(os.path.join(out, "saved_model.pb")))
+
   def _refused(self, args, pattern):
     out = os.path.join(self.tmp, "p.pb")
     res = _run([f"--in={DEFAULT}", f"--out={out}", "--scale=1/255"] + args)

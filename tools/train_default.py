@@ -8,6 +8,14 @@ Writes into --out_dir (default: <workspace>/models/default):
                                  output logits:0 [N,10]
   fmnist_vgg_bn_savedmodel/      SavedModel, signature serving_default: images -> logits
   metrics.json, README.md        test accuracy of the Keras model and of both exports
+
+With --gap_compare it trains the same architecture three ways to the same pruned
+widths at the same number of steps (grow-and-prune from scratch, dense then
+pruned, small from scratch; graph_prune/zoo/gap_scratch.py), prunes each for real
+with graph_prune, and writes the comparison to --gap_report (the default model is
+left alone):
+
+  bazel run //tools:train_default -- --gap_compare --gap_ratio=0.75 --gap_report=gap.json
 """
 
 import os
@@ -38,6 +46,14 @@ _DETERMINISTIC = flags.DEFINE_boolean(
     "doubles the training time on CPU, and seeded CPU runs repeat without it in practice.")
 _MIN_ACCURACY = flags.DEFINE_float(
     "min_accuracy", 0.92, "Fail, writing nothing, if the test accuracy is below this.")
+_GAP_COMPARE = flags.DEFINE_boolean(
+    "gap_compare", False, "Compare grow-and-prune from scratch with dense-then-prune and "
+    "small-from-scratch training at the same steps (writes --gap_report only).")
+_GAP_RATIO = flags.DEFINE_float("gap_ratio", 0.75, "--gap_compare: fraction of channels removed.")
+_GAP_PARTS = flags.DEFINE_integer("gap_parts", 3, "--gap_compare: parts grown in turn.")
+_GAP_PHASE_STEPS = flags.DEFINE_integer("gap_phase_steps", 150, "--gap_compare: steps per phase.")
+_GAP_REPORT = flags.DEFINE_string("gap_report", "gap_compare.json",
+                                  "--gap_compare: the results as JSON.")
 
 
 def _default_out_dir():
@@ -51,12 +67,38 @@ def _default_out_dir():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if _GAP_COMPARE.value:
+    return _gap_compare()
   from graph_prune.zoo import default_model  # pylint: disable=g-import-not-at-top
   try:
     default_model.train(
         data_dir=cli.path(_DATA_DIR.value), out_dir=cli.path(_OUT_DIR.value) or _default_out_dir(),
         epochs=_EPOCHS.value, batch_size=_BATCH_SIZE.value, learning_rate=_LEARNING_RATE.value,
         seed=_SEED.value, deterministic=_DETERMINISTIC.value, min_accuracy=_MIN_ACCURACY.value)
+  except errors.GraphPruneError as e:
+    print(f"train_default: error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+def _gap_compare():
+  import tempfile  # pylint: disable=g-import-not-at-top
+  from graph_prune import files  # pylint: disable=g-import-not-at-top
+  from graph_prune.zoo import gap_scratch  # pylint: disable=g-import-not-at-top
+  try:
+    results = gap_scratch.compare(
+        cli.path(_DATA_DIR.value), ratio=_GAP_RATIO.value, epochs=_EPOCHS.value,
+        batch_size=_BATCH_SIZE.value, learning_rate=_LEARNING_RATE.value, seed=_SEED.value,
+        parts=_GAP_PARTS.value, phase_steps=_GAP_PHASE_STEPS.value)
+    rows = []
+    for r in results:
+      with tempfile.TemporaryDirectory() as work:
+        r.update(gap_scratch.pruned_for_real(r.pop("model"), _GAP_RATIO.value, work))
+      rows.append(r)
+      print(f"{r['run']:20} test top-1 {r['test_accuracy']:.4f}  pruned for real: "
+            f"{r['pruned_test_accuracy']:.4f}, {r['params_pruned']:,} parameters, "
+            f"widths {r['widths_pruned']}")
+    files.write_json(cli.path(_GAP_REPORT.value), rows, indent=2)
   except errors.GraphPruneError as e:
     print(f"train_default: error: {e}", file=sys.stderr)
     return 2

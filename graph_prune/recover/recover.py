@@ -66,6 +66,9 @@ def recover(original: tf_model.TFModel, pruned: tf_model.TFModel,
   (bn_recalibrate matches the original's statistics on those channels).
   """
   options_lib.check(options)
+  if options.method == options_lib.GAP:
+    raise errors.UsageError("--recover=gap trains before the slicing: run it through "
+                            "pipeline.prune (Recovery.grow_and_prune)")
   logits = kept_logits(pruned, options)
   data = data_lib.load_data(pruned, options, labels=options.method == options_lib.FINETUNE)
   teacher = frozen_function(original, logits)

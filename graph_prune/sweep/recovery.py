@@ -37,7 +37,8 @@ class RecoveryStep:
             f"lr={o.learning_rate:g}, T={o.temperature:g}, distill_weight={o.distill_weight:g}, "
             f"calibration={o.calibration_samples}, holdout={o.holdout_samples}, "
             f"data={o.data}, split={o.split}, preprocess={o.preprocess.to_json()}, "
-            f"strategy={o.strategy})")
+            f"strategy={o.strategy}" + (f", parts={o.gap_parts}, phase_steps={o.gap_phase_steps}"
+                                        if o.method == "gap" else "") + ")")
 
   def __call__(self, ctx: sweep.RunContext) -> Mapping[str, Any]:
     config, run = ctx.config, ctx.run
@@ -52,6 +53,7 @@ class RecoveryStep:
         ratio=run.ratio, criterion=run.criterion, round_to=ctx.row["round_to_used"],
         seed=config.seed, tolerance=config.tolerance, signature=config.signature,
         inputs=tuple(config.inputs), outputs=tuple(config.outputs), overwrite=True,
+        reconstruct=config.reconstruct, calibration=config.calibration, taylor=config.taylor,
         recover=recover_lib.Recovery(dataclasses.replace(self.options, checkpoint_dir=ckpt))))
     recover_s = time.perf_counter() - t0
     try:
