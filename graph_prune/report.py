@@ -178,11 +178,15 @@ def text(doc) -> str:
   elif v is None:
     lines.append("verification: skipped (--noverify)")
   else:
-    lines.append(f"verification: {'PASSED' if v['passed'] else 'FAILED'}  max abs diff "
-                 f"{v['max_abs_diff']:.3g}, max rel diff {v['max_rel_diff']:.3g} "
-                 f"(tolerance {v['tolerance']:.0e}, {v['samples']} seeded samples)")
-    lines.append(f"  pruning moved the outputs by at most {v['effect_max_abs']:.3g} "
-                 f"(rel {v['effect_max_rel']:.3g}) against the unpruned model")
+    lines.append(f"verification: {'PASSED' if v['passed'] else 'FAILED'}: the pruned model "
+                 "computes exactly what the original computes with those channels removed "
+                 f"(max abs diff {v['max_abs_diff']:.3g}, max rel diff {v['max_rel_diff']:.3g}, "
+                 f"tolerance {v['tolerance']:.0e}, {v['samples']} seeded samples)")
+    lines.append(f"  outputs changed by up to {v['effect_max_abs']:.3g} (rel "
+                 f"{v['effect_max_rel']:.3g}) against the unpruned model: expected, channels "
+                 "were removed" + ("; see reconstruction/recovery below for accuracy"
+                                   if doc.get("reconstruction") or doc.get("recovery") else
+                                   "; restore accuracy with --reconstruct or --recover"))
   r = doc.get("reconstruction")
   if r:
     b, a = r["holdout_before"], r["holdout_after"]
