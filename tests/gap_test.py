@@ -28,11 +28,26 @@ def _options(tmp, **recover_kw):
                           report=os.path.join(tmp, "r.json"))
 
 
+def _scalars(directory):
+  """tag -> {step: value} of the TensorBoard event files under directory."""
+  import glob  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from tensorflow.python.framework import tensor_util  # pylint: disable=g-import-not-at-top
+  out = {}
+  for path in glob.glob(os.path.join(directory, "**", "events.out.tfevents.*"), recursive=True):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for v in event.summary.value:
+        out.setdefault(v.tag, {})[event.step] = float(tensor_util.MakeNdarray(v.tensor))
+  return out
+
+
 class GapTest(absltest.TestCase):
 
   def test_parts_take_turns_and_the_result_is_verified_at_target_widths(self):
     tmp = self.create_tempdir().full_path
-    doc = pipeline.prune(DEFAULT, os.path.join(tmp, "out.pb"), _options(tmp))
+    board = os.path.join(tmp, "tb")
+    doc = pipeline.prune(DEFAULT, os.path.join(tmp, "out.pb"),
+                         _options(tmp, tensorboard_dir=board))
     self.assertTrue(doc["verify"]["passed"])
     self.assertLess(doc["verify"]["max_rel_diff"], 1e-4)
     # Exactly the widths of plain pruning at 0.5.
@@ -49,6 +64,11 @@ class GapTest(absltest.TestCase):
     # Training moved the kept channels at least once, and recovered agreement.
     self.assertGreater(sum(p["channels_swapped"] for p in r["phases"]), 0)
     self.assertGreater(r["holdout_agreement_after"], r["holdout_agreement_before"] + 0.3)
+    # TensorBoard: one curve over the phases (log_every 15 = one point per phase).
+    scalars = _scalars(board)
+    self.assertEqual(sorted(scalars["recover/loss"]), [15, 30, 45, 60])
+    self.assertEqual(sorted(scalars["recover/learning_rate"]), [15, 30, 45, 60])
+    self.assertTrue(all(0 <= v <= 1 for v in scalars["recover/agreement"].values()))
 
   def test_masked_full_width_model_equals_the_pruned_one(self):
     tmp = self.create_tempdir().full_path

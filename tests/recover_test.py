@@ -15,6 +15,7 @@ import time
 
 from absl.testing import absltest
 import numpy as np
+import tensorflow as tf
 
 import graph_prune
 from graph_prune import errors
@@ -260,7 +261,10 @@ class ResumeTest(absltest.TestCase):
                              f"--out={tmp}/resumed.pb", f"--checkpoint_dir={ckpt}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 300
-    while not os.path.exists(os.path.join(ckpt, "ckpt-40.index")) and time.time() < deadline:
+    # The manager writes the checkpoint's files first and then the state file that names it;
+    # a kill between the two leaves nothing to resume from (regression: CI killed the run
+    # after ckpt-40.index but before the state file, and the re-run started from step 0).
+    while tf.train.latest_checkpoint(ckpt) is None and time.time() < deadline:
       self.assertIsNone(proc.poll(), "recovery ended before its first checkpoint")
       time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)

@@ -255,6 +255,27 @@ class SweepTest(parameterized.TestCase):
     self.assertIsNone(state["round_to_auto"])
     self.assertEqual(state["baseline"]["accuracy"]["top1"], 1.0)
 
+  def test_rows_as_tensorboard_hparams(self):
+    import glob  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    from tensorflow.python.framework import tensor_util  # pylint: disable=g-import-not-at-top
+    board = os.path.join(self.dir, "tensorboard")
+    plugins, scalars = {}, {}
+    for path in glob.glob(os.path.join(board, "**", "events.out.tfevents.*"), recursive=True):
+      run = os.path.relpath(os.path.dirname(path), board)
+      for event in tf.compat.v1.train.summary_iterator(path):
+        for v in event.summary.value:
+          if v.metadata.plugin_data.plugin_name == "hparams":
+            plugins.setdefault(run, []).append(v.tag)
+          elif v.tag in ("flops_reduction", "top1"):
+            scalars[(run, v.tag)] = float(tensor_util.MakeNdarray(v.tensor))
+    keys = [r["key"] for r in self.rows]
+    self.assertEqual(sorted(plugins), sorted(keys + ["."]))   # the config, one run per row
+    for r in self.rows:
+      self.assertAlmostEqual(scalars[(r["key"], "flops_reduction")], r["flops_reduction"],
+                             places=5)
+      self.assertAlmostEqual(scalars[(r["key"], "top1")], r["top1"], places=5)
+
   def test_plots_are_pngs_and_plots_only_recreates_them(self):
     import matplotlib.image  # pylint: disable=g-import-not-at-top
     names = ["speedup_vs_flops_b1.png", "speedup_vs_flops_b2.png", "latency_vs_ratio.png",

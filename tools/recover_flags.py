@@ -37,6 +37,9 @@ STRATEGY = flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "tpu
                              "mirrored over local GPUs, or TPU.")
 CHECKPOINT_DIR = flags.DEFINE_string(
     "checkpoint_dir", None, "Recovery checkpoints; a re-run with the same flags resumes there.")
+TENSORBOARD_DIR = flags.DEFINE_string(
+    "tensorboard_dir", None, "Write the training's loss, agreement, label accuracy and "
+    "learning rate as TensorBoard scalars here.")
 CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", 200, "Steps between checkpoints.")
 LOG_EVERY = flags.DEFINE_integer("log_every", 100, "Steps between progress lines.")
 GAP_PARTS = flags.DEFINE_integer("gap_parts", 4, "gap: the pruned groups are cut into this "
@@ -64,4 +67,5 @@ def options(cli, preprocess: preprocess_lib.Preprocess, data_dir, seed: int):
       holdout_samples=HOLDOUT.value, strategy=STRATEGY.value,
       checkpoint_dir=cli.path(CHECKPOINT_DIR.value), checkpoint_every=CHECKPOINT_EVERY.value,
       log_every=LOG_EVERY.value, seed=seed, output=RECOVER_OUTPUT.value,
-      gap_parts=GAP_PARTS.value, gap_phase_steps=GAP_PHASE_STEPS.value)
+      gap_parts=GAP_PARTS.value, gap_phase_steps=GAP_PHASE_STEPS.value,
+      tensorboard_dir=cli.path(TENSORBOARD_DIR.value))

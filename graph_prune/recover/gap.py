@@ -97,7 +97,8 @@ def grow_and_prune(original: tf_model.TFModel, analysis: groups_lib.Analysis,
         c: np.where(current.get(c, True), now[c], np.where(grown.get(c, True), source[c], 0))
         .astype(now[c].dtype) for c in names})
     ckpt = os.path.join(checkpoint_dir, f"phase_{phase + 1}") if checkpoint_dir else None
-    model, doc = train.train(teacher, model, logits, data, phase_options, ckpt, masks=grown)
+    model, doc = train.train(teacher, model, logits, data, phase_options, ckpt, masks=grown,
+                             step_offset=phase * options.gap_phase_steps)
     # Prune the part back to its target counts on the trained weights.
     before = {g.group: g.keep for g in plan.groups}
     plan = replan(model, plan, part)

@@ -35,6 +35,7 @@ class Options:
   log_every: int = 100
   seed: int = 0
   output: Optional[str] = None     # the class-score output (default: the first output)
+  tensorboard_dir: Optional[str] = None   # TensorBoard scalars of the training
   gap_parts: int = 4               # gap: the prunable groups are cut into this many parts
   gap_phase_steps: int = 250       # gap: distillation steps per phase (one part grown)
 

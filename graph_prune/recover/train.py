@@ -86,12 +86,16 @@ def _checkpoint_dir(path: Optional[str], pruned: tf_model.TFModel,
 def train(teacher, pruned: tf_model.TFModel, logits: str,
           data: data_lib.Data, options: options_lib.Options,
           checkpoint_dir: Optional[str] = None,
-          masks: Optional[Mapping[str, np.ndarray]] = None) -> tuple[tf_model.TFModel, dict]:
+          masks: Optional[Mapping[str, np.ndarray]] = None,
+          step_offset: int = 0) -> tuple[tf_model.TFModel, dict]:
   """Trains the pruned model's weights against `teacher` (the original's logits as a
   function of the input) and the labels; returns the model with the trained
   weights and the training report. `masks` (constant -> boolean array) keeps
   weights at zero where they are False, after every step (grow-and-prune trains a
-  full-width model that must stay equal to a pruned one)."""
+  full-width model that must stay equal to a pruned one). With
+  options.tensorboard_dir, each progress line is also written as TensorBoard
+  scalars at step step_offset + the step (grow-and-prune's phases continue one
+  curve)."""
   checkpoint_dir = _checkpoint_dir(checkpoint_dir, pruned, options)
   strategy = make_strategy(options.strategy)
   replicas = strategy.num_replicas_in_sync
@@ -144,6 +148,8 @@ def train(teacher, pruned: tf_model.TFModel, logits: str,
     return tuple(strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for v in per_replica)
 
   history = []
+  writer = (tf.summary.create_file_writer(options.tensorboard_dir)
+            if options.tensorboard_dir else None)
   labelled = options.method == options_lib.FINETUNE
   window_loss, window_same, window_right, window_n = 0.0, 0.0, 0.0, 0
   t0 = time.perf_counter()
@@ -173,6 +179,12 @@ def train(teacher, pruned: tf_model.TFModel, logits: str,
       if labelled:
         entry["accuracy"] = window_right / (window_n * global_batch)
       history.append(entry)
+      if writer is not None:
+        with writer.as_default():
+          for key in ("loss", "agreement", "accuracy", "learning_rate", "steps_per_s"):
+            if key in entry:
+              tf.summary.scalar(f"recover/{key}", entry[key], step=step_offset + done)
+        writer.flush()
       logging.info("recover %s: step %d/%d  loss %.4f  batch agreement %.3f%s  lr %.2e  "
                    "%.1f steps/s", options.method, done, steps, entry["loss"],
                    entry["agreement"],
@@ -181,6 +193,8 @@ def train(teacher, pruned: tf_model.TFModel, logits: str,
       window_loss, window_same, window_right, window_n, last = 0.0, 0.0, 0.0, 0, now
     if manager and (done % options.checkpoint_every == 0 or done == steps):
       manager.save(checkpoint_number=done)
+  if writer is not None:
+    writer.close()
   train_s = time.perf_counter() - t0
   doc = {"train_steps": steps, "resumed_from_step": start, "batch_size": global_batch,
          "learning_rate": options.learning_rate, "strategy": options.strategy,
@@ -217,7 +231,7 @@ def fingerprint(pruned: tf_model.TFModel, options: options_lib.Options) -> str:
   """Identifies a recovery: the pruned graph and every option that changes its result."""
   h = hashlib.sha256(pruned.graph_def.SerializeToString(deterministic=True))
   fields = dataclasses.asdict(options)
-  for key in ("checkpoint_dir", "checkpoint_every", "log_every"):
+  for key in ("checkpoint_dir", "checkpoint_every", "log_every", "tensorboard_dir"):
     fields.pop(key)
   h.update(repr(sorted(fields.items())).encode())
   return h.hexdigest()

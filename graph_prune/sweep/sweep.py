@@ -14,6 +14,8 @@ Files in out_dir:
                       directory), written atomically by the pipeline; removed after
                       their run with keep_models=False
   plots/*.png         graph_prune/sweep/plots.py, written at the end
+  tensorboard/        the rows as TensorBoard HParams (graph_prune/sweep/
+                      tensorboard.py), rewritten at the end
 
 Each run: pipeline.prune with the same options as //tools:prune; the bench's A/B
 timing of pruned against original (benchmark.run, memory in fresh child
@@ -57,10 +59,11 @@ from graph_prune.bench import widths
 from graph_prune.sweep import config as config_lib
 from graph_prune.sweep import plots
 from graph_prune.sweep import rows as rows_lib
+from graph_prune.sweep import tensorboard
 
 SCHEMA = "graph_prune.sweep/1"
-SWEEP_JSON, ROWS_JSONL, ROWS_CSV, PLOTS_DIR, LOCK = (
-    "sweep.json", "rows.jsonl", "rows.csv", "plots", ".sweep.lock")
+SWEEP_JSON, ROWS_JSONL, ROWS_CSV, PLOTS_DIR, TENSORBOARD_DIR, LOCK = (
+    "sweep.json", "rows.jsonl", "rows.csv", "plots", "tensorboard", ".sweep.lock")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +138,7 @@ def _clear(out_dir: str) -> None:
     path = os.path.join(out_dir, name)
     if os.path.exists(path):
       os.remove(path)
-  for name in (config_lib.MODELS_DIR, PLOTS_DIR):
+  for name in (config_lib.MODELS_DIR, PLOTS_DIR, TENSORBOARD_DIR):
     shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
 
 
@@ -495,6 +498,7 @@ def _run(config: config_lib.Config, steps: Sequence[Step], progress: Progress, n
     progress(i, len(specs), row, time.perf_counter() - start)
   paths = plots.write_all(done, config.batch_sizes, config_lib.model_name(config.model),
                           os.path.join(out, PLOTS_DIR))
+  tensorboard.write_all(done, os.path.join(out, TENSORBOARD_DIR))
   return Summary(out, len(specs), skipped, new,
                  sum(r.get("status") != rows_lib.STATUS_OK for r in done), torn,
                  state.get("round_to_auto"), tuple(paths), time.perf_counter() - start)
