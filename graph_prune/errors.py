@@ -31,3 +31,7 @@ class RunError(GraphPruneError):
 
 class ReconstructionError(GraphPruneError):
   """Reconstruction made the pruned model agree less with the original."""
+
+
+class QuantizationError(GraphPruneError):
+  """The quantized model agrees with the float model less than asked."""

@@ -25,6 +25,7 @@ from graph_prune.analysis import groups as groups_lib
 from graph_prune.criteria import allocation
 from graph_prune.criteria import importance
 from graph_prune.graph.edits import Edits
+from graph_prune.quantize import quantize as quantize_lib
 from graph_prune.reconstruct import reconstruct as reconstruct_lib
 from graph_prune.rewrite import slicing
 from graph_prune.verify import oracle
@@ -69,6 +70,8 @@ class Options:
   # graph_prune.calibration.samples.Spec. Handed in, so that pruning needs no
   # data-reading code.
   calibration: Any = None
+  # Quantize the output after pruning and recovery (quantize.Options), or None.
+  quantize: Optional[quantize_lib.Options] = None
 
 
 Format = formats.Format
@@ -449,6 +452,8 @@ def check_options(in_path: str, out_path: str, options: Options) -> allocation.S
     raise errors.UsageError(f"{' and '.join(needs)} need{'s' if len(needs) == 1 else ''} "
                             "calibration samples: give --calibration_data (images or a .npz "
                             "of inputs; no labels needed)")
+  if options.quantize is not None:
+    _check_quantize(in_path, out_path, options)
   if options.calibration is not None:
     options.calibration.check()
   if options.criterion == "taylor":
@@ -459,6 +464,18 @@ def check_options(in_path: str, out_path: str, options: Options) -> allocation.S
       raise errors.UsageError("--criterion=taylor: no gradient code handed in "
                               "(pipeline.Options.taylor)")
   return spec
+
+
+def _check_quantize(in_path: str, out_path: str, options: Options) -> None:
+  quantize_lib.check(options.quantize)
+  if formats.name_of(out_path) != formats.ONNX:
+    raise errors.UsageError(f"--quantize={options.quantize.scheme} writes ONNX models (quantized "
+                            "TensorFlow and LiteRT outputs are not built yet); give "
+                            "--out_format=onnx and --out=NAME.onnx")
+  if options.calibration is None:
+    raise errors.UsageError(f"--quantize={options.quantize.scheme} needs calibration samples "
+                            "(int8 ranges, and the measurement against the float model): give "
+                            "--calibration_data")
 
 
 def prune(in_path: str, out_path: str, options: Options = Options()) -> report_lib.Report:
@@ -606,12 +623,27 @@ def write_outputs(prepared: Prepared, result: _Pruned, out_path: str, doc: repor
     model, export = _export_onnx(adapter, model, prepared.graph, options)
     doc = dataclasses.replace(doc, export=export)
     adapter = format_for(out_path).adapter
+  if options.quantize is not None:
+    model, quantization = quantize_model(format_for(out_path), model, options)
+    doc = dataclasses.replace(doc, quantization=quantization)
   adapter.write(model, out_path)
   if options.plan_out:
     files.write_text(options.plan_out, result.plan.to_json())
   if options.report:
     files.write_json(options.report, doc.to_json(), default=_json_default)
   return doc
+
+
+def quantize_model(fmt: Format, model: Any, options: Options) -> tuple[Any, dict]:
+  """options.quantize applied to the model about to be written (format `fmt`), with
+  calibration samples read for it; returns the model and the quantization report."""
+  graph = fmt.adapter.to_view(model)
+  t0 = time.perf_counter()
+  samples = options.calibration.load(fmt, graph)
+  load_s = time.perf_counter() - t0
+  model, doc = quantize_lib.quantize(fmt, model, graph, samples, options.quantize)
+  doc["samples_load_s"] = round(load_s, 3)
+  return model, doc
 
 
 def _json_default(value):

@@ -33,6 +33,15 @@ marked "optional"):
                                 original: the sliced and the reconstructed model), seconds
   export                        optional: format, opset, tool, max_abs_diff, max_rel_diff
                                 of an --out_format=onnx export
+  quantization                  optional: --quantize's report (quantize/quantize.py):
+                                scheme, format, tool, model_bytes_before/after, size_ratio,
+                                holdout_samples, holdout (agreement, rel_error,
+                                max_rel_diff against the float model), min_agreement,
+                                quantize_s, measure_s, samples_load_s; int8: method,
+                                per_channel, calibration_samples, linear_layers,
+                                linear_layers_float, float_ops; codebook: bits, packed,
+                                init, max_iterations, weights, weight_bytes_float/stored,
+                                weight_compression, weight_rel_error_mean/max, layers
 
 The dataclass is also a read-only mapping over these keys (report["verify"]), so
 code reading a report reads the same keys as a reader of the JSON file.
@@ -50,7 +59,8 @@ from graph_prune.analysis import groups as groups_lib
 from graph_prune.verify import oracle
 
 _MAX_REASONS = 5
-_OPTIONAL = ("round_to_auto", "steps", "increments", "recovery", "reconstruction", "export")
+_OPTIONAL = ("round_to_auto", "steps", "increments", "recovery", "reconstruction", "export",
+             "quantization")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +90,7 @@ class Report(collections.abc.Mapping):
   recovery: Optional[dict] = None
   reconstruction: Optional[dict] = None
   export: Optional[dict] = None
+  quantization: Optional[dict] = None
 
   def to_json(self) -> dict[str, Any]:
     """The JSON form: the schema above, optional keys only where they apply."""
@@ -214,4 +225,26 @@ def text(doc) -> str:
   if e:
     lines.append(f"export: {e['format']} (opset {e['opset']}, {e['tool']}) matches the pruned "
                  f"model within {e['max_rel_diff']:.3g} relative")
+  lines.extend(_quantization_text(doc.get("quantization")))
   return "\n".join(lines)
+
+
+def _quantization_text(doc: Optional[dict]) -> list[str]:
+  if not doc:
+    return []
+  h = doc["holdout"]
+  agree = (f"top-1 agreement with the float model {h['agreement']:.2%}, "
+           if h["agreement"] is not None else "")
+  if doc["scheme"] == "int8":
+    what = (f"int8 ({doc['method']}, {doc['calibration_samples']} calibration samples, "
+            f"{doc['linear_layers'] - doc['linear_layers_float']}/{doc['linear_layers']} linear "
+            "layers int8)")
+  elif doc["scheme"] == "float16":
+    what = "float16"
+  else:
+    what = (f"{doc['scheme']} ({doc['weights']} weights, {doc['weight_compression']:.2f}x "
+            f"smaller, relative weight error mean {doc['weight_rel_error_mean']:.3g})")
+  return [f"quantization: {what}: model {doc['model_bytes_before']:,} -> "
+          f"{doc['model_bytes_after']:,} bytes ({doc['size_ratio']:.2f}x smaller); on "
+          f"{doc['holdout_samples']} held-out samples {agree}relative error "
+          f"{h['rel_error']:.3g}, max relative difference {h['max_rel_diff']:.3g}"]

@@ -1,4 +1,5 @@
-"""The calibration and reconstruction flags, shared by //tools:prune and //tools:sweep.
+"""The calibration, reconstruction and quantization flags, shared by //tools:prune and
+//tools:sweep.
 
 Calibration samples feed the calibrated criteria (--criterion=activation, apoz,
 wanda) and reconstruction (--reconstruct=bias or lsq); they are preprocessed with
@@ -32,6 +33,25 @@ RECONSTRUCT_RIDGE = flags.DEFINE_float(
 RECONSTRUCT_ROWS = flags.DEFINE_integer(
     "reconstruct_rows", 1 << 17, "lsq: rows (output positions x samples) per layer; more are "
     "sampled evenly.")
+QUANTIZE = flags.DEFINE_string(
+    "quantize", "none", "After pruning and recovery, quantize the ONNX output (an ONNX input, "
+    "or --out_format=onnx): int8 (static QDQ, per-channel weights), float16, codebook8 or "
+    "codebook4 (k-means weights, indices and a codebook); none. Needs --calibration_data: "
+    "the result is measured against the float model on the held-out samples.")
+QUANTIZE_CALIBRATION = flags.DEFINE_string(
+    "quantize_calibration", "minmax", "int8: activation ranges by minmax, percentile or entropy.")
+MIN_AGREEMENT = flags.DEFINE_float(
+    "min_agreement", 0.99, "Quantization: the least top-1 agreement with the float model on "
+    "the held-out samples; below it nothing is written (exit 2).")
+
+
+def quantize():
+  """quantize.Options from the flags, or None without --quantize."""
+  if QUANTIZE.value == "none":
+    return None
+  from graph_prune.quantize import options  # pylint: disable=g-import-not-at-top
+  return options.Options(QUANTIZE.value, QUANTIZE_CALIBRATION.value,
+                         min_agreement=MIN_AGREEMENT.value)
 
 
 def calibration(cli, preprocess, data_dir):

@@ -147,6 +147,7 @@ def main(argv):
         steps=_STEPS.value, recover=_recovery(),
         input_shapes=_input_shapes(_INPUT_SHAPE.value),
         reconstruct=calibration_flags.reconstruct(_SEED.value), taylor=_taylor(),
+        quantize=calibration_flags.quantize(),
         calibration=calibration_flags.calibration(cli, _preprocess, cli.path(_DATA_DIR.value)))
     doc = pipeline.prune(cli.path(flags.FLAGS["in"].value), cli.path(_OUT.value), options)
   except errors.GraphPruneError as e:

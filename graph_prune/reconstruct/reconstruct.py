@@ -39,7 +39,7 @@ from graph_prune.graph.edits import Edits
 from graph_prune.ops import geometry
 from graph_prune.reconstruct import normal
 from graph_prune.reconstruct import sites as sites_lib
-from graph_prune.verify import oracle
+from graph_prune.verify import agreement
 
 BIAS, LSQ = sites_lib.BIAS, sites_lib.LSQ
 METHODS = (BIAS, LSQ)
@@ -372,7 +372,7 @@ def _holdout(fmt, original, original_view, pruned, pruned_view, model, view, sam
   try:
     runners.append(activations.runner(adapter, pruned, (), pruned_view.constants))
     runners.append(activations.runner(adapter, model, (), view.constants))
-    acc = [_Agreement(), _Agreement()]
+    acc = [agreement.Agreement(), agreement.Agreement()]
     fixed = activations.fixed_batch(pruned_view)
     streams = [activations.batches(r, x, options.batch_size, fixed) for r in runners]
     for (_, ref), (_, before), (_, after) in zip(*streams):
@@ -384,30 +384,3 @@ def _holdout(fmt, original, original_view, pruned, pruned_view, model, view, sam
   return {"holdout_samples": int(len(x)), "holdout_before": acc[0].doc(),
           "holdout_after": acc[1].doc()}
 
-
-class _Agreement:
-  """Top-1 agreement (first output, when it scores classes), relative error and
-  largest relative difference to the original, over batches."""
-
-  def __init__(self):
-    self.same = self.count = 0
-    self.err = self.ref = 0.0
-    self.max_rel = 0.0
-    self.classes = None
-
-  def add(self, ref: list, got: list) -> None:
-    first_r, first_g = np.asarray(ref[0]), np.asarray(got[0])
-    if first_r.ndim == 2 and first_r.shape[1] > 1:
-      self.classes = first_r.shape[1]
-      self.same += int(np.sum(np.argmax(first_r, 1) == np.argmax(first_g, 1)))
-      self.count += len(first_r)
-    for r, g in zip(ref, got):
-      r64, g64 = np.asarray(r, np.float64), np.asarray(g, np.float64)
-      self.err += float(np.sum(np.square(g64 - r64)))
-      self.ref += float(np.sum(np.square(r64)))
-    self.max_rel = max(self.max_rel, oracle.max_diff(ref, got)[1])
-
-  def doc(self) -> dict:
-    return {"agreement": self.same / self.count if self.count else None,
-            "rel_error": math.sqrt(self.err / self.ref) if self.ref > 0 else 0.0,
-            "max_rel_diff": self.max_rel}

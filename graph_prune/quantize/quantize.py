@@ -1,0 +1,156 @@
+"""Quantization after pruning: the model in its output format is quantized by the
+scheme asked for, then measured against the float model it came from on held-out
+calibration samples. Quantization cannot be verified exactly, so it is measured:
+top-1 agreement (first output, when it scores classes), relative error and the
+largest relative difference; below the threshold nothing is written.
+
+Schemes (ONNX outputs): int8 (ONNX Runtime's static QDQ quantizer, per-channel
+weights, activation ranges from the calibration samples), float16 (weights and
+compute, float32 inputs and outputs), codebook8 and codebook4 (per-layer k-means
+of the linear layers' weights: quantize/codebook.py).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from absl import logging
+import numpy as np
+
+from graph_prune import errors
+from graph_prune.calibration import activations
+from graph_prune.quantize import codebook as codebook_lib
+from graph_prune.quantize import options as options_lib
+from graph_prune.verify import agreement as agreement_lib
+
+Options = options_lib.Options
+check = options_lib.check
+
+
+def _quantizer(fmt):
+  if fmt.name != "onnx":
+    raise errors.UsageError("--quantize writes ONNX models; for a TensorFlow model give "
+                            "--out_format=onnx")
+  from graph_prune.adapters import onnx_quantize  # pylint: disable=g-import-not-at-top
+  return onnx_quantize
+
+
+def linear_weights(fmt, graph) -> list[str]:
+  """The constant float weights (two or more axes) of the graph's linear layers,
+  each once, in graph order."""
+  out = []
+  for node in graph.nodes:
+    lin = fmt.ops.linear(graph, node)
+    if lin is None or lin.weight in out or lin.weight not in graph.constants:
+      continue
+    w = graph.constants[lin.weight]
+    if np.issubdtype(w.dtype, np.floating) and w.ndim >= 2:
+      out.append(lin.weight)
+  return out
+
+
+def _equal_batches(x: np.ndarray, size: int) -> list[np.ndarray]:
+  """Batches of one size (the percentile and entropy calibrators stack them): the
+  remainder past the last full batch is left out."""
+  size = min(size, len(x))
+  return [x[i:i + size] for i in range(0, len(x) - size + 1, size)]
+
+
+def _codebook(fmt, model, graph, options: Options, q) -> tuple[Any, dict]:
+  bits = options.bits
+  names = linear_weights(fmt, graph)
+  if not names:
+    raise errors.UsageError("--quantize=codebook: the model has no linear layer with a "
+                            "constant weight to store as a codebook")
+  tables, layers = {}, []
+  float_bytes = stored_bytes = 0
+  packed = bits == 4 and q.packs4(model)
+  for name in names:
+    w = graph.constants[name]
+    t = codebook_lib.fit(w, bits, options.kmeans_iterations)
+    tables[name] = t
+    err = codebook_lib.rel_error(w, t)
+    float_bytes += w.nbytes
+    stored_bytes += t.stored(packed).nbytes + t.codebook.nbytes
+    layers.append({"weight": name, "elements": int(w.size), "centroids": int(len(t.codebook)),
+                   "iterations": t.iterations, "rel_error": round(err, 6)})
+  errs = [lay["rel_error"] for lay in layers]
+  doc = {"bits": bits, "packed": packed, "init": "linear (min to max)",
+         "max_iterations": options.kmeans_iterations, "weights": len(names),
+         "weight_bytes_float": int(float_bytes), "weight_bytes_stored": int(stored_bytes),
+         "weight_compression": round(float_bytes / stored_bytes, 3),
+         "weight_rel_error_mean": round(float(np.mean(errs)), 6),
+         "weight_rel_error_max": round(float(np.max(errs)), 6), "layers": layers}
+  return q.codebook(model, tables), doc
+
+
+def quantize(fmt, model: Any, graph, samples, options: Options) -> tuple[Any, dict]:
+  """The quantized model and its report. `graph` is the float model's view,
+  `samples` (calibration.samples.Samples) its calibration samples: int8 ranges
+  come from samples.fit, the measurement uses samples.holdout. Raises
+  QuantizationError when agreement is below options.min_agreement."""
+  check(options)
+  q = _quantizer(fmt)
+  t0 = time.perf_counter()
+  doc: dict = {"scheme": options.scheme, "format": fmt.name}
+  if options.scheme == "int8":
+    batches = _equal_batches(samples.fit, options.batch_size)
+    quantized = q.int8(model, batches, options.method, options.per_channel)
+    left = q.float_linear_ops(quantized)
+    total = len(linear_weights(fmt, graph))
+    if total and len(left) == total:
+      raise errors.UsageError(f"--quantize=int8: ONNX Runtime's quantizer quantized none of the "
+                              f"model's linear layers ({', '.join(sorted(set(left)))} stay "
+                              "float)")
+    doc.update(method=options.method, per_channel=options.per_channel, tool="onnxruntime "
+               "quantize_static (QDQ, weights int8, activations uint8)",
+               calibration_samples=int(sum(len(b) for b in batches)),
+               linear_layers=total, linear_layers_float=len(left),
+               float_ops=sorted(set(left)))
+  elif options.scheme == "float16":
+    quantized = q.float16(model)
+    doc.update(tool="onnxruntime.transformers.float16 (float32 inputs and outputs)")
+  else:
+    quantized, extra = _codebook(fmt, model, graph, options, q)
+    doc.update(extra)
+  doc["quantize_s"] = round(time.perf_counter() - t0, 3)
+  doc.update(model_bytes_before=_bytes(model), model_bytes_after=_bytes(quantized))
+  doc["size_ratio"] = round(doc["model_bytes_before"] / max(doc["model_bytes_after"], 1), 3)
+  t1 = time.perf_counter()
+  doc.update(_measure(fmt, model, quantized, graph, samples, options))
+  doc["measure_s"] = round(time.perf_counter() - t1, 3)
+  a = doc["holdout"]["agreement"]
+  logging.info("quantize %s: %s -> %s bytes; on %d held-out samples agreement %s, relative "
+               "error %.3g", options.scheme, doc["model_bytes_before"], doc["model_bytes_after"],
+               doc["holdout_samples"], "n/a" if a is None else f"{a:.4f}",
+               doc["holdout"]["rel_error"])
+  if a is not None and a < options.min_agreement:
+    raise errors.QuantizationError(
+        f"--quantize={options.scheme}: the quantized model agrees with the float model on "
+        f"{a:.2%} of {doc['holdout_samples']} held-out samples, below --min_agreement "
+        f"{options.min_agreement:.2%} (relative error {doc['holdout']['rel_error']:.3g}); "
+        "nothing written. Recover the pruned model first, try another scheme or "
+        "--quantize_calibration, or lower --min_agreement")
+  return quantized, doc
+
+
+def _bytes(model) -> int:
+  return int(model.proto.ByteSize())
+
+
+def _measure(fmt, float_model, quantized, graph, samples, options: Options) -> dict:
+  x = samples.holdout if len(samples.holdout) else samples.fit[:256]
+  runners = [activations.runner(fmt.adapter, float_model, ())]
+  try:
+    runners.append(activations.runner(fmt.adapter, quantized, ()))
+    acc = agreement_lib.Agreement()
+    fixed = activations.fixed_batch(graph)
+    streams = [activations.batches(r, x, options.batch_size, fixed) for r in runners]
+    for (_, ref), (_, got) in zip(*streams):
+      acc.add(ref, got)
+  finally:
+    for r in runners:
+      r.close()
+  return {"holdout_samples": int(len(x)), "holdout": acc.doc(),
+          "min_agreement": options.min_agreement}

@@ -1,0 +1,236 @@
+"""Quantization after pruning (--quantize): codebook k-means and packing, each
+scheme on ONNX models (structure, validity, measured agreement with the float
+model), a TensorFlow model exported and quantized, and bad input."""
+
+import json
+import os
+import subprocess
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from graph_prune import errors
+from graph_prune import pipeline
+from graph_prune.adapters import onnx_model
+from graph_prune.calibration import samples as samples_lib
+from graph_prune.quantize import codebook
+from graph_prune.quantize import options as quantize_options
+from tests import binaries
+from tests import onnx_net
+
+_PB = os.path.join(binaries.ROOT, "models", "default", "fmnist_vgg_bn.pb")
+
+
+class CodebookTest(absltest.TestCase):
+
+  def test_few_distinct_values_are_stored_exactly(self):
+    w = np.random.default_rng(0).choice([-0.5, 0.0, 0.25, 2.0], size=(6, 5, 3)).astype(np.float32)
+    t = codebook.fit(w, 4)
+    np.testing.assert_array_equal(t.weight(), w)
+    self.assertEqual(len(t.codebook), 4)
+    self.assertEqual(codebook.rel_error(w, t), 0.0)
+
+  def test_more_bits_less_error_and_lloyd_beats_its_start(self):
+    w = np.random.default_rng(1).standard_normal((64, 32, 3, 3)).astype(np.float32)
+    e4, e8 = (codebook.rel_error(w, codebook.fit(w, b)) for b in (4, 8))
+    self.assertLess(e8, e4 / 8)
+    start = codebook.rel_error(w, codebook.fit(w, 4, iterations=1))
+    self.assertLess(e4, 0.8 * start)
+    self.assertLess(e4, 0.12)     # Lloyd-Max for a Gaussian at 16 levels: ~0.097
+
+  def test_deterministic(self):
+    w = np.random.default_rng(2).standard_normal((300, 7)).astype(np.float32)
+    a, b = codebook.fit(w, 4), codebook.fit(w.copy(), 4)
+    np.testing.assert_array_equal(a.codebook, b.codebook)
+    np.testing.assert_array_equal(a.indices, b.indices)
+
+  def test_pack4_round_trip_odd_length(self):
+    idx = np.random.default_rng(3).integers(0, 16, 11).astype(np.uint8)
+    packed = codebook.pack4(idx)
+    self.assertEqual(packed.shape, (6,))
+    np.testing.assert_array_equal(codebook.unpack4(packed, 11), idx)
+    self.assertEqual(packed[0], idx[0] | (idx[1] << 4))
+
+  def test_bits_out_of_range(self):
+    with self.assertRaises(ValueError):
+      codebook.fit(np.ones((4, 4), np.float32) * np.arange(4), 3)
+
+
+def _model(seed=0):
+  """conv 3->8 -> ReLU -> conv 8->8 -> ReLU -> GAP -> Flatten -> Gemm 8->10 (NCHW 8x8).
+  The Gemm's bias is small, so that the class follows the input."""
+  net = onnx_net.Net(seed)
+  h = net.op("Relu", [net.conv("x", 3, 8)])
+  h = net.op("Relu", [net.conv(h, 8, 8)])
+  h = net.op("Flatten", [net.op("GlobalAveragePool", [h])])
+  out = net.dense(h, (8, 10))
+  bias = next(i for i in net.inits if i.name == "gemm1_b")
+  bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias) * 0.01, "gemm1_b"))
+  return net.model(out, [10])
+
+
+def _npz(tmp, n=300, seed=0):
+  """Images [n, 8, 8, 3]: the samples reader brings them to the model's NCHW."""
+  path = os.path.join(tmp, "calib.npz")
+  np.savez(path, x=np.random.default_rng(seed).standard_normal((n, 8, 8, 3)).astype(np.float32))
+  return path
+
+
+class OnnxSchemesTest(parameterized.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.tmp = self.create_tempdir().full_path
+    self.src = os.path.join(self.tmp, "in.onnx")
+    onnx.save(_model(), self.src)
+    self.calibration = samples_lib.Spec(_npz(self.tmp), samples=200, holdout=100)
+
+  def _quantize(self, scheme, ratio=0.5, **kw):
+    out = os.path.join(self.tmp, f"{scheme}.onnx")
+    doc = pipeline.prune(self.src, out, pipeline.Options(
+        ratio=ratio, overwrite=True, calibration=self.calibration,
+        quantize=quantize_options.Options(scheme, min_agreement=kw.pop("min_agreement", 0.9),
+                                          **kw)))
+    proto = onnx.load(out)
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+    return out, proto, doc.to_json()["quantization"]
+
+  def _outputs(self, path, x):
+    return onnx_model.Runner(onnx_model.load(path))([x])[0]
+
+  def test_int8_is_qdq_and_agrees(self):
+    out, proto, q = self._quantize("int8")
+    ops = [n.op_type for n in proto.graph.node]
+    self.assertGreaterEqual(ops.count("DequantizeLinear"), 3 + 3)   # 3 weights, activations
+    int8_weights = [t for t in proto.graph.initializer
+                    if t.data_type == onnx.TensorProto.INT8 and len(t.dims) > 1]
+    self.assertLen(int8_weights, 3)
+    conv_scales = [numpy_helper.to_array(t) for t in proto.graph.initializer
+                   if t.name.startswith("conv1_w") and "scale" in t.name]
+    self.assertEqual(conv_scales[0].shape, (4,))                   # per channel, pruned to 4
+    self.assertEqual((q["linear_layers"], q["linear_layers_float"]), (3, 0))
+    self.assertEqual(q["calibration_samples"], 192)                # 3 full batches of 64
+    self.assertGreaterEqual(q["holdout"]["agreement"], 0.9)
+    self.assertEqual(q["holdout_samples"], 100)
+    self.assertLess(q["holdout"]["rel_error"], 0.1)
+    # The report's figures are the written model's.
+    x = np.load(os.path.join(self.tmp, "calib.npz"))["x"][200:].transpose(0, 3, 1, 2)
+    pruned = os.path.join(self.tmp, "float.onnx")
+    pipeline.prune(self.src, pruned, pipeline.Options(ratio=0.5, overwrite=True))
+    a, b = self._outputs(pruned, x), self._outputs(out, x)
+    self.assertAlmostEqual(float(np.mean(a.argmax(1) == b.argmax(1))),
+                           q["holdout"]["agreement"], places=6)
+
+  def test_float16_keeps_float32_inputs_and_outputs(self):
+    _, proto, q = self._quantize("float16", ratio=0.0)
+    types = {t.data_type for t in proto.graph.initializer if t.dims}
+    self.assertEqual(types, {onnx.TensorProto.FLOAT16})
+    self.assertEqual(proto.graph.input[0].type.tensor_type.elem_type, onnx.TensorProto.FLOAT)
+    self.assertEqual(proto.graph.output[0].type.tensor_type.elem_type, onnx.TensorProto.FLOAT)
+    self.assertEqual(q["holdout"]["agreement"], 1.0)
+    self.assertLess(q["holdout"]["rel_error"], 1e-2)
+    weights = sum(len(t.raw_data) for t in proto.graph.initializer if len(t.dims) > 1)
+    self.assertEqual(weights, 2 * (8 * 3 * 9 + 8 * 8 * 9 + 8 * 10))
+
+  @parameterized.parameters(4, 8)
+  def test_codebook_weights_rebuild_to_the_table(self, bits):
+    out, proto, q = self._quantize(f"codebook{bits}", min_agreement=0.0)
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    self.assertNotIn("conv2_w", inits)                        # replaced by its codebook
+    stored = inits["gp_codebook/conv2_w/packed" if bits == 4 else "gp_codebook/conv2_w/indices"]
+    self.assertEqual(stored.dtype, np.uint8)
+    book = inits["gp_codebook/conv2_w/codebook"]
+    self.assertLessEqual(len(book), 1 << bits)
+    # The rebuilt weight, fetched from ONNX Runtime, is the codebook at the indices.
+    model = onnx_model.load(out)
+    w = onnx_model.Runner(model, extra=["conv2_w"])([np.zeros((1, 3, 8, 8), np.float32)])[1]
+    self.assertEqual(w.shape, (4, 4, 3, 3))
+    idx = codebook.unpack4(stored, w.size) if bits == 4 else stored.reshape(-1)
+    np.testing.assert_array_equal(w.reshape(-1), book[idx])
+    self.assertEqual(q["packed"], bits == 4)
+    self.assertEqual(q["weights"], 3)
+    # The file holds about bits/32 of the weights' float bytes (plus the codebooks).
+    self.assertLess(q["weight_bytes_stored"],
+                    q["weight_bytes_float"] * bits / 32 + 3 * (4 << bits) + 3)
+
+  def test_ratio_zero_quantizes_alone(self):
+    _, proto, q = self._quantize("int8", ratio=0.0)
+    w = [t for t in proto.graph.initializer
+         if t.data_type == onnx.TensorProto.INT8 and len(t.dims) > 1]
+    self.assertEqual(sorted(tuple(t.dims) for t in w),
+                     [(8, 3, 3, 3), (8, 8, 3, 3), (8, 10)])
+    self.assertGreaterEqual(q["holdout"]["agreement"], 0.9)
+
+  def test_below_min_agreement_writes_nothing(self):
+    # Ranges calibrated on samples a thousand times smaller than the held-out ones:
+    # every activation of the held-out samples saturates.
+    x = np.random.default_rng(0).standard_normal((300, 8, 8, 3)).astype(np.float32)
+    x[:200] *= 1e-3
+    path = os.path.join(self.tmp, "skewed.npz")
+    np.savez(path, x=x)
+    out = os.path.join(self.tmp, "low.onnx")
+    with self.assertRaisesRegex(errors.QuantizationError,
+                                r"agrees with the float model on .*% of 100 held-out samples, "
+                                r"below --min_agreement 99\.00%.*nothing written"):
+      pipeline.prune(self.src, out, pipeline.Options(
+          ratio=0.5, calibration=samples_lib.Spec(path, samples=200, holdout=100),
+          quantize=quantize_options.Options("int8")))
+    self.assertFalse(os.path.exists(out))
+
+
+def _cli(*args):
+  return subprocess.run([*binaries.command("prune"), *args], capture_output=True, text=True,
+                        env=binaries.env(), timeout=600, check=False)
+
+
+class CommandTest(absltest.TestCase):
+
+  def test_tensorflow_exported_and_int8(self):
+    tmp = self.create_tempdir().full_path
+    out, report = os.path.join(tmp, "q.onnx"), os.path.join(tmp, "q.json")
+    # Unpruned: the pruned model without recovery sits near its decision boundaries,
+    # and int8 flips more than 1% of them (the check refuses it).
+    r = _cli(f"--in={_PB}", f"--out={out}", "--out_format=onnx", "--ratio=0",
+             "--quantize=int8", "--calibration_data=fashion-mnist:train", "--scale=1/255",
+             "--calibration_samples=512", "--calibration_holdout=256", f"--report={report}")
+    self.assertEqual(r.returncode, 0, r.stderr[-2000:])
+    self.assertIn("quantization: int8 (minmax, 512 calibration samples, 7/7 linear layers int8)",
+                  r.stdout)
+    q = json.load(open(report))["quantization"]
+    self.assertGreaterEqual(q["holdout"]["agreement"], 0.99)
+    self.assertGreater(q["size_ratio"], 3.0)
+    self.assertEqual(os.path.getsize(out), q["model_bytes_after"])
+
+  def test_bad_input_one_line_exit_2_nothing_written(self):
+    tmp = self.create_tempdir().full_path
+    src = os.path.join(tmp, "in.onnx")
+    onnx.save(_model(), src)
+    calib = f"--calibration_data={_npz(tmp, 50)}"
+    cases = [
+        (["--quantize=int8"], "needs calibration samples"),
+        (["--quantize=int4", calib], "unknown --quantize scheme 'int4'"),
+        (["--quantize=codebook3", calib], "codebook weights take 4 or 8 bits"),
+        (["--quantize=int8", "--quantize_calibration=mse", calib],
+         "unknown --quantize_calibration 'mse'"),
+        (["--quantize=int8", "--min_agreement=1.5", calib], "--min_agreement is 1.5"),
+    ]
+    for extra, message in cases:
+      out = os.path.join(tmp, "out.onnx")
+      r = _cli(f"--in={src}", f"--out={out}", *extra)
+      self.assertEqual(r.returncode, 2, (extra, r.stderr[-1000:]))
+      lines = [l for l in r.stderr.splitlines() if l.startswith("prune: ")]
+      self.assertLen(lines, 1, r.stderr)
+      self.assertIn(message, lines[0])
+      self.assertFalse(os.path.exists(out))
+    r = _cli(f"--in={_PB}", f"--out={tmp}/out.pb", "--quantize=int8", calib)
+    self.assertEqual(r.returncode, 2)
+    self.assertIn("give --out_format=onnx", r.stderr)
+    self.assertFalse(os.path.exists(f"{tmp}/out.pb"))
+
+
+if __name__ == "__main__":
+  absltest.main()
