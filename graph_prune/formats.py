@@ -16,6 +16,7 @@ from graph_prune.ops import desc
 
 TENSORFLOW = "tensorflow"
 ONNX = "onnx"
+TFLITE = "tflite"   # an output format: written, benchmarked and evaluated, never pruned
 
 
 class Adapter(Protocol):
@@ -39,9 +40,11 @@ class Format:
 
 
 def name_of(path: str) -> str:
-  """The format of a model path: ONNX files end in .onnx; anything else is TensorFlow
-  (a .pb/.pbtxt GraphDef or a SavedModel directory)."""
-  return ONNX if path.endswith(".onnx") else TENSORFLOW
+  """The format of a model path: ONNX files end in .onnx, LiteRT ones in .tflite;
+  anything else is TensorFlow (a .pb/.pbtxt GraphDef or a SavedModel directory)."""
+  if path.endswith(".onnx"):
+    return ONNX
+  return TFLITE if path.endswith(".tflite") else TENSORFLOW
 
 
 def for_path(path: str) -> Format:
@@ -53,6 +56,9 @@ def for_name(name: str) -> Format:
     from graph_prune.adapters import onnx_model  # pylint: disable=g-import-not-at-top
     from graph_prune.ops import onnx_ops  # pylint: disable=g-import-not-at-top
     return Format(ONNX, onnx_model, onnx_ops.REGISTRY)
+  if name == TFLITE:
+    from graph_prune.adapters import tflite_model  # pylint: disable=g-import-not-at-top
+    return Format(TFLITE, tflite_model, desc.Registry(TFLITE))
   from graph_prune.adapters import tf_model  # pylint: disable=g-import-not-at-top
   from graph_prune.ops import tf_ops  # pylint: disable=g-import-not-at-top
   return Format(TENSORFLOW, tf_model, tf_ops.REGISTRY)

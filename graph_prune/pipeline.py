@@ -97,10 +97,22 @@ def _check_paths(in_path: str, out_path: str, options: Options) -> None:
                      (options.report, "--report")):
     if path and os.path.exists(path) and not options.overwrite:
       raise errors.UsageError(f"{what} '{path}' exists; pass --overwrite to replace it")
-  if options.out_format not in ("same", "onnx"):
-    raise errors.UsageError(f"--out_format must be 'same' or 'onnx', not '{options.out_format}'")
+  if formats.name_of(in_path) == formats.TFLITE:
+    raise errors.UsageError(f"'{in_path}' is a LiteRT model: graph_prune prunes TensorFlow and "
+                            "ONNX models and writes LiteRT with --out_format=tflite")
+  if options.out_format not in ("same", "onnx", "tflite"):
+    raise errors.UsageError(f"--out_format must be 'same', 'onnx' or 'tflite', not "
+                            f"'{options.out_format}'")
   if options.out_format == "onnx" and not out_path.endswith(".onnx"):
     raise errors.UsageError("--out_format=onnx writes an ONNX file: give --out=NAME.onnx")
+  if options.out_format == "tflite":
+    if formats.name_of(in_path) != formats.TENSORFLOW:
+      raise errors.UsageError("--out_format=tflite converts TensorFlow models; for an ONNX "
+                              "input keep --out_format=same")
+    if not out_path.endswith(".tflite"):
+      raise errors.UsageError("--out_format=tflite writes a LiteRT file: give --out=NAME.tflite")
+  elif out_path.endswith(".tflite"):
+    raise errors.UsageError("--out=NAME.tflite: give --out_format=tflite")
   if options.plan_in and not os.path.isfile(options.plan_in):
     raise errors.InputError(f"--plan_in '{options.plan_in}' does not exist")
 
@@ -321,30 +333,43 @@ def run_oracle(adapter, original, masked, pruned, graph, options: Options,
   return verification
 
 
-def _export_onnx(tf_adapter, pruned, graph, options: Options):
-  """tf2onnx export of the pruned TensorFlow model, checked against it in ONNX Runtime."""
-  from graph_prune.adapters import tf_to_onnx  # pylint: disable=g-import-not-at-top
-  exported = tf_to_onnx.export(pruned, options.opset)
-  onnx_adapter = formats.for_name(formats.ONNX).adapter
+def _export(tf_adapter, pruned, graph, options: Options, samples=None):
+  """The pruned TensorFlow model exported to options.out_format: ONNX by tf2onnx, or
+  LiteRT by TensorFlow's TFLite converter (quantized by it with --quantize, from
+  `samples`). A float export is checked against the pruned model on the oracle's
+  inputs within the tolerance; a quantized one is measured by the caller."""
+  if options.out_format == "onnx":
+    from graph_prune.adapters import tf_to_onnx  # pylint: disable=g-import-not-at-top
+    exported = tf_to_onnx.export(pruned, options.opset)
+    doc = {"format": "onnx", "opset": options.opset, "tool": "tf2onnx"}
+  else:
+    from graph_prune.adapters import tf_to_tflite  # pylint: disable=g-import-not-at-top
+    scheme = options.quantize.scheme if options.quantize is not None else "float32"
+    exported = tf_to_tflite.convert(pruned, scheme,
+                                    samples.fit if samples is not None else None)
+    doc = {"format": "tflite", "tool": "tf.lite.TFLiteConverter", "scheme": scheme}
+    if scheme != "float32":
+      return exported, doc
+  what = "ONNX" if options.out_format == "onnx" else "LiteRT"
+  target = formats.for_name(options.out_format).adapter
   tf_run = _Checked("pruned", tf_adapter.Runner, pruned)
-  onnx_run = None
+  run = None
   try:
-    onnx_run = _Checked("exported ONNX", onnx_adapter.Runner, exported)
+    run = _Checked(f"exported {what}", target.Runner, exported)
     max_abs = max_rel = 0.0
     for inputs in oracle_inputs(graph, tf_run, dataclasses.replace(options,
                                                                    seed=options.seed + 1)):
-      a, r = oracle.max_diff(tf_run(inputs), onnx_run(inputs))
+      a, r = oracle.max_diff(tf_run(inputs), run(inputs))
       max_abs, max_rel = max(max_abs, a), max(max_rel, r)
   finally:
     tf_run.close()
-    if onnx_run is not None:
-      onnx_run.close()
+    if run is not None:
+      run.close()
   if not max_rel <= options.tolerance:
     raise errors.VerificationError(
-        f"the ONNX export differs from the pruned TensorFlow model by {max_rel:.3g} "
+        f"the {what} export differs from the pruned TensorFlow model by {max_rel:.3g} "
         f"(relative; tolerance {options.tolerance:g}); nothing written")
-  return exported, {"format": "onnx", "opset": options.opset, "tool": "tf2onnx",
-                    "max_abs_diff": max_abs, "max_rel_diff": max_rel}
+  return exported, dict(doc, max_abs_diff=max_abs, max_rel_diff=max_rel)
 
 
 def kept_positions(analysis: groups_lib.Analysis, plan: plan_lib.Plan) -> dict[str, np.ndarray]:
@@ -467,11 +492,16 @@ def check_options(in_path: str, out_path: str, options: Options) -> allocation.S
 
 
 def _check_quantize(in_path: str, out_path: str, options: Options) -> None:
+  scheme = options.quantize.scheme
   quantize_lib.check(options.quantize)
-  if formats.name_of(out_path) != formats.ONNX:
-    raise errors.UsageError(f"--quantize={options.quantize.scheme} writes ONNX models (quantized "
-                            "TensorFlow and LiteRT outputs are not built yet); give "
-                            "--out_format=onnx and --out=NAME.onnx")
+  out = formats.name_of(out_path)
+  if out == formats.TENSORFLOW:
+    raise errors.UsageError(f"--quantize={scheme} writes ONNX or LiteRT models (a quantized "
+                            "GraphDef or SavedModel is not built yet); give --out_format=onnx "
+                            "or --out_format=tflite")
+  if out == formats.TFLITE and scheme not in ("int8", "float16"):
+    raise errors.UsageError(f"--out_format=tflite takes --quantize=int8 or float16, not {scheme} "
+                            "(codebook weights are written for ONNX outputs)")
   if options.calibration is None:
     raise errors.UsageError(f"--quantize={options.quantize.scheme} needs calibration samples "
                             "(int8 ranges, and the measurement against the float model): give "
@@ -619,11 +649,24 @@ def write_outputs(prepared: Prepared, result: _Pruned, out_path: str, doc: repor
   """Exports to ONNX where asked (checked against the pruned model), then writes the
   model, the plan and the report, each atomically; returns the final report."""
   adapter, model = prepared.format.adapter, result.model
-  if options.out_format == "onnx" and prepared.format.name != formats.ONNX:
-    model, export = _export_onnx(adapter, model, prepared.graph, options)
+  if options.out_format == "tflite":
+    samples = graph = None
+    if options.quantize is not None:
+      graph = adapter.to_view(model)
+      samples = options.calibration.load(prepared.format, graph)
+    converted, export = _export(adapter, model, prepared.graph, options, samples)
+    doc = dataclasses.replace(doc, export=export)
+    if options.quantize is not None:
+      quantization = quantize_lib.measured(
+          prepared.format, model, graph, format_for(out_path), converted, samples,
+          options.quantize, {"tool": "tf.lite.TFLiteConverter (float32 inputs and outputs)"})
+      doc = dataclasses.replace(doc, quantization=quantization)
+    model, adapter = converted, format_for(out_path).adapter
+  elif options.out_format == "onnx" and prepared.format.name != formats.ONNX:
+    model, export = _export(adapter, model, prepared.graph, options)
     doc = dataclasses.replace(doc, export=export)
     adapter = format_for(out_path).adapter
-  if options.quantize is not None:
+  if options.quantize is not None and options.out_format != "tflite":
     model, quantization = quantize_model(format_for(out_path), model, options)
     doc = dataclasses.replace(doc, quantization=quantization)
   adapter.write(model, out_path)

@@ -31,8 +31,10 @@ marked "optional"):
                                 skipped, holdout_samples, holdout_before/after
                                 (agreement, rel_error, max_rel_diff against the
                                 original: the sliced and the reconstructed model), seconds
-  export                        optional: format, opset, tool, max_abs_diff, max_rel_diff
-                                of an --out_format=onnx export
+  export                        optional: format, opset (onnx), tool, scheme (tflite),
+                                max_abs_diff, max_rel_diff of an --out_format=onnx or
+                                tflite export (not for a quantized LiteRT export: see
+                                quantization)
   quantization                  optional: --quantize's report (quantize/quantize.py):
                                 scheme, format, tool, model_bytes_before/after, size_ratio,
                                 holdout_samples, holdout (agreement, rel_error,
@@ -223,8 +225,12 @@ def text(doc) -> str:
     lines.append(f"recovery: {where}{r['method']} ({work}); {agree}")
   e = doc.get("export")
   if e:
-    lines.append(f"export: {e['format']} (opset {e['opset']}, {e['tool']}) matches the pruned "
-                 f"model within {e['max_rel_diff']:.3g} relative")
+    how = f"opset {e['opset']}, {e['tool']}" if "opset" in e else e["tool"]
+    if "max_rel_diff" in e:
+      lines.append(f"export: {e['format']} ({how}) matches the pruned model within "
+                   f"{e['max_rel_diff']:.3g} relative")
+    else:
+      lines.append(f"export: {e['format']} ({how}, {e['scheme']}): measured below")
   lines.extend(_quantization_text(doc.get("quantization")))
   return "\n".join(lines)
 
@@ -235,12 +241,12 @@ def _quantization_text(doc: Optional[dict]) -> list[str]:
   h = doc["holdout"]
   agree = (f"top-1 agreement with the float model {h['agreement']:.2%}, "
            if h["agreement"] is not None else "")
-  if doc["scheme"] == "int8":
+  if doc["scheme"] == "int8" and "method" in doc:
     what = (f"int8 ({doc['method']}, {doc['calibration_samples']} calibration samples, "
             f"{doc['linear_layers'] - doc['linear_layers_float']}/{doc['linear_layers']} linear "
             "layers int8)")
-  elif doc["scheme"] == "float16":
-    what = "float16"
+  elif doc["scheme"] in ("int8", "float16"):
+    what = doc["scheme"] + (" (TFLite converter)" if doc["format"] == "tflite" else "")
   else:
     what = (f"{doc['scheme']} ({doc['weights']} weights, {doc['weight_compression']:.2f}x "
             f"smaller, relative weight error mean {doc['weight_rel_error_mean']:.3g})")

@@ -2,6 +2,7 @@
 scheme on ONNX models (structure, validity, measured agreement with the float
 model), a TensorFlow model exported and quantized, and bad input."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -182,6 +183,41 @@ class OnnxSchemesTest(parameterized.TestCase):
     self.assertFalse(os.path.exists(out))
 
 
+class SweepTest(absltest.TestCase):
+
+  def test_quantize_is_a_sweep_dimension(self):
+    from graph_prune.bench import timing  # pylint: disable=g-import-not-at-top
+    from graph_prune.sweep import config  # pylint: disable=g-import-not-at-top
+    from graph_prune.sweep import sweep  # pylint: disable=g-import-not-at-top
+    tmp = self.create_tempdir().full_path
+    src = os.path.join(tmp, "in.onnx")
+    onnx.save(_model(), src)
+    settings = config.Config(
+        model=src, out_dir=os.path.join(tmp, "sweep"), ratios=(0.5,), criteria=("l1",),
+        batch_sizes=(1,), device="cpu", timing=timing.Settings(warmup=1, min_runs=3,
+                                                                max_seconds=0.3),
+        memory=False, calibration=samples_lib.Spec(_npz(tmp), samples=200, holdout=100),
+        quantize=("none", "int8"), min_agreement=0.9)
+    summary = sweep.run(settings, notify=lambda line: None)
+    self.assertEqual(summary.failed, 0)
+    with open(os.path.join(settings.out_dir, "rows.jsonl"), encoding="utf-8") as f:
+      rows = [json.loads(line) for line in f]
+    self.assertEqual([r["key"] for r in rows], ["r0.5_l1_rt1", "r0.5_l1_rt1_qint8"])
+    plain, q = rows
+    self.assertEqual((plain["quantize"], q["quantize"]), ("none", "int8"))
+    self.assertIsNone(plain["quantize_bytes"])
+    self.assertGreaterEqual(q["quantize_agreement"], 0.9)
+    self.assertGreater(q["b1_speedup_median"], 0)
+    path = os.path.join(settings.out_dir, "models", "r0.5_l1_rt1_qint8.onnx")
+    self.assertEqual(q["quantize_bytes"], os.path.getsize(path))   # QDQ: bigger, this tiny
+    written = onnx.load(path)
+    self.assertIn("DequantizeLinear", {n.op_type for n in written.graph.node})
+    with self.assertRaisesRegex(errors.UsageError, "quantizes ONNX models"):
+      config.check(dataclasses.replace(settings, model=_PB))
+    with self.assertRaisesRegex(errors.UsageError, "unknown --quantize scheme 'int3'"):
+      config.parse_quantize(["none", "int3"])
+
+
 def _cli(*args):
   return subprocess.run([*binaries.command("prune"), *args], capture_output=True, text=True,
                         env=binaries.env(), timeout=600, check=False)
@@ -205,6 +241,44 @@ class CommandTest(absltest.TestCase):
     self.assertGreater(q["size_ratio"], 3.0)
     self.assertEqual(os.path.getsize(out), q["model_bytes_after"])
 
+  def test_litert_float32_and_int8_run_in_bench_and_evaluate(self):
+    tmp = self.create_tempdir().full_path
+    f32, i8 = os.path.join(tmp, "pruned.tflite"), os.path.join(tmp, "int8.tflite")
+    r = _cli(f"--in={_PB}", f"--out={f32}", "--out_format=tflite", "--ratio=0.5",
+             f"--report={tmp}/f32.json")
+    self.assertEqual(r.returncode, 0, r.stderr[-2000:])
+    export = json.load(open(f"{tmp}/f32.json"))["export"]
+    self.assertEqual(export["format"], "tflite")
+    self.assertLessEqual(export["max_rel_diff"], 1e-4)     # checked like the ONNX export
+    r = _cli(f"--in={_PB}", f"--out={i8}", "--out_format=tflite", "--ratio=0", "--quantize=int8",
+             "--calibration_data=fashion-mnist:train", "--scale=1/255",
+             "--calibration_samples=256", "--calibration_holdout=256", f"--report={tmp}/i8.json")
+    self.assertEqual(r.returncode, 0, r.stderr[-2000:])
+    q = json.load(open(f"{tmp}/i8.json"))["quantization"]
+    self.assertEqual((q["format"], q["scheme"]), ("tflite", "int8"))
+    self.assertGreaterEqual(q["holdout"]["agreement"], 0.98)
+    self.assertGreater(q["size_ratio"], 3.0)
+    from ai_edge_litert import interpreter  # pylint: disable=g-import-not-at-top
+    it = interpreter.Interpreter(model_path=i8)
+    kinds = {np.dtype(d["dtype"]).name for d in it.get_tensor_details()}
+    self.assertIn("int8", kinds)
+    self.assertEqual(np.dtype(it.get_input_details()[0]["dtype"]).name, "float32")
+    # //tools:evaluate and //tools:bench run .tflite files.
+    r = subprocess.run([*binaries.command("evaluate"), f"--model={i8}",
+                        "--data=fashion-mnist:test", "--scale=1/255", "--max_samples=1000",
+                        f"--report={tmp}/eval.json"], capture_output=True, text=True,
+                       env=binaries.env(), timeout=600, check=False)
+    self.assertEqual(r.returncode, 0, r.stderr[-2000:])
+    self.assertGreater(json.load(open(f"{tmp}/eval.json"))["top1"], 0.85)
+    r = subprocess.run([*binaries.command("bench"), f"--model={i8}", f"--baseline={f32}",
+                        "--batch_sizes=1,4", "--max_seconds=2", "--nomemory",
+                        f"--report={tmp}/bench.json"], capture_output=True, text=True,
+                       env=binaries.env(), timeout=600, check=False)
+    self.assertEqual(r.returncode, 0, r.stderr[-2000:])
+    bench = json.load(open(f"{tmp}/bench.json"))
+    self.assertEqual(bench["models"]["candidate"]["runtime"], "litert")
+    self.assertGreater(bench["pairs"]["4"]["speedup"]["median"], 0)
+
   def test_bad_input_one_line_exit_2_nothing_written(self):
     tmp = self.create_tempdir().full_path
     src = os.path.join(tmp, "in.onnx")
@@ -226,10 +300,24 @@ class CommandTest(absltest.TestCase):
       self.assertLen(lines, 1, r.stderr)
       self.assertIn(message, lines[0])
       self.assertFalse(os.path.exists(out))
-    r = _cli(f"--in={_PB}", f"--out={tmp}/out.pb", "--quantize=int8", calib)
-    self.assertEqual(r.returncode, 2)
-    self.assertIn("give --out_format=onnx", r.stderr)
-    self.assertFalse(os.path.exists(f"{tmp}/out.pb"))
+    tf_cases = [
+        ([f"--out={tmp}/out.pb", "--quantize=int8", calib], "give --out_format=onnx"),
+        ([f"--out={tmp}/out.tflite", "--out_format=tflite", "--quantize=codebook4", calib],
+         "--out_format=tflite takes --quantize=int8 or float16"),
+        ([f"--out={tmp}/out.tflite"], "give --out_format=tflite"),
+    ]
+    for extra, message in tf_cases:
+      r = _cli(f"--in={_PB}", *extra)
+      self.assertEqual(r.returncode, 2, (extra, r.stderr[-1000:]))
+      self.assertIn(message, r.stderr)
+      self.assertFalse(os.path.exists(extra[0].split("=", 1)[1]))
+    for extra, message in (
+        ([f"--in={src}", f"--out={tmp}/o.tflite", "--out_format=tflite"],
+         "--out_format=tflite converts TensorFlow models"),
+        ([f"--in={tmp}/m.tflite", f"--out={tmp}/o.onnx"], "is a LiteRT model")):
+      r = _cli(*extra)
+      self.assertEqual(r.returncode, 2, (extra, r.stderr[-1000:]))
+      self.assertIn(message, r.stderr)
 
 
 if __name__ == "__main__":

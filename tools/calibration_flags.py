@@ -34,10 +34,11 @@ RECONSTRUCT_ROWS = flags.DEFINE_integer(
     "reconstruct_rows", 1 << 17, "lsq: rows (output positions x samples) per layer; more are "
     "sampled evenly.")
 QUANTIZE = flags.DEFINE_string(
-    "quantize", "none", "After pruning and recovery, quantize the ONNX output (an ONNX input, "
-    "or --out_format=onnx): int8 (static QDQ, per-channel weights), float16, codebook8 or "
-    "codebook4 (k-means weights, indices and a codebook); none. Needs --calibration_data: "
-    "the result is measured against the float model on the held-out samples.")
+    "quantize", "none", "After pruning and recovery, quantize the output: ONNX (an ONNX input, "
+    "or --out_format=onnx) int8 (static QDQ, per-channel weights), float16, codebook8 or "
+    "codebook4 (k-means weights, indices and a codebook); LiteRT (--out_format=tflite) int8 "
+    "(full integer) or float16; none. Needs --calibration_data: the result is measured "
+    "against the float model on the held-out samples.")
 QUANTIZE_CALIBRATION = flags.DEFINE_string(
     "quantize_calibration", "minmax", "int8: activation ranges by minmax, percentile or entropy.")
 MIN_AGREEMENT = flags.DEFINE_float(

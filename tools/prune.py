@@ -41,7 +41,8 @@ _INPUTS = flags.DEFINE_list("inputs", [], "GraphDef input tensors (default: plac
 _OUTPUTS = flags.DEFINE_list("outputs", [], "GraphDef output tensors (default: sinks).")
 _OVERWRITE = flags.DEFINE_boolean("overwrite", False, "Replace existing output files.")
 _OUT_FORMAT = flags.DEFINE_string("out_format", "same",
-                                  "'same' as the input, or 'onnx' (TensorFlow input, tf2onnx).")
+                                  "'same' as the input; for a TensorFlow input 'onnx' (tf2onnx) "
+                                  "or 'tflite' (LiteRT, TensorFlow's TFLite converter).")
 _OPSET = flags.DEFINE_integer("opset", 17, "ONNX opset for --out_format=onnx.")
 _INPUT_SHAPE = flags.DEFINE_multi_string(
     "input_shape", [], "[NAME:]D0,D1,...: the shape of the verification inputs for an input "

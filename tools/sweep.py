@@ -127,7 +127,10 @@ def main(argv):
         seed=_SEED.value, tolerance=_TOLERANCE.value, signature=_SIGNATURE.value,
         inputs=tuple(_INPUTS.value), outputs=tuple(_OUTPUTS.value), data=_data(),
         keep_models=_KEEP_MODELS.value, widths_cache=cli.path(_WIDTHS_CACHE.value),
-        overwrite=_OVERWRITE.value, reconstruct=calibration_flags.reconstruct(_SEED.value))
+        overwrite=_OVERWRITE.value, reconstruct=calibration_flags.reconstruct(_SEED.value),
+        quantize=config.parse_quantize(calibration_flags.QUANTIZE.value.split(",")),
+        quantize_calibration=calibration_flags.QUANTIZE_CALIBRATION.value,
+        min_agreement=calibration_flags.MIN_AGREEMENT.value)
     steps = []
     data = settings.data
     prep = (preprocess.Preprocess(resize=data.resize, scale=data.scale, mean=data.mean,

@@ -24,6 +24,7 @@ from graph_prune import errors
 from graph_prune import formats
 
 ONNX = "onnx"
+TFLITE = "tflite"
 _DEVICE_RE = re.compile(r"^(auto|cpu|gpu|tpu)(?::(\d+))?$")
 
 
@@ -45,8 +46,8 @@ class Device:
 class Loaded:
   """A model as the adapters read it."""
   path: str
-  format: str          # "graphdef", "graphdef_text", "saved_model" or "onnx"
-  model: Any           # tf_model.TFModel or onnx_model.ONNXModel
+  format: str          # "graphdef", "graphdef_text", "saved_model", "onnx" or "tflite"
+  model: Any           # tf_model.TFModel, onnx_model.ONNXModel or tflite_model.TFLiteModel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +110,8 @@ def size_on_disk(loaded: Loaded) -> int:
 def runtime_name(fmt: str, xla: bool) -> str:
   if fmt == ONNX:
     return "onnxruntime"
+  if fmt == TFLITE:
+    return "litert"
   return "tensorflow-xla" if xla else "tensorflow"
 
 
@@ -123,6 +126,11 @@ def resolve_device(requested: str, fmt: str) -> Device:
   kind, index = match.group(1), int(match.group(2) or 0)
   if fmt == ONNX:
     return _resolve_ort(kind, index)
+  if fmt == TFLITE:
+    if kind not in ("auto", "cpu"):
+      raise errors.UsageError(f"--device={requested}: LiteRT models run on the CPU here; use "
+                              "--device=cpu")
+    return Device("cpu", 0)
   return _resolve_tf(kind, index)
 
 
@@ -333,6 +341,27 @@ class ORTRunner:
     return Bound(lambda: session.run_with_iobinding(binding), fetch)
 
 
+class LiteRTRunner:
+  """The LiteRT interpreter on the CPU, one thread per core (as ONNX Runtime and
+  TensorFlow use them), its input resized to each batch size."""
+
+  def __init__(self, loaded: Loaded, device: Device):
+    from graph_prune.adapters import tflite_model  # pylint: disable=g-import-not-at-top
+    self._adapter = tflite_model
+    self._model = loaded.model
+    self.inputs = tuple(Input(n, (None,) + tuple(None if d < 0 else d for d in shape[1:]), t)
+                        for n, shape, t in zip(loaded.model.inputs, loaded.model.shapes,
+                                               loaded.model.dtypes))
+    self.outputs = tuple(loaded.model.outputs)
+    self.device = device
+
+  def bind(self, batch: int, seed: int = 0) -> Bound:
+    arrays = random_inputs(self.inputs, batch, seed)
+    runner = self._adapter.Runner(self._model, threads=os.cpu_count())
+    runner(arrays)   # sizes the tensors once; later calls only set and invoke
+    return Bound(lambda: runner(arrays), lambda: runner(arrays))
+
+
 _ORT_TYPES = {
     "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
     "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int16)": "int16",
@@ -341,9 +370,12 @@ _ORT_TYPES = {
 
 
 def build(loaded: Loaded, device: Device, xla: bool):
-  """A runner (TFRunner or ORTRunner) with .inputs, .outputs, .device and .bind(batch, seed)."""
+  """A runner (TFRunner, ORTRunner or LiteRTRunner) with .inputs, .outputs, .device and
+  .bind(batch, seed)."""
   if loaded.format == ONNX:
     return ORTRunner(loaded, device)
+  if loaded.format == TFLITE:
+    return LiteRTRunner(loaded, device)
   return TFRunner(loaded, device, xla)
 
 
@@ -353,6 +385,9 @@ def init_runtime(fmt: str, device: Device) -> None:
   if fmt == ONNX:
     import onnxruntime  # pylint: disable=g-import-not-at-top,unused-import
     from graph_prune.adapters import onnx_model  # pylint: disable=g-import-not-at-top,unused-import
+    return
+  if fmt == TFLITE:
+    from graph_prune.adapters import tflite_model  # pylint: disable=g-import-not-at-top,unused-import
     return
   from graph_prune.adapters import tf_model  # pylint: disable=g-import-not-at-top,unused-import
   tf = _tf()

@@ -35,7 +35,7 @@ def detect(fmt, view, name: str, shape, data_shape: Shape) -> str:
   found = fmt.ops.input_layout(view, name)
   if found:
     return found
-  if fmt.name == formats.TENSORFLOW:
+  if fmt.name in (formats.TENSORFLOW, formats.TFLITE):
     return NHWC
   if data_shape is not None and len(data_shape) == 3:
     fitting = [l for l in (NHWC, NCHW) if fits(data_shape, image_shape(shape, l))]

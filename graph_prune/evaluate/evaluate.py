@@ -129,7 +129,7 @@ def _open(spec: ModelSpec, data_shape=None) -> _Model:
   if shape is not None and len(shape) == 4:
     layout = (spec.layout if spec.layout != "auto"
               else layout_lib.detect(fmt, view, name, shape, data_shape))
-  kind = model.kind if fmt.name == formats.TENSORFLOW else formats.ONNX
+  kind = model.kind if fmt.name != formats.ONNX else formats.ONNX
   return _Model(spec, kind, adapter.Runner(model), name, shape, view.dtypes.get(name, "float32"),
                 layout, names[index], index, keys[index] if signature else None,
                 signature.name if signature else None)

@@ -93,7 +93,7 @@ def quantize(fmt, model: Any, graph, samples, options: Options) -> tuple[Any, di
   check(options)
   q = _quantizer(fmt)
   t0 = time.perf_counter()
-  doc: dict = {"scheme": options.scheme, "format": fmt.name}
+  doc: dict = {}
   if options.scheme == "int8":
     batches = _equal_batches(samples.fit, options.batch_size)
     quantized = q.int8(model, batches, options.method, options.per_channel)
@@ -115,10 +115,19 @@ def quantize(fmt, model: Any, graph, samples, options: Options) -> tuple[Any, di
     quantized, extra = _codebook(fmt, model, graph, options, q)
     doc.update(extra)
   doc["quantize_s"] = round(time.perf_counter() - t0, 3)
-  doc.update(model_bytes_before=_bytes(model), model_bytes_after=_bytes(quantized))
+  return quantized, measured(fmt, model, graph, fmt, quantized, samples, options, doc)
+
+
+def measured(ref_fmt, reference: Any, ref_graph, fmt, quantized: Any, samples,
+             options: Options, doc: dict) -> dict:
+  """`doc` completed with the file sizes and the measurement of `quantized` (format
+  `fmt`) against the float `reference` (format ref_fmt, seen as ref_graph) on the
+  held-out samples; QuantizationError below options.min_agreement."""
+  doc = dict(doc, scheme=options.scheme, format=fmt.name,
+             model_bytes_before=_bytes(reference), model_bytes_after=_bytes(quantized))
   doc["size_ratio"] = round(doc["model_bytes_before"] / max(doc["model_bytes_after"], 1), 3)
   t1 = time.perf_counter()
-  doc.update(_measure(fmt, model, quantized, graph, samples, options))
+  doc.update(_measure(ref_fmt, reference, ref_graph, fmt, quantized, samples, options))
   doc["measure_s"] = round(time.perf_counter() - t1, 3)
   a = doc["holdout"]["agreement"]
   logging.info("quantize %s: %s -> %s bytes; on %d held-out samples agreement %s, relative "
@@ -132,20 +141,26 @@ def quantize(fmt, model: Any, graph, samples, options: Options) -> tuple[Any, di
         f"{options.min_agreement:.2%} (relative error {doc['holdout']['rel_error']:.3g}); "
         "nothing written. Recover the pruned model first, try another scheme or "
         "--quantize_calibration, or lower --min_agreement")
-  return quantized, doc
+  return doc
 
 
 def _bytes(model) -> int:
-  return int(model.proto.ByteSize())
+  """Bytes of the serialised model: an ONNX ModelProto, a LiteRT flatbuffer, a
+  TensorFlow GraphDef."""
+  if hasattr(model, "proto"):
+    return int(model.proto.ByteSize())
+  if hasattr(model, "content"):
+    return len(model.content)
+  return int(model.graph_def.ByteSize())
 
 
-def _measure(fmt, float_model, quantized, graph, samples, options: Options) -> dict:
+def _measure(ref_fmt, reference, ref_graph, fmt, quantized, samples, options: Options) -> dict:
   x = samples.holdout if len(samples.holdout) else samples.fit[:256]
-  runners = [activations.runner(fmt.adapter, float_model, ())]
+  runners = [activations.runner(ref_fmt.adapter, reference, ())]
   try:
     runners.append(activations.runner(fmt.adapter, quantized, ()))
     acc = agreement_lib.Agreement()
-    fixed = activations.fixed_batch(graph)
+    fixed = activations.fixed_batch(ref_graph)
     streams = [activations.batches(r, x, options.batch_size, fixed) for r in runners]
     for (_, ref), (_, got) in zip(*streams):
       acc.add(ref, got)

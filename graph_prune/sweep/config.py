@@ -65,6 +65,11 @@ class Config:
   reconstruct: Any = None
   calibration: Any = None
   taylor: Any = None   # the taylor criterion's gradient code (pipeline.Options.taylor)
+  # Quantization schemes, one run each ("none": not quantized), ONNX models only;
+  # the int8 calibration method and the agreement threshold of //tools:prune.
+  quantize: tuple[str, ...] = ("none",)
+  quantize_calibration: str = "minmax"
+  min_agreement: float = 0.99
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +78,7 @@ class RunSpec:
   ratio: float
   criterion: str
   round_to: RoundTo          # as requested
+  quantize: str = "none"
 
 
 # --- parsing of list flags --------------------------------------------------------
@@ -160,14 +166,27 @@ def _no_repeats(values: Sequence[Any], flag: str) -> None:
 # --- the runs and the sweep's files --------------------------------------------
 
 
-def key_of(ratio: float, criterion: str, round_to: RoundTo) -> str:
-  return f"r{ratio:.10g}_{criterion}_rt{round_to}"
+def key_of(ratio: float, criterion: str, round_to: RoundTo, quantize: str = "none") -> str:
+  return f"r{ratio:.10g}_{criterion}_rt{round_to}" + (f"_q{quantize}" if quantize != "none"
+                                                      else "")
 
 
 def plan_runs(config: Config) -> list[RunSpec]:
-  """Every run in order: ratio, then criterion, then round_to."""
-  return [RunSpec(key_of(r, c, t), r, c, t)
-          for r in config.ratios for c in config.criteria for t in config.round_to]
+  """Every run in order: ratio, then criterion, then round_to, then quantization."""
+  return [RunSpec(key_of(r, c, t, q), r, c, t, q)
+          for r in config.ratios for c in config.criteria for t in config.round_to
+          for q in config.quantize]
+
+
+def parse_quantize(values: Sequence[str]) -> tuple[str, ...]:
+  """'none,int8,codebook4' -> ('none', 'int8', 'codebook4'), each scheme checked."""
+  out = tuple(str(v).strip() for v in values if str(v).strip()) or ("none",)
+  _no_repeats(out, "--quantize")
+  from graph_prune.quantize import options as quantize_options  # pylint: disable=g-import-not-at-top
+  for q in out:
+    if q != "none":
+      quantize_options.check(quantize_options.Options(q))
+  return out
 
 
 def model_name(path: str) -> str:
@@ -222,6 +241,9 @@ def definition(config: Config, step_names: Sequence[str] = ()) -> dict[str, Any]
       "reconstruct": dataclasses.asdict(config.reconstruct) if config.reconstruct else None,
       "calibration": dataclasses.asdict(config.calibration) if config.calibration else None,
       "steps": list(step_names),
+      # Only where quantized, so that sweeps from before keep their definition.
+      **({"quantize": list(config.quantize), "quantize_calibration": config.quantize_calibration,
+          "min_agreement": config.min_agreement} if config.quantize != ("none",) else {}),
   }))
 
 
@@ -239,6 +261,14 @@ def check(config: Config) -> None:
     what = ", ".join(calibrated + (["--reconstruct"] if config.reconstruct else []))
     raise errors.UsageError(f"{what}: give --calibration_data (unlabelled samples)")
   parse_round_to([str(t) for t in config.round_to])
+  quantized = [q for q in parse_quantize(config.quantize) if q != "none"]
+  if quantized and not config.model.endswith(".onnx"):
+    raise errors.UsageError("--quantize in a sweep quantizes ONNX models (benchmarked against "
+                            "the float original in ONNX Runtime); convert the TensorFlow model "
+                            "first: //tools:prune --ratio=0 --out_format=onnx")
+  if quantized and config.calibration is None:
+    raise errors.UsageError(f"--quantize={','.join(quantized)}: give --calibration_data "
+                            "(unlabelled samples)")
   benchmark.parse_batch_sizes([str(b) for b in config.batch_sizes])
   runners.check_device(config.device)
   if config.memory_runs < 0:

@@ -55,6 +55,12 @@ every column of its sweep (null where a figure does not apply: a failed run, no
   holdout_rel_error_sliced, holdout_rel_error_reconstructed
                    top-1 agreement and relative error against the original on
                    the calibration samples kept out of the fit, before and after
+  with --quantize (one run per scheme; "none" runs are not quantized):
+  quantize         the scheme; quantize_bytes_float, quantize_bytes (the model
+                   before and after), quantize_agreement, quantize_rel_error
+                   (against the float pruned model on the held-out calibration
+                   samples), quantize_s; a run below --min_agreement has status
+                   quantize_failed
   then:
   <columns of extra steps>   (see sweep.Step); the recovery step
                    (graph_prune/sweep/recovery.py) adds recover_method,
@@ -104,6 +110,8 @@ ACCURACY_COLUMNS = ("top1_orig", "top5_orig", "top1", "top5", "top1_drop", "agre
 RECONSTRUCT_COLUMNS = ("reconstruct_method", "reconstruct_layers", "reconstruct_s",
                        "holdout_agreement_sliced", "holdout_agreement_reconstructed",
                        "holdout_rel_error_sliced", "holdout_rel_error_reconstructed")
+QUANTIZE_COLUMNS = ("quantize", "quantize_bytes_float", "quantize_bytes", "quantize_agreement",
+                    "quantize_rel_error", "quantize_s")
 TAIL_COLUMNS = ("elapsed_s", "finished_at")
 
 
@@ -112,11 +120,14 @@ def batch_column(batch: int, name: str) -> str:
 
 
 def columns(batch_sizes: Sequence[int], accuracy: bool,
-            extra: Sequence[str] = (), reconstruct: bool = False) -> tuple[str, ...]:
+            extra: Sequence[str] = (), reconstruct: bool = False,
+            quantize: bool = False) -> tuple[str, ...]:
   """Every column of a sweep, in order."""
   out = list(BASE_COLUMNS)
   if reconstruct:
     out += RECONSTRUCT_COLUMNS
+  if quantize:
+    out += QUANTIZE_COLUMNS
   for b in batch_sizes:
     out += [batch_column(b, c) for c in BATCH_COLUMNS]
   out.append("bench_s")

@@ -56,6 +56,7 @@ from graph_prune.bench import benchmark
 from graph_prune.bench import memory
 from graph_prune.bench import timing
 from graph_prune.bench import widths
+from graph_prune.quantize import options as quantize_options
 from graph_prune.sweep import config as config_lib
 from graph_prune.sweep import plots
 from graph_prune.sweep import rows as rows_lib
@@ -282,12 +283,17 @@ def _prune(config: config_lib.Config, spec: config_lib.RunSpec, used: int, how: 
       ratio=spec.ratio, criterion=spec.criterion, round_to=used, round_to_how=how,
       seed=config.seed, verify=True, tolerance=config.tolerance, signature=config.signature,
       inputs=tuple(config.inputs), outputs=tuple(config.outputs), overwrite=True,
-      reconstruct=config.reconstruct, calibration=config.calibration, taylor=config.taylor)
+      reconstruct=config.reconstruct, calibration=config.calibration, taylor=config.taylor,
+      quantize=(quantize_options.Options(spec.quantize, config.quantize_calibration,
+                                         min_agreement=config.min_agreement)
+                if spec.quantize != "none" else None))
   t0 = time.perf_counter()
   try:
     report = pipeline.prune(config.model, path, options)
   except errors.VerificationError as e:
     raise _Failed("verify_failed", e) from None
+  except errors.QuantizationError as e:
+    raise _Failed("quantize_failed", e) from None
   except errors.GraphPruneError as e:
     raise _Failed("prune_failed", e) from None
   row["prune_s"] = time.perf_counter() - t0
@@ -302,6 +308,11 @@ def _prune(config: config_lib.Config, spec: config_lib.RunSpec, used: int, how: 
       groups_pruned=report["groups_pruned"], groups_total=report["groups_total"],
       verify_max_abs_diff=v.get("max_abs_diff"), verify_max_rel_diff=v.get("max_rel_diff"),
       output_change_max_rel=v.get("effect_max_rel"), round_to_used=report["round_to"])
+  q = report.get("quantization")
+  if q:
+    row.update(quantize_bytes_float=q["model_bytes_before"], quantize_bytes=q["model_bytes_after"],
+               quantize_agreement=q["holdout"]["agreement"],
+               quantize_rel_error=q["holdout"]["rel_error"], quantize_s=q["quantize_s"])
   r = report.get("reconstruction")
   if r:
     row.update(reconstruct_method=r["method"], reconstruct_layers=r["layers_refitted"],
@@ -379,6 +390,7 @@ def run_one(config: config_lib.Config, spec: config_lib.RunSpec, state: Mapping[
   row = dict.fromkeys(cols)
   row.update(key=spec.key, model=config_lib.model_name(config.model), ratio=spec.ratio,
              criterion=spec.criterion, round_to=spec.round_to, round_to_used=used,
+             **({"quantize": spec.quantize} if config.quantize != ("none",) else {}),
              device=baseline["device"], device_name=baseline["device_name"], xla=config.xla,
              runtime=baseline["runtime"])
   path = config_lib.model_path(config, spec.key)
@@ -480,7 +492,8 @@ def _run(config: config_lib.Config, steps: Sequence[Step], progress: Progress, n
                             "pass --overwrite to start over")
   cols = rows_lib.columns(config.batch_sizes, config.data is not None,
                           [c for s in steps for c in s.columns],
-                          reconstruct=config.reconstruct is not None)
+                          reconstruct=config.reconstruct is not None,
+                          quantize=config.quantize != ("none",))
   rows_lib.write_csv(csv_path, done, cols)  # a kill may have come between the two writes
   finished = {r["key"] for r in done}
   skipped = len(finished)

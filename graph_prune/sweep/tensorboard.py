@@ -11,7 +11,7 @@ import os
 import shutil
 from typing import Any, Sequence
 
-HPARAMS = ("ratio", "criterion", "round_to", "round_to_used", "reconstruct_method",
+HPARAMS = ("ratio", "criterion", "round_to", "round_to_used", "quantize", "reconstruct_method",
            "recover_method", "recover_train_steps")
 _NOT_METRICS = frozenset(HPARAMS) | {"key", "model", "status", "error", "finished_at", "device",
                                      "device_name", "runtime", "xla"}
