@@ -28,6 +28,13 @@ from tools import recover_flags
 _BENCH = cli.BenchFlags()
 flags.adopt_module_key_flags(cli)  # listed by --help with this tool's own
 flags.adopt_module_key_flags(recover_flags)  # listed by --help with this tool's own
+_RUNNER = flags.DEFINE_string(
+    "runner", "local", "local (one run after the other here) or an Apache Beam runner: "
+    "DirectRunner (this machine, --beam_options=--direct_num_workers=N,"
+    "--direct_running_mode=multi_processing), FlinkRunner, SparkRunner, DataflowRunner, ...; "
+    "runs are pruned, evaluated and recovered in parallel, then benchmarked one at a time.")
+_BEAM_OPTIONS = flags.DEFINE_list("beam_options", [], "Beam pipeline options passed through, "
+                                  "comma-separated (--name=value,...).")
 flags.adopt_module_key_flags(calibration_flags)
 _IN = flags.DEFINE_string("in", None,
                           "Input: frozen GraphDef (.pb/.pbtxt), SavedModel dir, or .onnx file.")
@@ -145,7 +152,8 @@ def main(argv):
     if recovery is not None:
       from graph_prune.sweep import recovery as recovery_lib  # pylint: disable=g-import-not-at-top
       steps.append(recovery_lib.RecoveryStep(recovery))
-    summary = sweep.run(settings, steps, progress=_progress, notify=_say)
+    summary = sweep.run(settings, steps, progress=_progress, notify=_say, runner=_RUNNER.value,
+                        beam_options=tuple(_BEAM_OPTIONS.value))
   except errors.GraphPruneError as e:
     print(f"sweep: error: {e}", file=sys.stderr)
     return 2

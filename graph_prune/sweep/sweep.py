@@ -40,6 +40,7 @@ import contextlib
 import dataclasses
 import datetime
 import fcntl
+import functools
 import glob
 import json
 import os
@@ -57,6 +58,7 @@ from graph_prune.bench import memory
 from graph_prune.bench import timing
 from graph_prune.bench import widths
 from graph_prune.quantize import options as quantize_options
+from graph_prune.sweep import beam as beam_lib
 from graph_prune.sweep import config as config_lib
 from graph_prune.sweep import plots
 from graph_prune.sweep import rows as rows_lib
@@ -380,9 +382,21 @@ def _remove(path: str) -> None:
     os.remove(path)
 
 
-def run_one(config: config_lib.Config, spec: config_lib.RunSpec, state: Mapping[str, Any],
-            cols: Sequence[str], steps: Sequence[Step] = ()) -> dict[str, Any]:
-  """One run's row (never raises for a failure of the run itself, except OSError)."""
+@dataclasses.dataclass
+class PreparedRun:
+  """A run after its parallel part (pruned, verified, evaluated, extra steps), before
+  its benchmark: what the serial part needs (Beam carries it between workers)."""
+  spec: config_lib.RunSpec
+  row: dict[str, Any]
+  path: str
+  seconds: float
+  failed: bool
+
+
+def prepare_run(config: config_lib.Config, spec: config_lib.RunSpec, state: Mapping[str, Any],
+                cols: Sequence[str], steps: Sequence[Step] = ()) -> PreparedRun:
+  """Prunes, evaluates and runs the extra steps of one run; a failure is recorded
+  in the row (never raised, except OSError)."""
   t0 = time.perf_counter()
   auto = state.get("round_to_auto") or {}
   used = auto["multiple"] if spec.round_to == config_lib.AUTO else spec.round_to
@@ -395,10 +409,10 @@ def run_one(config: config_lib.Config, spec: config_lib.RunSpec, state: Mapping[
              runtime=baseline["runtime"])
   path = config_lib.model_path(config, spec.key)
   _remove(path)  # left by a killed run
+  failed = True
   try:
     how = auto.get("how", "") if spec.round_to == config_lib.AUTO else ""
     _prune(config, spec, used, how, path, row)
-    _bench(config, path, baseline, row)
     if config.data:
       _accuracy(config, path, baseline, row)
     for step in steps:
@@ -411,7 +425,7 @@ def run_one(config: config_lib.Config, spec: config_lib.RunSpec, state: Mapping[
       if unknown:
         raise ValueError(f"step {step.name} returned undeclared columns {unknown}")
       row.update(values)
-    row["status"] = rows_lib.STATUS_OK
+    failed = False
   except _Failed as f:
     row.update(status=f.status, error=_one_line(f.error))
   except (OSError, MemoryError):
@@ -420,11 +434,37 @@ def run_one(config: config_lib.Config, spec: config_lib.RunSpec, state: Mapping[
     # One broken run (an XLA compile error, a runtime fault) must not end a long sweep.
     logging.exception("sweep: run %s failed unexpectedly", spec.key)
     row.update(status="error", error=f"{type(e).__name__}: {_one_line(e)}")
+  return PreparedRun(spec, row, path, time.perf_counter() - t0, failed)
+
+
+def finish_run(config: config_lib.Config, state: Mapping[str, Any],
+               run: PreparedRun) -> dict[str, Any]:
+  """Benchmarks a prepared run (unless it failed) and completes its row."""
+  t0 = time.perf_counter()
+  row = dict(run.row)
+  try:
+    if not run.failed:
+      _bench(config, run.path, state["baseline"], row)
+      row["status"] = rows_lib.STATUS_OK
+  except _Failed as f:
+    row.update(status=f.status, error=_one_line(f.error))
+  except (OSError, MemoryError):
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    logging.exception("sweep: run %s failed unexpectedly", run.spec.key)
+    row.update(status="error", error=f"{type(e).__name__}: {_one_line(e)}")
   finally:
     if not config.keep_models:
-      _remove(path)
-  row.update(elapsed_s=time.perf_counter() - t0, finished_at=_now())
+      _remove(run.path)
+  row.update(elapsed_s=run.seconds + time.perf_counter() - t0, finished_at=_now())
   return row
+
+
+def run_one(config: config_lib.Config, spec: config_lib.RunSpec, state: Mapping[str, Any],
+            cols: Sequence[str], steps: Sequence[Step] = ()) -> dict[str, Any]:
+  """One run's row: prune, evaluate, extra steps, then benchmark (never raises for
+  a failure of the run itself, except OSError)."""
+  return finish_run(config, state, prepare_run(config, spec, state, cols, steps))
 
 
 def progress_line(i: int, n: int, row: Mapping[str, Any], total_s: float) -> str:
@@ -452,19 +492,26 @@ def _log_progress(i: int, n: int, row: dict[str, Any], total_s: float) -> None:
 
 
 def run(config: config_lib.Config, steps: Sequence[Step] = (), progress: Optional[Progress] = None,
-        notify: Optional[Notify] = None) -> Summary:
+        notify: Optional[Notify] = None, runner: str = "local",
+        beam_options: Sequence[str] = ()) -> Summary:
   """Runs (or resumes) the sweep; returns its summary. `progress` gets each new row,
-  `notify` the sweep's other messages (both default to the log). Raises a
-  GraphPruneError for bad input or a sweep in out_dir that is not this one, before
-  any run."""
+  `notify` the sweep's other messages (both default to the log). `runner`: "local"
+  (one run after the other in this process) or a Beam runner (sweep/beam.py) with
+  its pipeline options. Raises a GraphPruneError for bad input or a sweep in
+  out_dir that is not this one, before any run."""
   start = time.perf_counter()
   config_lib.check(config)
+  beam = None
+  if runner != "local":
+    beam = (runner, beam_lib.check(runner, beam_options))
+  elif beam_options:
+    raise errors.UsageError("--beam_options apply to a Beam --runner, not to local")
   with _locked(config.out_dir):
-    return _run(config, steps, progress or _log_progress, notify or logging.info, start)
+    return _run(config, steps, progress or _log_progress, notify or logging.info, start, beam)
 
 
 def _run(config: config_lib.Config, steps: Sequence[Step], progress: Progress, notify: Notify,
-         start: float) -> Summary:
+         start: float, runner=None) -> Summary:
   specs = config_lib.plan_runs(config)
   wanted = config_lib.definition(config, [s.name for s in steps])
   state = _existing(config, wanted)
@@ -500,8 +547,18 @@ def _run(config: config_lib.Config, steps: Sequence[Step], progress: Progress, n
   notify(f"sweep: resuming, {skipped} of {len(specs)} runs already in {jsonl}" if skipped
          else f"sweep: {len(specs)} runs into {out}")
   new = 0
+  if runner is not None:
+    todo = [spec for spec in specs if spec.key not in finished]
+    notify(f"sweep: {len(todo)} runs on Beam's {runner[0]}")
+    beam_lib.run(functools.partial(prepare_run, config, state=state, cols=cols, steps=steps),
+                 functools.partial(finish_run, config, state), todo, runner[1], jsonl)
+    done, _, _ = rows_lib.read(jsonl)
+    rows_lib.write_csv(csv_path, done, cols)
+    new = len(done) - skipped
+    for i, row in enumerate(done[skipped:], skipped + 1):
+      progress(i, len(specs), row, time.perf_counter() - start)
   for i, spec in enumerate(specs, 1):
-    if spec.key in finished:
+    if runner is not None or spec.key in finished:
       continue
     row = run_one(config, spec, state, cols, steps)
     rows_lib.append(jsonl, row)
