@@ -37,6 +37,8 @@ _MAX_SECONDS = flags.DEFINE_float("max_seconds", 10.0, "Timing budget per batch 
 _JSON = flags.DEFINE_string("json", None, "Write the rows as JSON here.")
 _PLOT = flags.DEFINE_string("plot", None, "Write top-1 vs speedup and vs file size here (PNG).")
 _WORK = flags.DEFINE_string("work_dir", None, "Keep the models here (default: a temp dir).")
+_REUSE = flags.DEFINE_boolean("reuse_pruned", False, "Use the recovered models r<ratio>.pb "
+                              "already in --work_dir (to add schemes to a run's rows).")
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _DEFAULT = os.path.join(_ROOT, "models", "default", "fmnist_vgg_bn.pb")
@@ -67,6 +69,8 @@ def _pruned(work: str, ratio: float) -> tuple[str, float, dict]:
   if ratio == 0:
     return _DEFAULT, 0.0, {}
   out = os.path.join(work, f"r{ratio}.pb")
+  if _REUSE.value and os.path.exists(out):
+    return out, 0.0, {}
   seconds, doc = _prune(f"--in={_DEFAULT}", f"--out={out}", f"--ratio={ratio}", *_CALIB,
                         "--reconstruct=lsq", "--recover_data=fashion-mnist:train",
                         "--holdout_samples=500", *_RECOVER.value)

@@ -142,9 +142,12 @@ class OnnxSchemesTest(parameterized.TestCase):
     out, proto, q = self._quantize(f"codebook{bits}", min_agreement=0.0)
     inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
     self.assertNotIn("conv2_w", inits)                        # replaced by its codebook
-    stored = inits["gp_codebook/conv2_w/packed" if bits == 4 else "gp_codebook/conv2_w/indices"]
+    gather = next(n for n in proto.graph.node if list(n.output) == ["conv2_w"])
+    self.assertEqual(gather.op_type, "Gather")
+    prefix = gather.input[0].rsplit("/", 1)[0]
+    stored = inits[f"{prefix}/packed" if bits == 4 else f"{prefix}/indices"]
     self.assertEqual(stored.dtype, np.uint8)
-    book = inits["gp_codebook/conv2_w/codebook"]
+    book = inits[gather.input[0]]
     self.assertLessEqual(len(book), 1 << bits)
     # The rebuilt weight, fetched from ONNX Runtime, is the codebook at the indices.
     model = onnx_model.load(out)

@@ -134,45 +134,45 @@ def codebook(model: onnx_model.ONNXModel, tables: Mapping[str, object]) -> onnx_
   codebook, indices, shape, bits, stored(packed)): uint8 indices (4-bit ones
   packed two to a byte where packs4) and a codebook, with nodes that
   rebuild the weight under its own name, so its readers are unchanged."""
-  src = model.proto.graph
   pack = packs4(model)
-  nodes, inits = [], []
-  for name, t in tables.items():
-    p = f"gp_codebook/{name}"
+  # Short names (the file holds every name once per use): a prefix no tensor of
+  # the model starts with, the layer's number after it, shared constants once.
+  taken = {t for n in model.proto.graph.node for t in list(n.input) + list(n.output)} | {
+      t.name for t in model.proto.graph.initializer}
+  base = "gp_cb"
+  while any(t.startswith(base) for t in taken):
+    base += "_"
+  mk = onnx.helper.make_node
+  nodes, inits, shared = [], [], False
+  four, flat, zero = f"{base}/four", f"{base}/flat", f"{base}/zero"
+  for i, (name, t) in enumerate(tables.items()):
+    p = f"{base}{i}"
     book = numpy_helper.from_array(np.asarray(t.codebook), f"{p}/codebook")
-    count = int(t.indices.size)
     if t.bits == 4 and pack:
       packed = t.stored(packed=True)
-      m = len(packed)
+      if not shared:
+        inits += [numpy_helper.from_array(np.array([4], np.uint8), four),
+                  numpy_helper.from_array(np.array([-1], np.int64), flat),
+                  numpy_helper.from_array(np.array([0], np.int64), zero)]
+        shared = True
       inits += [numpy_helper.from_array(packed, f"{p}/packed"),
-                numpy_helper.from_array(np.array([4], np.uint8), f"{p}/four"),
-                numpy_helper.from_array(np.array([m, 1], np.int64), f"{p}/column"),
-                numpy_helper.from_array(np.array([-1], np.int64), f"{p}/flat"),
-                numpy_helper.from_array(np.array([0], np.int64), f"{p}/zero"),
-                numpy_helper.from_array(np.array([count], np.int64), f"{p}/count"),
+                numpy_helper.from_array(np.array([len(packed), 1], np.int64), f"{p}/column"),
+                numpy_helper.from_array(np.array([t.indices.size], np.int64), f"{p}/count"),
                 numpy_helper.from_array(np.array(t.shape, np.int64), f"{p}/shape")]
-      mk = onnx.helper.make_node
       nodes += [
-          mk("BitShift", [f"{p}/packed", f"{p}/four"], [f"{p}/high"], direction="RIGHT",
-             name=f"{p}/high"),
-          mk("BitShift", [f"{p}/high", f"{p}/four"], [f"{p}/high_up"], direction="LEFT",
-             name=f"{p}/high_up"),
-          mk("Sub", [f"{p}/packed", f"{p}/high_up"], [f"{p}/low"], name=f"{p}/low"),
-          mk("Reshape", [f"{p}/low", f"{p}/column"], [f"{p}/low_col"], name=f"{p}/low_col"),
-          mk("Reshape", [f"{p}/high", f"{p}/column"], [f"{p}/high_col"], name=f"{p}/high_col"),
-          mk("Concat", [f"{p}/low_col", f"{p}/high_col"], [f"{p}/pairs"], axis=1,
-             name=f"{p}/pairs"),
-          mk("Reshape", [f"{p}/pairs", f"{p}/flat"], [f"{p}/all"], name=f"{p}/all"),
-          mk("Slice", [f"{p}/all", f"{p}/zero", f"{p}/count"], [f"{p}/flat_indices"],
-             name=f"{p}/flat_indices"),
-          mk("Reshape", [f"{p}/flat_indices", f"{p}/shape"], [f"{p}/indices"],
-             name=f"{p}/indices")]
+          mk("BitShift", [f"{p}/packed", four], [f"{p}/high"], direction="RIGHT"),
+          mk("BitShift", [f"{p}/high", four], [f"{p}/high_up"], direction="LEFT"),
+          mk("Sub", [f"{p}/packed", f"{p}/high_up"], [f"{p}/low"]),
+          mk("Reshape", [f"{p}/low", f"{p}/column"], [f"{p}/low_col"]),
+          mk("Reshape", [f"{p}/high", f"{p}/column"], [f"{p}/high_col"]),
+          mk("Concat", [f"{p}/low_col", f"{p}/high_col"], [f"{p}/pairs"], axis=1),
+          mk("Reshape", [f"{p}/pairs", flat], [f"{p}/all"]),
+          mk("Slice", [f"{p}/all", zero, f"{p}/count"], [f"{p}/flat_indices"]),
+          mk("Reshape", [f"{p}/flat_indices", f"{p}/shape"], [f"{p}/indices"])]
     else:
       inits.append(numpy_helper.from_array(t.stored(packed=False), f"{p}/indices"))
-    nodes += [onnx.helper.make_node("Cast", [f"{p}/indices"], [f"{p}/indices_int"],
-                                    to=onnx.TensorProto.INT32, name=f"{p}/indices_int"),
-              onnx.helper.make_node("Gather", [f"{p}/codebook", f"{p}/indices_int"], [name],
-                                    axis=0, name=f"{p}/weight")]
+    nodes += [mk("Cast", [f"{p}/indices"], [f"{p}/indices_int"], to=onnx.TensorProto.INT32),
+              mk("Gather", [f"{p}/codebook", f"{p}/indices_int"], [name], axis=0)]
     inits.append(book)
   proto = onnx.ModelProto()
   proto.CopyFrom(model.proto)
