@@ -2,7 +2,7 @@
 benchmarked against the original; one summary block at the end
 (graph_prune/zoo/main_job.py). `bash tools/run_default.sh` with no arguments runs it.
 
-  bazel run //tools:main_job -- [--out_dir=out/default] [--distill_steps=300]
+  bazel run //tools:main_job -- [--out_dir=out/default] [--distill_steps=600]
 """
 
 import os
@@ -21,7 +21,7 @@ _RATIO = flags.DEFINE_float("ratio", 0.5, "Fraction of the channels of every gro
 _CRITERION = flags.DEFINE_string("criterion", "activation", "Pruning criterion.")
 _SAMPLES = flags.DEFINE_integer("calibration_samples", 2000,
                                 "Unlabelled training images for reconstruction.")
-_DISTILL = flags.DEFINE_integer("distill_steps", 300, "Distillation steps after reconstruction "
+_DISTILL = flags.DEFINE_integer("distill_steps", 600, "Distillation steps after reconstruction "
                                 "(0: none).")
 _SECONDS = flags.DEFINE_float("bench_seconds", 3.0, "Timing budget per model and batch size.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Fashion-MNIST IDX directory (default: the "

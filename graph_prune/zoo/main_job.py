@@ -32,7 +32,7 @@ class Settings:
   ratio: float = 0.5
   criterion: str = "activation"
   calibration_samples: int = 2000
-  distill_steps: int = 300
+  distill_steps: int = 600
   batch_sizes: tuple[int, ...] = (1, 32)
   bench_seconds: float = 3.0     # timing budget per model and batch size
   data_dir: str = ""             # Fashion-MNIST IDX files (default: the Debian package's)
