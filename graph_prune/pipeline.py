@@ -72,6 +72,12 @@ class Options:
   calibration: Any = None
   # Quantize the output after pruning and recovery (quantize.Options), or None.
   quantize: Optional[quantize_lib.Options] = None
+  # How kept counts are chosen: "uniform" (every group loses `ratio`) or "global"
+  # (one ranking of normalised scores across groups; allocation.py).
+  allocation: str = "uniform"
+  # A budget instead of `ratio`: the fraction of FLOPs or of parameters kept.
+  target_flops: Optional[float] = None
+  target_params: Optional[float] = None
 
 
 Format = formats.Format
@@ -184,8 +190,69 @@ def make_plan(prepared: Prepared, options: Options, samples=None) -> plan_lib.Pl
         f"nothing prunable: --exclude={','.join(spec.exclude)} matches every prunable group; "
         "narrow the patterns")
   check_finite(analysis)
-  return allocation.allocate(analysis, scores_of(prepared, options, samples), spec,
-                             options.criterion)
+  scores = scores_of(prepared, options, samples)
+  if budget_of(options) is not None:
+    return plan_for_budget(prepared, options, spec, scores)
+  if options.allocation == "global":
+    return allocation.global_for_ratio(analysis, scores, spec, options.criterion)
+  return allocation.allocate(analysis, scores, spec, options.criterion)
+
+
+def budget_of(options: Options) -> Optional[tuple[str, float]]:
+  """("flops" or "params", fraction kept), or None without a budget."""
+  if options.target_flops is not None:
+    return "flops", options.target_flops
+  if options.target_params is not None:
+    return "params", options.target_params
+  return None
+
+
+def plan_for_budget(prepared: Prepared, options: Options, spec: allocation.Spec,
+                    scores) -> plan_lib.Plan:
+  """The plan that removes least while keeping at most the budget's fraction of the
+  FLOPs (or parameters): a bisection over the uniform ratio, or over the global
+  threshold; each candidate is rewritten and measured by the cost model (FLOPs
+  are bilinear in the widths of a layer's input and output, so a per-channel
+  estimate would not be exact)."""
+  what, target = budget_of(options)
+  ops, analysis = prepared.format.ops, prepared.analysis
+  base = getattr(cost_lib.measure(prepared.graph, ops), what)
+
+  def kept(plan: plan_lib.Plan) -> float:
+    if not any(g.removed for g in plan.groups):
+      return 1.0
+    view = prepared.format.adapter.to_view(rewrite(prepared, plan))
+    return getattr(cost_lib.measure(view, ops), what) / base if base else 1.0
+
+  if options.allocation == "global":
+    thresholds = list(allocation.global_thresholds(analysis, scores, spec)) + [np.inf]
+    make = lambda i: allocation.allocate_global(analysis, scores, spec, options.criterion,
+                                                thresholds[i])
+    lo, hi = 0, len(thresholds) - 1
+    most = make(hi)
+  else:
+    steps = 1000
+    make = lambda i: allocation.allocate(
+        analysis, scores, dataclasses.replace(spec, ratio=min(i / steps, 0.999)),
+        options.criterion)
+    lo, hi = 0, steps
+    most = make(hi)
+  least = kept(most)
+  if least > target:
+    raise errors.UsageError(
+        f"--target_{what}={target:g} cannot be met: removing all that --allocation="
+        f"{options.allocation} may remove keeps {least:.3f} of the {what}")
+  plan = most
+  while hi - lo > 1:   # kept(make(lo)) > target >= kept(make(hi))
+    mid = (lo + hi) // 2
+    candidate = make(mid)
+    if kept(candidate) <= target:
+      hi, plan = mid, candidate
+    else:
+      lo = mid
+  if options.allocation != "global":
+    return dataclasses.replace(plan, ratio=min(hi / 1000, 0.999))
+  return plan
 
 
 def check_finite(analysis: groups_lib.Analysis) -> None:
@@ -467,6 +534,19 @@ def check_options(in_path: str, out_path: str, options: Options) -> allocation.S
     raise errors.UsageError(f"--tolerance is {options.tolerance}; give a finite relative "
                             "difference >= 0, e.g. 1e-4")
   _check_recovery(format_for(in_path), options)
+  if options.allocation not in allocation.ALLOCATIONS:
+    raise errors.UsageError(f"unknown --allocation '{options.allocation}'; choose one of "
+                            f"{', '.join(allocation.ALLOCATIONS)}")
+  if options.target_flops is not None and options.target_params is not None:
+    raise errors.UsageError("give one budget: --target_flops or --target_params, not both")
+  budget = budget_of(options)
+  if budget is not None:
+    if not (math.isfinite(budget[1]) and 0 < budget[1] < 1):
+      raise errors.UsageError(f"--target_{budget[0]}={budget[1]:g}: give the fraction kept, "
+                              "between 0 and 1 (e.g. 0.5 keeps half)")
+    if options.plan_in:
+      raise errors.UsageError(f"--target_{budget[0]} chooses a plan; it does not combine with "
+                              "--plan_in")
   if options.reconstruct is not None:
     reconstruct_lib.check(options.reconstruct)
   needs = [what for what, needed in (
@@ -632,7 +712,13 @@ def assemble_report(in_path: str, out_path: str, prepared: Prepared, result: _Pr
   before = cost_lib.measure(prepared.graph, ops)
   after = before if unchanged else cost_lib.measure(result.view, ops)
   recovering = options.recover is not None and not unchanged
-  return report_lib.build(
+  budget = None
+  if options.allocation != "uniform" or budget_of(options) is not None:
+    what, target = budget_of(options) or (None, None)
+    budget = {"allocation": options.allocation, "target": what, "target_kept": target,
+              "flops_kept": round(after.flops / before.flops, 6) if before.flops else None,
+              "params_kept": round(after.params / before.params, 6) if before.params else None}
+  doc = report_lib.build(
       in_path, out_path, prepared.analysis, result.plan, before, after, result.verification,
       {k: v for k, v in excluded.items() if v}, timings,
       shared_constants_copied=tuple(result.copies), unchanged=unchanged,
@@ -642,6 +728,7 @@ def assemble_report(in_path: str, out_path: str, prepared: Prepared, result: _Pr
       recovery=result.increments[-1]["recovery"] if recovering else None,
       reconstruction=(result.increments[-1].get("reconstruction")
                       if result.increments else None))
+  return dataclasses.replace(doc, budget=budget) if budget else doc
 
 
 def write_outputs(prepared: Prepared, result: _Pruned, out_path: str, doc: report_lib.Report,

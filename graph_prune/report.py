@@ -35,6 +35,9 @@ marked "optional"):
                                 max_abs_diff, max_rel_diff of an --out_format=onnx or
                                 tflite export (not for a quantized LiteRT export: see
                                 quantization)
+  budget                        optional: with --allocation=global or a budget:
+                                allocation, target ("flops", "params" or null), target_kept
+                                (the fraction asked for), flops_kept, params_kept
   quantization                  optional: --quantize's report (quantize/quantize.py):
                                 scheme, format, tool, model_bytes_before/after, size_ratio,
                                 holdout_samples, holdout (agreement, rel_error,
@@ -62,7 +65,7 @@ from graph_prune.verify import oracle
 
 _MAX_REASONS = 5
 _OPTIONAL = ("round_to_auto", "steps", "increments", "recovery", "reconstruction", "export",
-             "quantization")
+             "quantization", "budget")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +96,7 @@ class Report(collections.abc.Mapping):
   reconstruction: Optional[dict] = None
   export: Optional[dict] = None
   quantization: Optional[dict] = None
+  budget: Optional[dict] = None
 
   def to_json(self) -> dict[str, Any]:
     """The JSON form: the schema above, optional keys only where they apply."""
@@ -170,6 +174,15 @@ def text(doc) -> str:
   for key, label in (("params", "parameters"), ("flops", "FLOPs"), ("const_bytes", "bytes")):
     b, a = doc[f"{key}_before"], doc[f"{key}_after"]
     lines.append(f"{label:14}{b:>16,}{a:>16,}{_pct(b, a):>10}")
+  b = doc.get("budget")
+  if b:
+    line = (f"allocation: {b['allocation']}, " + (
+        f"ratio {doc['ratio']:g} in every group" if b["allocation"] == "uniform" else
+        f"{doc['ratio']:.1%} of the channels removed, ranked across groups"))
+    if b["target"]:
+      line += (f"; budget: keep {b['target_kept']:g} of the {b['target']}, kept "
+               f"{b[b['target'] + '_kept']:.3f}")
+    lines.append(line)
   lines.append("")
   lines.append(f"groups: {doc['groups_pruned']} pruned, {len(doc['skipped'])} left whole, "
                f"of {doc['groups_total']}")

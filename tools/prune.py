@@ -22,6 +22,15 @@ _RATIO = flags.DEFINE_float("ratio", 0.5, "Fraction of channels removed from eac
 _CRITERION = flags.DEFINE_string("criterion", "l1", "l1, l2, bn_scale, fpgm, random, or "
                                  "with --calibration_data activation, apoz, wanda or taylor "
                                  "(TensorFlow).")
+_ALLOCATION = flags.DEFINE_string(
+    "allocation", "uniform", "uniform (every group loses --ratio) or global (one ranking of "
+    "each group's scores over their mean across all groups; every group keeps at least a "
+    "tenth of its channels).")
+_TARGET_FLOPS = flags.DEFINE_float(
+    "target_flops", None, "A budget instead of --ratio: the fraction of FLOPs kept, e.g. 0.5; "
+    "the least pruning that meets it (by --allocation) is found by bisection.")
+_TARGET_PARAMS = flags.DEFINE_float(
+    "target_params", None, "A budget instead of --ratio: the fraction of parameters kept.")
 _ROUND_TO = flags.DEFINE_string(
     "round_to", "1", "Keep a multiple of this many channels, or 'auto': 128 on TPU, 8 on GPU, "
     "on CPU the multiple measured from a convolution's latency staircase (cached).")
@@ -137,8 +146,13 @@ def main(argv):
     from graph_prune.bench import widths  # pylint: disable=g-import-not-at-top
     round_to, round_to_how = widths.resolve_round_to(_ROUND_TO.value,
                                                      cache=cli.path(_WIDTHS_CACHE.value))
+    if flags.FLAGS["ratio"].present and (_TARGET_FLOPS.value is not None or
+                                         _TARGET_PARAMS.value is not None):
+      raise errors.UsageError("a budget (--target_flops, --target_params) replaces --ratio; "
+                              "give one of them")
     options = pipeline.Options(
-        ratio=_RATIO.value, criterion=_CRITERION.value, round_to=round_to,
+        ratio=_RATIO.value, allocation=_ALLOCATION.value, target_flops=_TARGET_FLOPS.value,
+        target_params=_TARGET_PARAMS.value, criterion=_CRITERION.value, round_to=round_to,
         round_to_how=round_to_how,
         overrides=_overrides(_LAYER_RATIO.value), exclude=tuple(_EXCLUDE.value),
         seed=_SEED.value, plan_in=cli.path(_PLAN_IN.value), plan_out=cli.path(_PLAN_OUT.value),

@@ -63,6 +63,62 @@ def allocate(analysis: groups_lib.Analysis, scores: importance.Scores, spec: Spe
   return plan_lib.Plan(tuple(out), criterion, spec.ratio, spec.round_to)
 
 
+ALLOCATIONS = ("uniform", "global")
+# Global allocation keeps at least this fraction of every group (and one unit).
+MIN_KEEP = 0.1
+
+
+def normalised(scores: importance.Scores, group_id: int) -> np.ndarray:
+  """A group's scores over their mean: one scale for all groups, so that a layer is
+  not cut harder only because its weights are smaller (a folded batch norm) or it
+  is wider (L2 normalisation would do that)."""
+  s = np.asarray(scores.per_group[group_id], np.float64)
+  mean = float(np.mean(s)) if len(s) else 0.0
+  return s / mean if mean > 0 else np.ones_like(s)
+
+
+def _global_groups(analysis: groups_lib.Analysis, spec: Spec):
+  return [g for g in analysis.groups if g.prunable and not excluded_by(spec, g)]
+
+
+def allocate_global(analysis: groups_lib.Analysis, scores: importance.Scores, spec: Spec,
+                    criterion: str, threshold: float) -> plan_lib.Plan:
+  """Every group keeps its units whose normalised score is at least `threshold`
+  (one ranking across groups), at least MIN_KEEP of its units and one, rounded up
+  to a multiple of spec.round_to."""
+  out = []
+  for g in _global_groups(analysis, spec):
+    norm = normalised(scores, g.id)
+    keep_n = int(np.sum(norm >= threshold))
+    floor = max(1, math.ceil(MIN_KEEP * g.channels))
+    keep_n = min(g.channels, math.ceil(max(keep_n, floor) / spec.round_to) * spec.round_to)
+    keep = choose(scores.per_group[g.id], keep_n, analysis.needs.get(g.id, ()))
+    out.append(plan_lib.GroupPlan(g.id, g.sources, g.channels, keep, scores.used[g.id]))
+  total = sum(g.channels for g in out)
+  removed = sum(g.channels - len(g.keep) for g in out)
+  return plan_lib.Plan(tuple(out), criterion, round(removed / total, 6) if total else 0.0,
+                       spec.round_to)
+
+
+def global_thresholds(analysis: groups_lib.Analysis, scores: importance.Scores,
+                      spec: Spec) -> np.ndarray:
+  """Every distinct normalised score, ascending: the thresholds worth trying."""
+  values = [normalised(scores, g.id) for g in _global_groups(analysis, spec)]
+  return np.unique(np.concatenate(values)) if values else np.zeros(0)
+
+
+def global_for_ratio(analysis: groups_lib.Analysis, scores: importance.Scores, spec: Spec,
+                     criterion: str) -> plan_lib.Plan:
+  """--allocation=global with --ratio: the lowest-ranked spec.ratio of all units go
+  (one ranking across groups, MIN_KEEP and round_to respected)."""
+  groups = _global_groups(analysis, spec)
+  total = sum(g.channels for g in groups)
+  ranked = np.sort(np.concatenate([normalised(scores, g.id) for g in groups]))
+  cut = int(math.floor(spec.ratio * total + 1e-9))
+  threshold = ranked[cut] if cut < len(ranked) else np.inf
+  return allocate_global(analysis, scores, spec, criterion, threshold)
+
+
 def choose(scores: np.ndarray, keep_n: int, needs=()) -> tuple[int, ...]:
   """The keep_n highest-scoring units (ties to the lower index, so plans are
   deterministic), adjusted so that every need (a set of units of which one must

@@ -1,0 +1,116 @@
+"""Allocation across groups and budgets (--allocation=global, --target_flops,
+--target_params): planted unimportant channels go first under a global ranking,
+budgets are met by the least pruning that meets them, the oracle passes, and bad
+requests are refused in one line."""
+
+import os
+import subprocess
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from graph_prune import errors
+from graph_prune import pipeline
+from tests import binaries
+from tests import onnx_net
+
+
+def _model(seed=0):
+  """conv1 3->16 -> ReLU -> conv2 16->16 -> ReLU -> GAP -> Flatten -> Gemm 16->10. conv1's
+  filters 8..15 are scaled by 1e-3 (and their biases): the least important units of
+  the whole model, by any group's own scale."""
+  net = onnx_net.Net(seed)
+  h = net.op("Relu", [net.conv("x", 3, 16)])
+  h = net.op("Relu", [net.conv(h, 16, 16)])
+  h = net.op("Flatten", [net.op("GlobalAveragePool", [h])])
+  out = net.dense(h, (16, 10))
+  inits = {i.name: i for i in net.inits}
+  for name in ("conv1_w", "conv1_b"):
+    v = numpy_helper.to_array(inits[name]).copy()
+    v[8:] *= 1e-3
+    inits[name].CopyFrom(numpy_helper.from_array(v, name))
+  return net.model(out, [10])
+
+
+class BudgetTest(parameterized.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.tmp = self.create_tempdir().full_path
+    self.src = os.path.join(self.tmp, "in.onnx")
+    onnx.save(_model(), self.src)
+
+  def _prune(self, **kw):
+    return pipeline.prune(self.src, os.path.join(self.tmp, "out.onnx"),
+                          pipeline.Options(overwrite=True, **kw)).to_json()
+
+  def _kept(self, doc):
+    return {g["sources"][0]: g["channels_after"] for g in doc["groups"]}
+
+  def test_global_ranking_takes_the_planted_channels_first(self):
+    doc = self._prune(ratio=0.25, allocation="global")       # 8 of the 32 units
+    self.assertEqual(self._kept(doc), {"conv1": 8})         # conv2 is not cut at all
+    self.assertTrue(doc["verify"]["passed"])
+    self.assertEqual(doc["budget"]["allocation"], "global")
+    uniform = self._prune(ratio=0.25)
+    self.assertEqual(self._kept(uniform), {"conv1": 12, "conv2": 12})
+
+  def test_global_keeps_a_tenth_of_every_group(self):
+    doc = self._prune(ratio=0.95, allocation="global")
+    self.assertEqual(set(self._kept(doc).values()), {2})    # ceil(0.1 * 16)
+
+  @parameterized.parameters(("uniform", "target_flops", 0.5), ("global", "target_flops", 0.4),
+                            ("uniform", "target_params", 0.6), ("global", "target_params", 0.3))
+  def test_budget_is_met_by_the_least_pruning(self, how, target, value):
+    doc = self._prune(allocation=how, **{target: value})
+    what = target.split("_")[1]
+    kept = doc["budget"][f"{what}_kept"]
+    self.assertLessEqual(kept, value)
+    self.assertAlmostEqual(doc[f"{what}_after"] / doc[f"{what}_before"], kept, places=5)
+    self.assertTrue(doc["verify"]["passed"])
+    if how == "uniform":
+      # The least pruning that meets it: the next smaller ratio goes over.
+      less = self._prune(ratio=doc["ratio"] - 0.001)
+      self.assertGreater(less[f"{what}_after"] / less[f"{what}_before"], value)
+    else:
+      self.assertGreater(kept, value - 0.1)   # one unit of a 16-wide group at most
+
+  def test_impossible_budget(self):
+    with self.assertRaisesRegex(errors.UsageError, r"--target_flops=0.001 cannot be met"):
+      self._prune(target_flops=0.001, allocation="global")
+
+
+class CommandTest(absltest.TestCase):
+
+  def test_bad_requests_one_line_exit_2(self):
+    tmp = self.create_tempdir().full_path
+    src, out = os.path.join(tmp, "in.onnx"), os.path.join(tmp, "out.onnx")
+    onnx.save(_model(), src)
+    for extra, message in (
+        (["--target_flops=0.5", "--target_params=0.5"], "give one budget"),
+        (["--target_flops=0.5", "--ratio=0.3"], "replaces --ratio"),
+        (["--target_flops=1.5"], "give the fraction kept"),
+        (["--target_params=0"], "give the fraction kept"),
+        (["--allocation=knapsack"], "unknown --allocation 'knapsack'"),
+        (["--target_flops=0.0001"], "cannot be met")):
+      r = subprocess.run([*binaries.command("prune"), f"--in={src}", f"--out={out}", *extra],
+                         capture_output=True, text=True, env=binaries.env(), timeout=300,
+                         check=False)
+      self.assertEqual(r.returncode, 2, (extra, r.stderr[-1000:]))
+      lines = [l for l in r.stderr.splitlines() if l.startswith("prune: ")]
+      self.assertLen(lines, 1, r.stderr[-1000:])
+      self.assertIn(message, lines[0])
+      self.assertFalse(os.path.exists(out))
+    r = subprocess.run([*binaries.command("prune"), f"--in={src}", f"--out={out}",
+                        "--target_flops=0.5", "--allocation=global"], capture_output=True,
+                       text=True, env=binaries.env(), timeout=300, check=False)
+    self.assertEqual(r.returncode, 0, r.stderr[-1000:])
+    self.assertIn("allocation: global", r.stdout)
+    self.assertIn("budget: keep 0.5 of the flops", r.stdout)
+
+
+if __name__ == "__main__":
+  absltest.main()
