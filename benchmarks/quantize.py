@@ -104,7 +104,7 @@ def main(argv):
   runs = [("onnxruntime", sch) for sch in _SCHEMES.value] + [
       ("litert", sch) for sch in _LITERT.value]
   # The float32 original in each runtime: every row's baseline.
-  originals = {runtime: _convert(work, 0.0, _DEFAULT, runtime, "float32")[0]
+  originals = {runtime: _convert(work, 0.0, _DEFAULT, runtime, "float32")
                for runtime in sorted({runtime for runtime, _ in runs})}
   rows = []
   print(f"{'ratio':>5} {'runtime':11} {'scheme':9} {'bytes':>10} {'smaller':>8} {'top-1':>7} "
@@ -115,10 +115,11 @@ def main(argv):
     if ratio > 0:
       print(f"ratio {ratio}: pruned, reconstructed and recovered in {prune_s:.0f} s", flush=True)
     for runtime, scheme in runs:
-      path, seconds, q = _convert(work, ratio, pb, runtime, scheme)
+      path, seconds, q = (originals[runtime] if ratio == 0 and scheme == "float32" else
+                          _convert(work, ratio, pb, runtime, scheme))
       top1 = evaluate.evaluate(evaluate.ModelSpec(path), "fashion-mnist:test", scale)["top1"]
       bench = benchmark.run(benchmark.Options(
-          model=path, baseline=originals[runtime], batch_sizes=batch_sizes, memory=False,
+          model=path, baseline=originals[runtime][0], batch_sizes=batch_sizes, memory=False,
           timing=timing.Settings(max_seconds=_MAX_SECONDS.value)))
       speedups = {str(b): bench["pairs"][str(b)]["speedup"]["median"] for b in batch_sizes}
       row = {"ratio": ratio, "runtime": runtime, "scheme": scheme, "bytes": os.path.getsize(path),
@@ -127,7 +128,7 @@ def main(argv):
              "recovery": prune_doc.get("recovery"), "prune_s": prune_s,
              "device": bench["device_name"]}
       rows.append(row)
-      base = os.path.getsize(originals[runtime])
+      base = os.path.getsize(originals[runtime][0])
       agree = row["holdout_agreement"]
       print(f"{ratio:5.2f} {runtime:11} {scheme:9} {row['bytes']:10,} {base / row['bytes']:7.2f}x "
             f"{top1:7.4f} {agree if agree is not None else float('nan'):7.4f} "

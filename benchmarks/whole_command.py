@@ -116,7 +116,7 @@ def _stages(path: str, ratio: float) -> dict:
   base = _kib("VmRSS")
   fmt = formats.for_path(path)
   adapter, options = fmt.adapter, pipeline.Options(ratio=ratio)
-  stages, state = [], {}
+  stages = []
 
   def stage(name, fn):
     _reset_peak()
@@ -134,15 +134,13 @@ def _stages(path: str, ratio: float) -> dict:
   analysis = stage("analyse", lambda: groups_lib.analyse(graph, fmt.ops))
   prepared = pipeline.Prepared(fmt, model, graph, analysis)
   plan = stage("plan", lambda: pipeline.make_plan(prepared, options))
-  state["edits"] = stage("rewrite", lambda: slicing.build_edits(analysis, plan, slicing.SLICE))
-  pruned = stage("apply", lambda: adapter.apply_edits(model, state["edits"]))
+  edits = stage("rewrite", lambda: slicing.build_edits(analysis, plan, slicing.SLICE))
+  pruned = stage("apply", lambda: adapter.apply_edits(model, edits))
 
   pruned_view = stage("validate", lambda: adapter.to_view(pruned))
 
   def verify():
-    masked = slicing.build_edits(analysis, plan, slicing.MASK)
-    if masked.new_constants or masked.rewires or not getattr(adapter, "RUNS_WITH_WEIGHTS", False):
-      masked = adapter.apply_edits(model, masked)
+    masked = pipeline.masked_model(adapter, model, analysis, plan)
     return pipeline.run_oracle(adapter, model, masked, pruned, graph, options,
                                set(pipeline.kept_positions(analysis, plan)), pruned_view)
   verification = stage("verify", verify)

@@ -5,6 +5,13 @@ prints it and exits with code 2.
 """
 
 
+def first_line(e: BaseException) -> str:
+  """The first non-blank line of an exception's text (its type when it has none),
+  at most 300 characters: what a one-line error message quotes of a library's."""
+  lines = [line for line in str(e).splitlines() if line.strip()]
+  return (lines[0] if lines else type(e).__name__)[:300]
+
+
 class GraphPruneError(Exception):
   """Base class of every error graph_prune raises on purpose."""
 

@@ -229,14 +229,13 @@ def plan_for_budget(prepared: Prepared, options: Options, spec: allocation.Spec,
     make = lambda i: allocation.allocate_global(analysis, scores, spec, options.criterion,
                                                 thresholds[i])
     lo, hi = 0, len(thresholds) - 1
-    most = make(hi)
   else:
     steps = 1000
     make = lambda i: allocation.allocate(
         analysis, scores, dataclasses.replace(spec, ratio=min(i / steps, 0.999)),
         options.criterion)
     lo, hi = 0, steps
-    most = make(hi)
+  most = make(hi)
   least = kept(most)
   if least > target:
     raise errors.UsageError(
@@ -250,8 +249,6 @@ def plan_for_budget(prepared: Prepared, options: Options, spec: allocation.Spec,
       hi, plan = mid, candidate
     else:
       lo = mid
-  if options.allocation != "global":
-    return dataclasses.replace(plan, ratio=min(hi / 1000, 0.999))
   return plan
 
 
@@ -465,14 +462,22 @@ def _prune_checked(prepared: Prepared, plan: plan_lib.Plan, options: Options):
   verification, verify_s = None, 0.0
   if options.verify:
     t0 = time.perf_counter()
-    masked = slicing.build_edits(prepared.analysis, plan, slicing.MASK)
-    if (masked.new_constants or masked.rewires or masked.attrs or
-        not getattr(adapter, "RUNS_WITH_WEIGHTS", False)):
-      masked = adapter.apply_edits(prepared.model, masked)   # the masked model itself
+    masked = masked_model(adapter, prepared.model, prepared.analysis, plan)
     verification = run_oracle(adapter, prepared.model, masked, pruned, prepared.graph, options,
                               set(kept_positions(prepared.analysis, plan)), pruned_view)
     verify_s = time.perf_counter() - t0
   return pruned, pruned_view, verification, copies_of(edits), verify_s
+
+
+def masked_model(adapter, model: Any, analysis: groups_lib.Analysis, plan: plan_lib.Plan):
+  """The oracle's masked original: the masking edits themselves where the adapter
+  runs a model with its weights fed and only constants change (no masked copy of
+  the model), else the masked model."""
+  masked = slicing.build_edits(analysis, plan, slicing.MASK)
+  if (masked.new_constants or masked.rewires or masked.attrs or
+      not getattr(adapter, "RUNS_WITH_WEIGHTS", False)):
+    return adapter.apply_edits(model, masked)
+  return masked
 
 
 def copies_of(edits) -> list[dict[str, Any]]:
@@ -558,7 +563,7 @@ def check_options(in_path: str, out_path: str, options: Options) -> allocation.S
                             "calibration samples: give --calibration_data (images or a .npz "
                             "of inputs; no labels needed)")
   if options.quantize is not None:
-    _check_quantize(in_path, out_path, options)
+    _check_quantize(out_path, options)
   if options.calibration is not None:
     options.calibration.check()
   if options.criterion == "taylor":
@@ -571,7 +576,7 @@ def check_options(in_path: str, out_path: str, options: Options) -> allocation.S
   return spec
 
 
-def _check_quantize(in_path: str, out_path: str, options: Options) -> None:
+def _check_quantize(out_path: str, options: Options) -> None:
   scheme = options.quantize.scheme
   quantize_lib.check(options.quantize)
   out = formats.name_of(out_path)
@@ -583,7 +588,7 @@ def _check_quantize(in_path: str, out_path: str, options: Options) -> None:
     raise errors.UsageError(f"--out_format=tflite takes --quantize=int8 or float16, not {scheme} "
                             "(codebook weights are written for ONNX outputs)")
   if options.calibration is None:
-    raise errors.UsageError(f"--quantize={options.quantize.scheme} needs calibration samples "
+    raise errors.UsageError(f"--quantize={scheme} needs calibration samples "
                             "(int8 ranges, and the measurement against the float model): give "
                             "--calibration_data")
 
@@ -607,16 +612,17 @@ def prune(in_path: str, out_path: str, options: Options = Options()) -> report_l
     samples = options.calibration.load(prepared.format, prepared.graph)
   timings["load_s"] = time.perf_counter() - t0
   plan = make_plan(prepared, options, samples)
-  if any(g.removed for g in plan.groups) and getattr(options.recover, "grows", False):
+  removes = any(g.removed for g in plan.groups)
+  if removes and getattr(options.recover, "grows", False):
     result = grow_and_prune(prepared, plan, options, timings, samples)
-  elif any(g.removed for g in plan.groups):
+  elif removes:
     result = prune_in_increments(prepared, plan, options, timings, samples)
   else:
     # Nothing removed (--ratio=0, or rounding keeps every channel): the output is
     # the input as it was read, not its normalised form; nothing to verify.
     result = _Pruned(model_ref(in_path, options).load(), prepared.graph, plan, None, [], [])
   doc = assemble_report(in_path, out_path, prepared, result, spec, options, timings)
-  return write_outputs(prepared, result, out_path, doc, options)
+  return write_outputs(prepared, result, out_path, doc, options, samples)
 
 
 def prune_in_increments(prepared: Prepared, plan: plan_lib.Plan, options: Options,
@@ -636,7 +642,6 @@ def prune_in_increments(prepared: Prepared, plan: plan_lib.Plan, options: Option
                  _increment_plan(current, options, plan, step, samples))
     pruned, pruned_view, verification, step_copies, verify_s = _prune_checked(
         current, step_plan, options)
-    t2 = time.perf_counter()
     for gp in step_plan.groups:
       original_keep[gp.sources] = original_keep[gp.sources][list(gp.keep)]
     for tensor, positions in kept_positions(current.analysis, step_plan).items():
@@ -718,7 +723,7 @@ def assemble_report(in_path: str, out_path: str, prepared: Prepared, result: _Pr
     budget = {"allocation": options.allocation, "target": what, "target_kept": target,
               "flops_kept": round(after.flops / before.flops, 6) if before.flops else None,
               "params_kept": round(after.params / before.params, 6) if before.params else None}
-  doc = report_lib.build(
+  return report_lib.build(
       in_path, out_path, prepared.analysis, result.plan, before, after, result.verification,
       {k: v for k, v in excluded.items() if v}, timings,
       shared_constants_copied=tuple(result.copies), unchanged=unchanged,
@@ -727,19 +732,22 @@ def assemble_report(in_path: str, out_path: str, prepared: Prepared, result: _Pr
       increments=tuple(result.increments) if (options.steps > 1 or recovering) else None,
       recovery=result.increments[-1]["recovery"] if recovering else None,
       reconstruction=(result.increments[-1].get("reconstruction")
-                      if result.increments else None))
-  return dataclasses.replace(doc, budget=budget) if budget else doc
+                      if result.increments else None),
+      budget=budget)
 
 
 def write_outputs(prepared: Prepared, result: _Pruned, out_path: str, doc: report_lib.Report,
-                  options: Options) -> report_lib.Report:
-  """Exports to ONNX where asked (checked against the pruned model), then writes the
-  model, the plan and the report, each atomically; returns the final report."""
+                  options: Options, samples=None) -> report_lib.Report:
+  """Exports to ONNX or LiteRT where asked (checked against the pruned model),
+  quantizes where asked (`samples`: the calibration samples already read for the
+  input, if any), then writes the model, the plan and the report, each atomically;
+  returns the final report."""
   adapter, model = prepared.format.adapter, result.model
   if options.out_format == "tflite":
-    samples = graph = None
-    if options.quantize is not None:
-      graph = adapter.to_view(model)
+    graph = result.view
+    if options.quantize is None:
+      samples = None
+    elif samples is None:
       samples = options.calibration.load(prepared.format, graph)
     converted, export = _export(adapter, model, prepared.graph, options, samples)
     doc = dataclasses.replace(doc, export=export)
@@ -754,7 +762,9 @@ def write_outputs(prepared: Prepared, result: _Pruned, out_path: str, doc: repor
     doc = dataclasses.replace(doc, export=export)
     adapter = format_for(out_path).adapter
   if options.quantize is not None and options.out_format != "tflite":
-    model, quantization = quantize_model(format_for(out_path), model, options)
+    fmt = format_for(out_path)
+    model, quantization = quantize_model(
+        fmt, model, options, samples if fmt.name == prepared.format.name else None)
     doc = dataclasses.replace(doc, quantization=quantization)
   adapter.write(model, out_path)
   if options.plan_out:
@@ -764,12 +774,15 @@ def write_outputs(prepared: Prepared, result: _Pruned, out_path: str, doc: repor
   return doc
 
 
-def quantize_model(fmt: Format, model: Any, options: Options) -> tuple[Any, dict]:
+def quantize_model(fmt: Format, model: Any, options: Options,
+                   samples=None) -> tuple[Any, dict]:
   """options.quantize applied to the model about to be written (format `fmt`), with
-  calibration samples read for it; returns the model and the quantization report."""
+  `samples` or calibration samples read for it; returns the model and the
+  quantization report."""
   graph = fmt.adapter.to_view(model)
   t0 = time.perf_counter()
-  samples = options.calibration.load(fmt, graph)
+  if samples is None:
+    samples = options.calibration.load(fmt, graph)
   load_s = time.perf_counter() - t0
   model, doc = quantize_lib.quantize(fmt, model, graph, samples, options.quantize)
   doc["samples_load_s"] = round(load_s, 3)

@@ -8,7 +8,6 @@ import subprocess
 
 from absl.testing import absltest
 from absl.testing import parameterized
-import numpy as np
 import onnx
 from onnx import numpy_helper
 

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 from absl.testing import absltest
 from absl.testing import parameterized

@@ -4,7 +4,6 @@ planted structure (exact recovery of a linear map, exact bias folding of
 constant channels, calibrated criteria finding planted channels)."""
 
 import os
-import tempfile
 
 from absl.testing import absltest
 from absl.testing import parameterized

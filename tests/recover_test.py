@@ -15,10 +15,8 @@ import time
 
 from absl.testing import absltest
 import numpy as np
-import tensorflow as tf
 
 import graph_prune
-from graph_prune import errors
 from graph_prune import pipeline
 from graph_prune.adapters import tf_model
 from graph_prune.adapters import tf_trainable

@@ -73,3 +73,12 @@ def reconstruct(seed: int):
   from graph_prune.reconstruct import reconstruct as lib  # pylint: disable=g-import-not-at-top
   return lib.Options(method=RECONSTRUCT.value, ridge=RECONSTRUCT_RIDGE.value,
                      max_rows=RECONSTRUCT_ROWS.value, seed=seed)
+
+
+def taylor(criteria):
+  """The taylor criterion's gradient code (TensorFlow), only when one of `criteria`
+  asks for it (pipeline.Options.taylor)."""
+  if "taylor" not in criteria:
+    return None
+  from graph_prune.recover import taylor as lib  # pylint: disable=g-import-not-at-top
+  return lib.filter_scores

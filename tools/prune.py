@@ -121,14 +121,6 @@ def _recovery():
   return recover.Recovery(options)
 
 
-def _taylor():
-  """The taylor criterion's gradient code (TensorFlow), only when it is asked for."""
-  if _CRITERION.value != "taylor":
-    return None
-  from graph_prune.recover import taylor  # pylint: disable=g-import-not-at-top
-  return taylor.filter_scores
-
-
 def _interrupted(signum, frame):
   del frame
   raise KeyboardInterrupt(signal.Signals(signum).name)
@@ -161,7 +153,8 @@ def main(argv):
         overwrite=_OVERWRITE.value, out_format=_OUT_FORMAT.value, opset=_OPSET.value,
         steps=_STEPS.value, recover=_recovery(),
         input_shapes=_input_shapes(_INPUT_SHAPE.value),
-        reconstruct=calibration_flags.reconstruct(_SEED.value), taylor=_taylor(),
+        reconstruct=calibration_flags.reconstruct(_SEED.value),
+        taylor=calibration_flags.taylor([_CRITERION.value]),
         quantize=calibration_flags.quantize(),
         calibration=calibration_flags.calibration(cli, _preprocess, cli.path(_DATA_DIR.value)))
     doc = pipeline.prune(cli.path(flags.FLAGS["in"].value), cli.path(_OUT.value), options)

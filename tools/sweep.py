@@ -142,12 +142,9 @@ def main(argv):
     data = settings.data
     prep = (preprocess.Preprocess(resize=data.resize, scale=data.scale, mean=data.mean,
                                   std=data.std) if data else preprocess.Preprocess())
-    taylor = None
-    if "taylor" in settings.criteria:
-      from graph_prune.recover import taylor as taylor_lib  # pylint: disable=g-import-not-at-top
-      taylor = taylor_lib.filter_scores
     settings = dataclasses.replace(settings, calibration=calibration_flags.calibration(
-        cli, lambda: prep, cli.path(_DATA_DIR.value)), taylor=taylor)
+        cli, lambda: prep, cli.path(_DATA_DIR.value)),
+        taylor=calibration_flags.taylor(settings.criteria))
     recovery = recover_flags.options(cli, prep, cli.path(_DATA_DIR.value), _SEED.value)
     if recovery is not None:
       from graph_prune.sweep import recovery as recovery_lib  # pylint: disable=g-import-not-at-top

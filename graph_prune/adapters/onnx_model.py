@@ -456,11 +456,6 @@ def write(model: ONNXModel, path: str) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _first_line(e: Exception) -> str:
-  lines = [line for line in str(e).splitlines() if line.strip()]
-  return (lines[0] if lines else type(e).__name__)[:300]
-
-
 class Runner:
   """Runs a model in ONNX Runtime on the CPU: feeds in input order, fetches outputs."""
 
@@ -490,7 +485,8 @@ class Runner:
       self._session = onnxruntime.InferenceSession(data, options,
                                                    providers=["CPUExecutionProvider"])
     except Exception as e:  # pylint: disable=broad-except  (ORT raises its own many types)
-      raise errors.RunError(f"ONNX Runtime cannot load the model ({_first_line(e)})") from None
+      raise errors.RunError(
+          f"ONNX Runtime cannot load the model ({errors.first_line(e)})") from None
     self._inputs = list(model.inputs)
     self._outputs = list(model.outputs) + list(extra)
 
@@ -498,7 +494,8 @@ class Runner:
     try:
       return self._session.run(self._outputs, dict(zip(self._inputs, feeds)))
     except Exception as e:  # pylint: disable=broad-except
-      raise errors.RunError(f"ONNX Runtime failed to run the model ({_first_line(e)})") from None
+      raise errors.RunError(
+          f"ONNX Runtime failed to run the model ({errors.first_line(e)})") from None
 
   def close(self) -> None:
     self._session = None

@@ -22,11 +22,6 @@ LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
 
 
-def _first_line(e: Exception) -> str:
-  lines = [line for line in str(e).splitlines() if line.strip()]
-  return (lines[0] if lines else type(e).__name__)[:300]
-
-
 def _save(model: onnx_model.ONNXModel, path: str) -> None:
   onnx.save_model(model.proto, path, save_as_external_data=model.external_data,
                   all_tensors_to_one_file=True, location=os.path.basename(path) + ".data")
@@ -66,7 +61,7 @@ def int8(model: onnx_model.ONNXModel, batches: Sequence[np.ndarray], method: str
                         use_external_data_format=model.external_data)
     except Exception as e:  # pylint: disable=broad-except  (the quantizer raises many types)
       raise errors.RunError(f"ONNX Runtime's int8 quantizer failed on the model "
-                            f"({_first_line(e)})") from None
+                            f"({errors.first_line(e)})") from None
     proto = onnx.load(out)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
@@ -117,7 +112,7 @@ def float16(model: onnx_model.ONNXModel) -> onnx_model.ONNXModel:
   try:
     converted = converter.convert_float_to_float16(proto, keep_io_types=True)
   except Exception as e:  # pylint: disable=broad-except
-    raise errors.RunError(f"the float16 converter failed on the model ({_first_line(e)})"
+    raise errors.RunError(f"the float16 converter failed on the model ({errors.first_line(e)})"
                           ) from None
   _toposort(converted.graph)
   return onnx_model.ONNXModel(converted, model.inputs, model.outputs, model.external_data)

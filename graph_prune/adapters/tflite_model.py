@@ -33,16 +33,11 @@ def _interpreter(content: bytes, threads: Optional[int] = None):
   return interpreter.Interpreter(model_content=content, num_threads=threads)
 
 
-def _first_line(e: Exception) -> str:
-  lines = [line for line in str(e).splitlines() if line.strip()]
-  return (lines[0] if lines else type(e).__name__)[:300]
-
-
 def from_bytes(content: bytes, what: str = "the model") -> TFLiteModel:
   try:
     it = _interpreter(content)
   except (ValueError, RuntimeError) as e:
-    raise errors.InputError(f"{what} is not a LiteRT model ({_first_line(e)})") from None
+    raise errors.InputError(f"{what} is not a LiteRT model ({errors.first_line(e)})") from None
   ins, outs = it.get_input_details(), it.get_output_details()
   return TFLiteModel(content, tuple(d["name"] for d in ins), tuple(d["name"] for d in outs),
                      tuple(tuple(int(s) for s in d["shape_signature"]) for d in ins),
@@ -97,25 +92,26 @@ class Runner:
     self._shapes: Optional[list[tuple[int, ...]]] = None
     by_name = {d["name"]: d["index"] for d in self._it.get_output_details()}
     self._fetch = [by_name[n] for n in model.outputs]
+    self._feed = [(d["index"], d["dtype"]) for d in self._it.get_input_details()]
 
   def _fit(self, feeds: Sequence[np.ndarray]) -> None:
     shapes = [tuple(np.shape(x)) for x in feeds]
     if shapes == self._shapes:
       return
-    for d, shape in zip(self._it.get_input_details(), shapes):
-      self._it.resize_tensor_input(d["index"], list(shape), strict=False)
+    for (index, _), shape in zip(self._feed, shapes):
+      self._it.resize_tensor_input(index, list(shape), strict=False)
     self._it.allocate_tensors()
     self._shapes = shapes
 
   def __call__(self, feeds: Sequence[np.ndarray]) -> list[np.ndarray]:
     try:
       self._fit(feeds)
-      for d, x in zip(self._it.get_input_details(), feeds):
-        self._it.set_tensor(d["index"], np.asarray(x, d["dtype"]))
+      for (index, dtype), x in zip(self._feed, feeds):
+        self._it.set_tensor(index, np.asarray(x, dtype))
       self._it.invoke()
       return [self._it.get_tensor(i).copy() for i in self._fetch]
     except (ValueError, RuntimeError) as e:
-      raise errors.RunError(f"LiteRT failed to run the model ({_first_line(e)})") from None
+      raise errors.RunError(f"LiteRT failed to run the model ({errors.first_line(e)})") from None
 
   def close(self) -> None:
     self._it = None

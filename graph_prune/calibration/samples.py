@@ -28,11 +28,15 @@ class Samples:
   fit: np.ndarray       # what calibration and reconstruction use
   holdout: np.ndarray   # kept out of them; their result is measured here
   spec: str
-  input: str
 
   def to_json(self) -> dict:
     return {"data": self.spec, "samples": int(len(self.fit)),
             "holdout": int(len(self.holdout))}
+
+  def measuring(self) -> np.ndarray:
+    """What a result is measured on: the held-out samples, or the first 256 used
+    ones when none are held out."""
+    return self.holdout if len(self.holdout) else self.fit[:256]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +103,7 @@ class Spec:
     holdout = self.holdout if len(x) >= total else min(self.holdout, len(x) // 5)
     x = layout_lib.to_model(x, layout, dtype) if layout else x.astype(dtype, copy=False)
     fit = x[:len(x) - holdout] if holdout else x
-    return Samples(fit, x[len(fit):], self.data, name)
+    return Samples(fit, x[len(fit):], self.data)
 
 
 def _text(shape) -> str:

@@ -37,10 +37,12 @@ def _matches(pattern: str, names) -> bool:
 
 def kept_count(channels: int, ratio: float, round_to: int) -> int:
   """Channels kept: never below one, rounded up to a multiple of round_to."""
-  keep = channels - math.floor(ratio * channels + 1e-9)
-  keep = max(1, keep)
-  keep = math.ceil(keep / round_to) * round_to
-  return min(channels, keep)
+  return _rounded(channels, channels - math.floor(ratio * channels + 1e-9), round_to)
+
+
+def _rounded(channels: int, keep: int, round_to: int) -> int:
+  """keep, at least one, rounded up to a multiple of round_to, at most all."""
+  return min(channels, math.ceil(max(1, keep) / round_to) * round_to)
 
 
 def excluded_by(spec: Spec, group: groups_lib.ChannelGroup):
@@ -89,9 +91,8 @@ def allocate_global(analysis: groups_lib.Analysis, scores: importance.Scores, sp
   out = []
   for g in _global_groups(analysis, spec):
     norm = normalised(scores, g.id)
-    keep_n = int(np.sum(norm >= threshold))
-    floor = max(1, math.ceil(MIN_KEEP * g.channels))
-    keep_n = min(g.channels, math.ceil(max(keep_n, floor) / spec.round_to) * spec.round_to)
+    keep_n = _rounded(g.channels, max(int(np.sum(norm >= threshold)),
+                                       math.ceil(MIN_KEEP * g.channels)), spec.round_to)
     keep = choose(scores.per_group[g.id], keep_n, analysis.needs.get(g.id, ()))
     out.append(plan_lib.GroupPlan(g.id, g.sources, g.channels, keep, scores.used[g.id]))
   total = sum(g.channels for g in out)

@@ -138,15 +138,10 @@ def _element_scores(analysis: groups_lib.Analysis, criterion: str,
         continue
       np.add.at(total, units, vals)
       np.add.at(count, units, 1)
-  elif criterion == "taylor":
+  elif criterion in ("taylor", "wanda"):
     for src in analysis.sources:
-      vals = (stats or {}).get(src.weight)
-      if vals is not None and len(vals) == len(src.elements):
-        total[src.elements] += vals
-        count[src.elements] += 1
-  elif criterion == "wanda":
-    for src in analysis.sources:
-      vals = _wanda(analysis, src, ops, stats or {})
+      vals = ((stats or {}).get(src.weight) if criterion == "taylor"
+              else _wanda(analysis, src, ops, stats or {}))
       if vals is not None and len(vals) == len(src.elements):
         total[src.elements] += vals
         count[src.elements] += 1

@@ -155,17 +155,9 @@ def _bytes(model) -> int:
 
 
 def _measure(ref_fmt, reference, ref_graph, fmt, quantized, samples, options: Options) -> dict:
-  x = samples.holdout if len(samples.holdout) else samples.fit[:256]
-  runners = [activations.runner(ref_fmt.adapter, reference, ())]
-  try:
-    runners.append(activations.runner(fmt.adapter, quantized, ()))
-    acc = agreement_lib.Agreement()
-    fixed = activations.fixed_batch(ref_graph)
-    streams = [activations.batches(r, x, options.batch_size, fixed) for r in runners]
-    for (_, ref), (_, got) in zip(*streams):
-      acc.add(ref, got)
-  finally:
-    for r in runners:
-      r.close()
-  return {"holdout_samples": int(len(x)), "holdout": acc.doc(),
-          "min_agreement": options.min_agreement}
+  x = samples.measuring()
+  doc, = agreement_lib.against_first(
+      [lambda: activations.runner(ref_fmt.adapter, reference, ()),
+       lambda: activations.runner(fmt.adapter, quantized, ())],
+      x, options.batch_size, activations.fixed_batch(ref_graph))
+  return {"holdout_samples": int(len(x)), "holdout": doc, "min_agreement": options.min_agreement}

@@ -366,21 +366,11 @@ def _layer_doc(site, rows: int, before: Optional[float], after: Optional[float],
 def _holdout(fmt, original, original_view, pruned, pruned_view, model, view, samples,
              options: Options) -> dict:
   """The sliced and the reconstructed model against the original on held-out samples."""
-  x = samples.holdout if len(samples.holdout) else samples.fit[:256]
+  x = samples.measuring()
   adapter = fmt.adapter
-  runners = [activations.runner(adapter, original, (), original_view.constants)]
-  try:
-    runners.append(activations.runner(adapter, pruned, (), pruned_view.constants))
-    runners.append(activations.runner(adapter, model, (), view.constants))
-    acc = [agreement.Agreement(), agreement.Agreement()]
-    fixed = activations.fixed_batch(pruned_view)
-    streams = [activations.batches(r, x, options.batch_size, fixed) for r in runners]
-    for (_, ref), (_, before), (_, after) in zip(*streams):
-      acc[0].add(ref, before)
-      acc[1].add(ref, after)
-  finally:
-    for r in runners:
-      r.close()
-  return {"holdout_samples": int(len(x)), "holdout_before": acc[0].doc(),
-          "holdout_after": acc[1].doc()}
-
+  before, after = agreement.against_first(
+      [lambda: activations.runner(adapter, original, (), original_view.constants),
+       lambda: activations.runner(adapter, pruned, (), pruned_view.constants),
+       lambda: activations.runner(adapter, model, (), view.constants)],
+      x, options.batch_size, activations.fixed_batch(pruned_view))
+  return {"holdout_samples": int(len(x)), "holdout_before": before, "holdout_after": after}

@@ -29,6 +29,8 @@ def filter_scores(model: tf_model.TFModel, weights: Sequence[tuple[str, int]],
   trainable = tf_trainable.Trainable(model, trainable=names)
   logits_name = tf_trainable.logits_tensor(model)
   scores = {n: None for n in names}
+  # The weights do not change while they are scored: converted once, not per batch.
+  values = {n: np.asarray(v, np.float64) for n, v in trainable.values().items()}
   for start in range(0, len(samples), batch_size):
     x = tf.constant(samples[start:start + batch_size])
     with tf.GradientTape() as tape:
@@ -37,10 +39,10 @@ def filter_scores(model: tf_model.TFModel, weights: Sequence[tuple[str, int]],
       labels = tf.stop_gradient(tf.argmax(logits, axis=-1))
       loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
     grads = tape.gradient(loss, trainable.weights)
-    for name, w, g in zip(trainable.weight_names, trainable.weights, grads):
+    for name, g in zip(trainable.weight_names, grads):
       if g is None:
         continue
-      term = np.asarray(w.numpy(), np.float64) * np.asarray(g, np.float64)
+      term = values[name] * np.asarray(g, np.float64)
       axis = axes[name] % term.ndim
       per = np.square(np.moveaxis(term, axis, 0).reshape(term.shape[axis], -1).sum(axis=1))
       scores[name] = per if scores[name] is None else scores[name] + per

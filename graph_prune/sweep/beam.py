@@ -66,17 +66,6 @@ def check(runner: str, options: Sequence[str]) -> Any:
   return opts
 
 
-class _Keyed:
-  """The parallel stage: `prepare(spec)` (sweep.prepare_run with the sweep's
-  settings bound), keyed by the run."""
-
-  def __init__(self, prepare: Callable):
-    self._prepare = prepare
-
-  def __call__(self, spec):
-    return spec.key, self._prepare(spec)
-
-
 class _BenchAndWrite:
   """The serial stage: `finish(prepared)` (sweep.finish_run: the benchmark and the
   row) for each run in plan order, each row appended to rows.jsonl as it is done."""
@@ -86,7 +75,7 @@ class _BenchAndWrite:
 
   def __call__(self, keyed):
     _, prepared = keyed
-    for _, run in sorted(prepared, key=lambda kr: self._order[kr[0]]):
+    for run in sorted(prepared, key=lambda r: self._order[r.spec.key]):
       row = self._finish(run)
       rows_lib.append(self._jsonl, row)
       yield row
@@ -99,13 +88,12 @@ def run(prepare: Callable, finish: Callable, specs: Sequence[Any], opts, jsonl: 
   try:
     with beam.Pipeline(options=opts) as p:
       _ = (p | "runs" >> beam.Create(list(specs), reshuffle=True)
-           | "prune, verify, evaluate" >> beam.Map(_Keyed(prepare))
-           | "one key" >> beam.Map(lambda kr: (0, kr))
+           | "prune, verify, evaluate" >> beam.Map(prepare)
+           | "one key" >> beam.Map(lambda run: (0, run))
            | "barrier" >> beam.GroupByKey()
            | "benchmark one at a time" >> beam.FlatMap(_BenchAndWrite(finish, order, jsonl)))
   except errors.GraphPruneError:
     raise
   except Exception as e:  # pylint: disable=broad-except  (runners raise their own types)
-    text = [l for l in str(e).splitlines() if l.strip()]
-    raise errors.RunError(f"the Beam pipeline failed ({(text[0] if text else type(e).__name__)[:300]}"
-                          "); the rows written so far are kept: run again to resume") from None
+    raise errors.RunError(f"the Beam pipeline failed ({errors.first_line(e)}); the rows "
+                          "written so far are kept: run again to resume") from None

@@ -9,9 +9,11 @@ Where the oracle proves equality, this measures a change that cannot be exact
 from __future__ import annotations
 
 import math
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from graph_prune.calibration import activations
 from graph_prune.verify import oracle
 
 
@@ -40,3 +42,24 @@ class Agreement:
     return {"agreement": self.same / self.count if self.count else None,
             "rel_error": math.sqrt(self.err / self.ref) if self.ref > 0 else 0.0,
             "max_rel_diff": self.max_rel}
+
+
+def against_first(makers: Sequence[Callable[[], object]], x: np.ndarray, batch_size: int,
+                  fixed: Optional[int]) -> list[dict]:
+  """Runs the models that `makers` open (runners of calibration.activations) on x in
+  batches, and returns each later model's Agreement doc against the first; every
+  runner is closed again."""
+  runners = []
+  try:
+    for make in makers:
+      runners.append(make())
+    accs = [Agreement() for _ in runners[1:]]
+    streams = [activations.batches(r, x, batch_size, fixed) for r in runners]
+    for outs in zip(*streams):
+      for acc, (_, got) in zip(accs, outs[1:]):
+        acc.add(outs[0][1], got)
+  finally:
+    for r in runners:
+      r.close()
+  return [a.doc() for a in accs]
+

@@ -11,14 +11,13 @@ pruning moved the outputs is reported separately (masked versus original).
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
 from graph_prune import errors
 from graph_prune.graph import view
 
-Run = Callable[[Sequence[np.ndarray]], Sequence[np.ndarray]]
 
 METHOD = ("masked original (removed channels zeroed at their producers and cut at every "
           "consumer) versus pruned model; constant activations of removed channels are "
