@@ -45,13 +45,10 @@ class KerasAppsTest(absltest.TestCase):
     super().setUpClass()
     cls.arch = _ARCH.value
     cls.tmp = absltest.get_default_test_tmpdir()
-    cls.model = keras_zoo.build(cls.arch)
+    cls.fixture = keras_zoo.Fixture(cls.arch, cls.tmp)
     cls.x = keras_zoo.sample_input(cls.arch)
-    gd, _, _ = keras_zoo.freeze(cls.model)
-    cls.graph_def = gd
-    cls.pb = os.path.join(cls.tmp, f"{cls.arch}.pb")
-    with open(cls.pb, "wb") as f:
-      f.write(gd.SerializeToString())
+    cls.graph_def = cls.fixture.graph_def()
+    cls.pb = cls.fixture.pb
 
   def _check_report(self, doc):
     v = doc["verify"]
@@ -85,7 +82,7 @@ class KerasAppsTest(absltest.TestCase):
     self.assertEqual(pruned_pb_out.shape, (2, keras_zoo.NUM_CLASSES))
     self.assertTrue(np.all(np.isfinite(pruned_pb_out)))
 
-    sm = keras_zoo.save_saved_model(self.model, os.path.join(self.tmp, f"{self.arch}_sm"))
+    sm = self.fixture.saved_model
     out_sm = os.path.join(self.tmp, f"{self.arch}_sm_pruned")
     doc_sm = pipeline.prune(sm, out_sm, pipeline.Options(ratio=0.5, criterion="l1"))
     self.assertAlmostEqual(1 - doc_sm["params_after"] / doc_sm["params_before"], reduction,

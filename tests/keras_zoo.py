@@ -11,6 +11,10 @@ allowed so that the deepest stages still have spatial extent larger than 1x1
 (at 32 many nets reach 1x1 and a spatial slicing bug would go unnoticed).
 """
 
+import os
+import tempfile
+import zipfile
+
 import numpy as np
 import keras
 import tensorflow as tf
@@ -316,6 +320,54 @@ def save_saved_model(model, path):
         module, path, signatures={"serving_default": module.serve}
     )
     return path
+
+
+def write_fixture(name, pb_path, sm_zip_path):
+    """Build architecture ``name`` once; write its frozen GraphDef and zipped SavedModel."""
+    model = build(name)
+    graph_def, _, _ = freeze(model)
+    with open(pb_path, "wb") as f:
+        f.write(graph_def.SerializeToString())
+    with tempfile.TemporaryDirectory() as tmp:
+        sm = save_saved_model(model, os.path.join(tmp, "sm"))
+        with zipfile.ZipFile(sm_zip_path, "w", zipfile.ZIP_STORED) as z:
+            for root, _, files in os.walk(sm):
+                for fname in sorted(files):
+                    full = os.path.join(root, fname)
+                    z.write(full, os.path.relpath(full, sm))
+
+
+class Fixture:
+    """Architecture ``name``'s frozen GraphDef (``pb``) and SavedModel (``saved_model``).
+
+    Under Bazel both come from the ``//tests:fixture_<name>`` genrule, built once
+    for every test that lists it in ``data`` and cached between runs; run
+    outside Bazel (``python tests/x_test.py``) the fixture is built here.
+    """
+
+    def __init__(self, name, tmp):
+        built = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+        pb, sm_zip = (os.path.join(built, f"{name}.pb"), os.path.join(built, f"{name}_sm.zip"))
+        if not (os.path.exists(pb) and os.path.exists(sm_zip)):
+            pb, sm_zip = os.path.join(tmp, f"{name}.pb"), os.path.join(tmp, f"{name}_sm.zip")
+            write_fixture(name, pb, sm_zip)
+        self.pb = pb
+        self._sm_zip = sm_zip
+        self._sm_dir = os.path.join(tmp, f"{name}_sm")
+
+    @property
+    def saved_model(self):
+        """The SavedModel directory, unpacked into the test's tmp on first use."""
+        if not os.path.isdir(self._sm_dir):
+            with zipfile.ZipFile(self._sm_zip) as z:
+                z.extractall(self._sm_dir)
+        return self._sm_dir
+
+    def graph_def(self):
+        gd = tf.compat.v1.GraphDef()
+        with open(self.pb, "rb") as f:
+            gd.ParseFromString(f.read())
+        return gd
 
 
 def make_planted_model(seed, head="gap"):

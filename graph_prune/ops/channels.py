@@ -98,11 +98,37 @@ def describe(node: view.Node) -> str:
   return f"{node.op} '{node.name}'"
 
 
+def dim_and_rank(ctx: RuleContext, x: str, known: bool,
+                 unknown: str) -> Optional[tuple[ChannelDim, int]]:
+  """x's channels and rank for a rule that needs both: None where x carries no
+  channels, and None after blocking them with the reason `unknown` where the
+  rank is unknown or `known` (the rule's own parameters) is false."""
+  d = ctx.dim(x)
+  if d is None:
+    return None
+  rank = ctx.graph.rank(x)
+  if rank is None or not known:
+    ctx.block(d.units, f"{describe(ctx.node)}: {unknown}")
+    return None
+  return d, rank
+
+
 def pass_through(ctx: RuleContext, src: str, dst: str, axis: Optional[int] = None) -> None:
   """dst carries src's channels unchanged (at `axis`, default the same axis)."""
   d = ctx.dim(src)
   if d is not None:
     ctx.set_dim(dst, ChannelDim(d.axis if axis is None else axis, d.units))
+
+
+def pass_on_axis(ctx: RuleContext, src: str, dst: str, axis: int, where: str) -> None:
+  """dst carries src's channels when they sit on `axis` (pooling and resizing
+  work on the other axes); channels anywhere else are blocked, `where` saying
+  which axis they should have been on."""
+  d = ctx.dim(src)
+  if d is not None and d.axis != axis:
+    ctx.block(d.units, f"{describe(ctx.node)}: channels not on {where}")
+    return
+  pass_through(ctx, src, dst)
 
 
 def elementwise(ctx: RuleContext, operands: list[str], out: str) -> None:
@@ -296,13 +322,10 @@ def output(ctx: RuleContext, i: int = 0) -> str:
 
 def reduce(ctx: RuleContext, x: str, axes: Optional[list[int]], keep: bool) -> None:
   """Reduction over `axes` (None: unknown); empty axes mean all axes in ONNX and are refused."""
-  d = ctx.dim(x)
-  if d is None:
+  found = dim_and_rank(ctx, x, bool(axes), "reduction axes or rank unknown, or all axes")
+  if found is None:
     return
-  rank = ctx.graph.rank(x)
-  if not axes or rank is None:
-    ctx.block(d.units, f"{describe(ctx.node)}: reduction axes or rank unknown, or all axes")
-    return
+  d, rank = found
   axes = {normalise_axis(a, rank) for a in axes}
   if d.axis in axes:
     ctx.block(d.units, f"{describe(ctx.node)}: reduces over the channel axis")
@@ -438,14 +461,11 @@ def split(ctx: RuleContext, x: str, axis: Optional[int], sizes: Optional[list[in
   that part k's size becomes its kept count (-1 sizes follow by themselves).
   Without sizes the parts are equal, and position i of every part is coupled so
   they stay equal. Along another axis every output carries x's channels."""
-  d = ctx.dim(x)
-  if d is None:
+  found = dim_and_rank(ctx, x, axis is not None, "split axis or rank unknown")
+  if found is None:
     return
+  d, rank = found
   outs = list(ctx.node.outputs)
-  rank = ctx.graph.rank(x)
-  if axis is None or rank is None:
-    ctx.block(d.units, f"{describe(ctx.node)}: split axis or rank unknown")
-    return
   if normalise_axis(axis, rank) != d.axis:
     for out in outs:
       ctx.set_dim(out, d)
@@ -476,13 +496,11 @@ def gather(ctx: RuleContext, x: str, indices: str, axis: Optional[int]) -> None:
   """Gather of x along `axis` with constant indices. On the channel axis (1-D
   indices) the gathered channels are followed (each kept at least once) and the
   indices renumbered; on another axis the channel axis moves by the indices' rank."""
-  d = ctx.dim(x)
-  if d is None:
+  found = dim_and_rank(ctx, x, axis is not None and ctx.graph.is_const(indices),
+                       "indices or axis not constant, or rank unknown")
+  if found is None:
     return
-  rank = ctx.graph.rank(x)
-  if rank is None or axis is None or not ctx.graph.is_const(indices):
-    ctx.block(d.units, f"{describe(ctx.node)}: indices or axis not constant, or rank unknown")
-    return
+  d, rank = found
   axis = normalise_axis(axis, rank)
   index = np.asarray(ctx.graph.constants[indices])
   if axis != d.axis:
@@ -529,14 +547,10 @@ def space_to_depth(ctx: RuleContext, axis: int, block: int) -> None:
 def normalise_along(ctx: RuleContext, axis: Optional[int], mixes) -> None:
   """An op that normalises along `axis` (softmax): channels pass unless
   mixes(channel axis, axis) says they are normalised together."""
-  x = ctx.node.inputs[0]
-  d = ctx.dim(x)
-  if d is None:
+  found = dim_and_rank(ctx, ctx.node.inputs[0], axis is not None, "axis or rank unknown")
+  if found is None:
     return
-  rank = ctx.graph.rank(x)
-  if rank is None or axis is None:
-    ctx.block(d.units, f"{describe(ctx.node)}: axis or rank unknown")
-    return
+  d, rank = found
   if mixes(d.axis, normalise_axis(axis, rank)):
     ctx.block(d.units, f"{describe(ctx.node)}: normalises across channels")
     return

@@ -258,11 +258,7 @@ def unary(ctx: RuleContext) -> None:
 @_op("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool",
      doc="spatial pooling (1-D, 2-D, 3-D) passes channels through")
 def pool(ctx: RuleContext) -> None:
-  d = ctx.dim(ctx.node.inputs[0])
-  if d is not None and d.axis != 1:
-    ctx.block(d.units, f"{describe(ctx.node)}: channels not on axis 1")
-    return
-  base.pass_through(ctx, ctx.node.inputs[0], _out(ctx))
+  base.pass_on_axis(ctx, ctx.node.inputs[0], _out(ctx), 1, "axis 1")
 
 
 def _reduce(ctx: RuleContext, axes: Optional[list[int]]) -> None:
@@ -297,13 +293,10 @@ def reduce_input(ctx: RuleContext) -> None:
 
 def _pad(ctx: RuleContext, pads: Optional[list[int]], axes: Optional[list[int]]) -> None:
   x = ctx.node.inputs[0]
-  d = ctx.dim(x)
-  if d is None:
+  found = base.dim_and_rank(ctx, x, pads is not None, "pads are not constant")
+  if found is None:
     return
-  rank = ctx.graph.rank(x)
-  if pads is None or rank is None:
-    ctx.block(d.units, f"{describe(ctx.node)}: pads are not constant")
-    return
+  d, rank = found
   axes = [base.normalise_axis(a, rank) for a in axes] if axes else list(range(rank))
   n = len(axes)
   before = after = 0
@@ -617,13 +610,10 @@ def squeeze_input(ctx: RuleContext) -> None:
 
 def _unsqueeze(ctx: RuleContext, axes: Optional[list[int]]) -> None:
   x = ctx.node.inputs[0]
-  d = ctx.dim(x)
-  if d is None:
+  found = base.dim_and_rank(ctx, x, axes is not None, "axes or rank unknown")
+  if found is None:
     return
-  rank = ctx.graph.rank(x)
-  if axes is None or rank is None:
-    ctx.block(d.units, f"{describe(ctx.node)}: axes or rank unknown")
-    return
+  d, rank = found
   out_rank = rank + len(axes)
   axes = sorted(base.normalise_axis(a, out_rank) for a in axes)
   pos = d.axis

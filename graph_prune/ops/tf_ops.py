@@ -250,14 +250,11 @@ def squeeze(ctx: RuleContext) -> None:
 @_op("ExpandDims", doc="the channel axis moves")
 def expand_dims(ctx: RuleContext) -> None:
   x, axis_t = ctx.node.inputs[:2]
-  d = ctx.dim(x)
-  if d is None:
-    return
   axis = base.const_ints(ctx, axis_t)
-  rank = ctx.graph.rank(x)
-  if axis is None or rank is None:
-    ctx.block(d.units, f"{describe(ctx.node)}: axis or rank unknown")
+  found = base.dim_and_rank(ctx, x, axis is not None, "axis or rank unknown")
+  if found is None:
     return
+  d, rank = found
   a = base.normalise_axis(axis[0], rank + 1)
   ctx.set_dim(_out(ctx), ChannelDim(d.axis + 1 if a <= d.axis else d.axis, d.units))
 
@@ -283,11 +280,7 @@ def softmax(ctx: RuleContext) -> None:
 @_op("ResizeBilinear", "ResizeNearestNeighbor", "ResizeBicubic", "ResizeArea",
      doc="spatial resize (NHWC): channels pass through")
 def resize(ctx: RuleContext) -> None:
-  d = ctx.dim(ctx.node.inputs[0])
-  if d is not None and d.axis != 3:
-    ctx.block(d.units, f"{describe(ctx.node)}: channels not on the last axis")
-    return
-  base.pass_through(ctx, ctx.node.inputs[0], _out(ctx))
+  base.pass_on_axis(ctx, ctx.node.inputs[0], _out(ctx), 3, "the last axis")
 
 
 def _batch_slice(ctx: RuleContext, tensor: str) -> bool:
