@@ -13,6 +13,7 @@ import os
 import time
 from typing import Any, Optional
 
+from absl import logging
 import numpy as np
 
 from graph_prune import errors
@@ -25,6 +26,7 @@ from graph_prune.analysis import groups as groups_lib
 from graph_prune.criteria import allocation
 from graph_prune.criteria import importance
 from graph_prune.graph.edits import Edits
+from graph_prune.quantize import options as quantize_options
 from graph_prune.quantize import quantize as quantize_lib
 from graph_prune.reconstruct import reconstruct as reconstruct_lib
 from graph_prune.rewrite import slicing
@@ -75,9 +77,15 @@ class Options:
   # How kept counts are chosen: "uniform" (every group loses `ratio`) or "global"
   # (one ranking of normalised scores across groups; allocation.py).
   allocation: str = "uniform"
-  # A budget instead of `ratio`: the fraction of FLOPs or of parameters kept.
+  # A budget instead of `ratio`: the fraction of FLOPs or of parameters kept, or a
+  # measured speedup over the original or latency in milliseconds (timed by `latency`).
   target_flops: Optional[float] = None
   target_params: Optional[float] = None
+  target_speedup: Optional[float] = None
+  target_latency_ms: Optional[float] = None
+  # Times candidates for the latency budgets: bench.latency.Probe (device, XLA, batch
+  # size, timing settings). Handed in, so that pruning imports no runtime for it.
+  latency: Any = None
 
 
 Format = formats.Format
@@ -169,7 +177,10 @@ def scores_of(prepared: Prepared, options: Options, samples=None,
   return importance.score(prepared.analysis, options.criterion, seed, stats, fmt.ops)
 
 
-def make_plan(prepared: Prepared, options: Options, samples=None) -> plan_lib.Plan:
+def make_plan(prepared: Prepared, options: Options, samples=None,
+              measured: Optional[dict] = None) -> plan_lib.Plan:
+  """The plan from --plan_in, a budget, or the ratio; a latency budget's
+  measurements of the chosen plan go into `measured` (when given)."""
   analysis = prepared.analysis
   if options.plan_in:
     with open(options.plan_in, encoding="utf-8") as f:
@@ -192,33 +203,53 @@ def make_plan(prepared: Prepared, options: Options, samples=None) -> plan_lib.Pl
   check_finite(analysis)
   scores = scores_of(prepared, options, samples)
   if budget_of(options) is not None:
-    return plan_for_budget(prepared, options, spec, scores)
+    return plan_for_budget(prepared, options, spec, scores, measured)
   if options.allocation == "global":
     return allocation.global_for_ratio(analysis, scores, spec, options.criterion)
   return allocation.allocate(analysis, scores, spec, options.criterion)
 
 
+BUDGETS = ("flops", "params", "speedup", "latency_ms")
+MEASURED_BUDGETS = ("speedup", "latency_ms")
+
+
 def budget_of(options: Options) -> Optional[tuple[str, float]]:
-  """("flops" or "params", fraction kept), or None without a budget."""
-  if options.target_flops is not None:
-    return "flops", options.target_flops
-  if options.target_params is not None:
-    return "params", options.target_params
+  """(one of BUDGETS, its value), or None without a budget."""
+  for what in BUDGETS:
+    value = getattr(options, f"target_{what}")
+    if value is not None:
+      return what, value
   return None
 
 
 def plan_for_budget(prepared: Prepared, options: Options, spec: allocation.Spec,
-                    scores) -> plan_lib.Plan:
-  """The plan that removes least while keeping at most the budget's fraction of the
-  FLOPs (or parameters): a bisection over the uniform ratio, or over the global
-  threshold; each candidate is rewritten and measured by the cost model (FLOPs
+                    scores, measured: Optional[dict] = None) -> plan_lib.Plan:
+  """The plan that removes least while meeting the budget: at most a fraction of
+  the FLOPs (or parameters) kept, or at least a measured speedup, or at most a
+  measured latency. A bisection over the uniform ratio, or over the global
+  threshold; each candidate is rewritten and measured: by the cost model (FLOPs
   are bilinear in the widths of a layer's input and output, so a per-channel
-  estimate would not be exact)."""
+  estimate would not be exact), or timed beside the original by options.latency
+  on its device and batch size. The measurements of the chosen plan go into
+  `measured` (when given)."""
   what, target = budget_of(options)
   ops, analysis = prepared.format.ops, prepared.analysis
-  base = getattr(cost_lib.measure(prepared.graph, ops), what)
+  timed = what in MEASURED_BUDGETS
+  if timed:
+    session = options.latency.session(prepared.model)
+    trials: dict[int, Any] = {}
+    # Kept is the fraction of the latency: 1 / speedup, or milliseconds.
+    target = 1.0 / target if what == "speedup" else target
+  else:
+    base = getattr(cost_lib.measure(prepared.graph, ops), what)
 
   def kept(plan: plan_lib.Plan) -> float:
+    if timed:
+      m = session.measure(rewrite(prepared, plan))
+      trials[id(plan)] = m
+      logging.info("budget: candidate measured %.3fx (%.3g ms; original %.3g ms)", m.speedup,
+                    m.latency_ms, m.original_ms)
+      return 1.0 / m.speedup if what == "speedup" else m.latency_ms
     if not any(g.removed for g in plan.groups):
       return 1.0
     view = prepared.format.adapter.to_view(rewrite(prepared, plan))
@@ -237,7 +268,20 @@ def plan_for_budget(prepared: Prepared, options: Options, spec: allocation.Spec,
     lo, hi = 0, steps
   most = make(hi)
   least = kept(most)
-  if least > target:
+  if timed:
+    m = trials[id(most)]
+    if what == "latency_ms" and target >= m.original_ms:
+      raise errors.UsageError(
+          f"--target_latency_ms={target:g}: the original already runs in {m.original_ms:.3g} ms "
+          f"({session.device_label}, batch {options.latency.batch}); nothing to remove")
+    if least > target:
+      asked = (f"--target_speedup={1 / target:g}" if what == "speedup"
+               else f"--target_latency_ms={target:g}")
+      raise errors.UsageError(
+          f"{asked} cannot be met: removing all that --allocation={options.allocation} may "
+          f"remove measures {m.speedup:.2f}x ({m.latency_ms:.3g} ms against "
+          f"{m.original_ms:.3g} ms; {session.device_label}, batch {options.latency.batch})")
+  elif least > target:
     raise errors.UsageError(
         f"--target_{what}={target:g} cannot be met: removing all that --allocation="
         f"{options.allocation} may remove keeps {least:.3f} of the {what}")
@@ -249,6 +293,13 @@ def plan_for_budget(prepared: Prepared, options: Options, spec: allocation.Spec,
       hi, plan = mid, candidate
     else:
       lo = mid
+  if timed and measured is not None:
+    m = trials[id(plan)]
+    measured.update(
+        measured_speedup=round(m.speedup, 4), measured_speedup_p10=round(m.speedup_p10, 4),
+        measured_speedup_p90=round(m.speedup_p90, 4), latency_ms=round(m.latency_ms, 4),
+        original_latency_ms=round(m.original_ms, 4), candidates_timed=session.measured,
+        device=session.device_label, **options.latency.describe())
   return plan
 
 
@@ -542,13 +593,23 @@ def check_options(in_path: str, out_path: str, options: Options) -> allocation.S
   if options.allocation not in allocation.ALLOCATIONS:
     raise errors.UsageError(f"unknown --allocation '{options.allocation}'; choose one of "
                             f"{', '.join(allocation.ALLOCATIONS)}")
-  if options.target_flops is not None and options.target_params is not None:
-    raise errors.UsageError("give one budget: --target_flops or --target_params, not both")
+  given = [f"--target_{what}" for what in BUDGETS if getattr(options, f"target_{what}") is not None]
+  if len(given) > 1:
+    raise errors.UsageError(f"give one budget, not {' and '.join(given)}")
   budget = budget_of(options)
   if budget is not None:
-    if not (math.isfinite(budget[1]) and 0 < budget[1] < 1):
-      raise errors.UsageError(f"--target_{budget[0]}={budget[1]:g}: give the fraction kept, "
+    what, value = budget
+    if what == "speedup" and not (math.isfinite(value) and value > 1):
+      raise errors.UsageError(f"--target_speedup={value:g}: give a speedup above 1 (e.g. 2 "
+                              "for twice as fast as the original)")
+    if what == "latency_ms" and not (math.isfinite(value) and value > 0):
+      raise errors.UsageError(f"--target_latency_ms={value:g}: give a positive latency")
+    if what not in MEASURED_BUDGETS and not (math.isfinite(value) and 0 < value < 1):
+      raise errors.UsageError(f"--target_{what}={value:g}: give the fraction kept, "
                               "between 0 and 1 (e.g. 0.5 keeps half)")
+    if what in MEASURED_BUDGETS and options.latency is None:
+      raise errors.UsageError(f"--target_{what} needs the benchmark that times candidates "
+                              "(pipeline.Options.latency: a bench.latency.Probe)")
     if options.plan_in:
       raise errors.UsageError(f"--target_{budget[0]} chooses a plan; it does not combine with "
                               "--plan_in")
@@ -576,14 +637,37 @@ def check_options(in_path: str, out_path: str, options: Options) -> allocation.S
   return spec
 
 
+# Ops of a model that is quantized already (QDQ pairs, ONNX's integer operators).
+QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear",
+                           "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger"})
+
+
+def _check_not_quantized(prepared: Prepared, options: Options) -> None:
+  """A quantized input is pruned (its int8 codes cut), not quantized again or
+  reconstructed: both need the float model."""
+  found = sorted({n.op for n in prepared.graph.nodes} & QUANTIZED_OPS)
+  if not found:
+    return
+  for asked, flag in ((options.quantize is not None, "--quantize"),
+                      (options.reconstruct is not None, "--reconstruct")):
+    if asked:
+      raise errors.UsageError(
+          f"{flag}: the input is already quantized ({', '.join(found)}); graph_prune prunes "
+          "it as it is (int8 codes cut with their scales); for this, prune the float model "
+          "and quantize it after (--quantize=int8)")
+
+
 def _check_quantize(out_path: str, options: Options) -> None:
   scheme = options.quantize.scheme
   quantize_lib.check(options.quantize)
   out = formats.name_of(out_path)
-  if out == formats.TENSORFLOW:
-    raise errors.UsageError(f"--quantize={scheme} writes ONNX or LiteRT models (a quantized "
-                            "GraphDef or SavedModel is not built yet); give --out_format=onnx "
-                            "or --out_format=tflite")
+  if out == formats.TENSORFLOW and scheme not in quantize_options.TF_SCHEMES:
+    raise errors.UsageError(f"--quantize={scheme} writes ONNX or LiteRT models (a GraphDef or "
+                            f"SavedModel takes {' or '.join(quantize_options.TF_SCHEMES)}); "
+                            "give --out_format=onnx or --out_format=tflite")
+  if out == formats.ONNX and scheme == "bfloat16":
+    raise errors.UsageError("--quantize=bfloat16 is for TensorFlow GraphDef and SavedModel "
+                            "outputs run by XLA; for ONNX use float16 or int8")
   if out == formats.TFLITE and scheme not in ("int8", "float16"):
     raise errors.UsageError(f"--out_format=tflite takes --quantize=int8 or float16, not {scheme} "
                             "(codebook weights are written for ONNX outputs)")
@@ -606,12 +690,14 @@ def prune(in_path: str, out_path: str, options: Options = Options()) -> report_l
              "recover_s": 0.0}
   t0 = time.perf_counter()
   prepared = prepare(in_path, options)
+  _check_not_quantized(prepared, options)
   samples = None
   if options.calibration is not None and (options.reconstruct is not None or
                                           options.criterion in importance.CALIBRATED):
     samples = options.calibration.load(prepared.format, prepared.graph)
   timings["load_s"] = time.perf_counter() - t0
-  plan = make_plan(prepared, options, samples)
+  measured: dict = {}
+  plan = make_plan(prepared, options, samples, measured)
   removes = any(g.removed for g in plan.groups)
   if removes and getattr(options.recover, "grows", False):
     result = grow_and_prune(prepared, plan, options, timings, samples)
@@ -621,7 +707,7 @@ def prune(in_path: str, out_path: str, options: Options = Options()) -> report_l
     # Nothing removed (--ratio=0, or rounding keeps every channel): the output is
     # the input as it was read, not its normalised form; nothing to verify.
     result = _Pruned(model_ref(in_path, options).load(), prepared.graph, plan, None, [], [])
-  doc = assemble_report(in_path, out_path, prepared, result, spec, options, timings)
+  doc = assemble_report(in_path, out_path, prepared, result, spec, options, timings, measured)
   return write_outputs(prepared, result, out_path, doc, options, samples)
 
 
@@ -709,8 +795,8 @@ def grow_and_prune(prepared: Prepared, plan: plan_lib.Plan, options: Options,
 
 
 def assemble_report(in_path: str, out_path: str, prepared: Prepared, result: _Pruned,
-                    spec: allocation.Spec, options: Options,
-                    timings: dict[str, float]) -> report_lib.Report:
+                    spec: allocation.Spec, options: Options, timings: dict[str, float],
+                    measured: Optional[dict] = None) -> report_lib.Report:
   ops = prepared.format.ops
   excluded = {g.id: allocation.excluded_by(spec, g) for g in prepared.analysis.groups}
   unchanged = result.view is prepared.graph
@@ -720,9 +806,13 @@ def assemble_report(in_path: str, out_path: str, prepared: Prepared, result: _Pr
   budget = None
   if options.allocation != "uniform" or budget_of(options) is not None:
     what, target = budget_of(options) or (None, None)
-    budget = {"allocation": options.allocation, "target": what, "target_kept": target,
+    budget = {"allocation": options.allocation, "target": what,
+              "target_kept": target if what not in MEASURED_BUDGETS else None,
               "flops_kept": round(after.flops / before.flops, 6) if before.flops else None,
               "params_kept": round(after.params / before.params, 6) if before.params else None}
+    if what in MEASURED_BUDGETS:
+      budget["target_value"] = target
+      budget.update(measured or {})
   return report_lib.build(
       in_path, out_path, prepared.analysis, result.plan, before, after, result.verification,
       {k: v for k, v in excluded.items() if v}, timings,

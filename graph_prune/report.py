@@ -36,8 +36,15 @@ marked "optional"):
                                 tflite export (not for a quantized LiteRT export: see
                                 quantization)
   budget                        optional: with --allocation=global or a budget:
-                                allocation, target ("flops", "params" or null), target_kept
-                                (the fraction asked for), flops_kept, params_kept
+                                allocation, target ("flops", "params", "speedup",
+                                "latency_ms" or null), target_kept (the fraction asked
+                                for; null for the measured budgets), flops_kept,
+                                params_kept; for speedup and latency_ms: target_value
+                                (the speedup or milliseconds asked for), the chosen
+                                plan's measured_speedup (median, _p10, _p90 over the
+                                A/B rounds), latency_ms, original_latency_ms,
+                                candidates_timed, device (where they ran),
+                                device_requested, xla, batch, max_seconds, target_rse
   quantization                  optional: --quantize's report (quantize/quantize.py):
                                 scheme, format, tool, model_bytes_before/after, size_ratio,
                                 holdout_samples, holdout (agreement, rel_error,
@@ -179,7 +186,16 @@ def text(doc) -> str:
     line = (f"allocation: {b['allocation']}, " + (
         f"ratio {doc['ratio']:g} in every group" if b["allocation"] == "uniform" else
         f"{doc['ratio']:.1%} of the channels removed, ranked across groups"))
-    if b["target"]:
+    if b["target"] == "speedup":
+      line += (f"; budget: {b['target_value']:g}x faster, measured {b['measured_speedup']:.2f}x "
+               f"({b['latency_ms']:.3g} ms against {b['original_latency_ms']:.3g} ms, batch "
+               f"{b['batch']}, {b['device']}; {b['candidates_timed']} candidates timed)")
+    elif b["target"] == "latency_ms":
+      line += (f"; budget: {b['target_value']:g} ms, measured {b['latency_ms']:.3g} ms "
+               f"({b['measured_speedup']:.2f}x the original's {b['original_latency_ms']:.3g} "
+               f"ms, batch {b['batch']}, {b['device']}; {b['candidates_timed']} candidates "
+               "timed)")
+    elif b["target"]:
       line += (f"; budget: keep {b['target_kept']:g} of the {b['target']}, kept "
                f"{b[b['target'] + '_kept']:.3f}")
     lines.append(line)
@@ -258,8 +274,9 @@ def _quantization_text(doc: Optional[dict]) -> list[str]:
     what = (f"int8 ({doc['method']}, {doc['calibration_samples']} calibration samples, "
             f"{doc['linear_layers'] - doc['linear_layers_float']}/{doc['linear_layers']} linear "
             "layers int8)")
-  elif doc["scheme"] in ("int8", "float16"):
-    what = doc["scheme"] + (" (TFLite converter)" if doc["format"] == "tflite" else "")
+  elif doc["scheme"] in ("int8", "float16", "bfloat16"):
+    what = doc["scheme"] + {"tflite": " (TFLite converter)",
+                            "tensorflow": " weights and compute, for XLA"}.get(doc["format"], "")
   else:
     what = (f"{doc['scheme']} ({doc['weights']} weights, {doc['weight_compression']:.2f}x "
             f"smaller, relative weight error mean {doc['weight_rel_error_mean']:.3g})")

@@ -1,8 +1,11 @@
 """Allocation across groups and budgets (--allocation=global, --target_flops,
---target_params): planted unimportant channels go first under a global ranking,
-budgets are met by the least pruning that meets them, the oracle passes, and bad
-requests are refused in one line."""
+--target_params, --target_speedup, --target_latency_ms): planted unimportant
+channels go first under a global ranking, budgets are met by the least pruning
+that meets them, the oracle passes, and bad requests are refused in one line.
+The search for a latency budget is tested with a probe whose "latency" is the
+FLOPs (deterministic); the real timing through the command."""
 
+import json
 import os
 import subprocess
 
@@ -12,7 +15,10 @@ import onnx
 from onnx import numpy_helper
 
 from graph_prune import errors
+from graph_prune import formats
 from graph_prune import pipeline
+from graph_prune.analysis import cost
+from graph_prune.bench import latency
 from tests import binaries
 from tests import onnx_net
 
@@ -82,7 +88,93 @@ class BudgetTest(parameterized.TestCase):
       self._prune(target_flops=0.001, allocation="global")
 
 
+def _flops(model):
+  fmt = formats.for_name(formats.ONNX)
+  return cost.measure(fmt.adapter.to_view(model), fmt.ops).flops
+
+
+class _FlopsSession:
+  """Times a candidate as its FLOPs (a microsecond each): no timing noise."""
+  device_label = "FLOPs as time"
+
+  def __init__(self, model):
+    self.base, self.measured = _flops(model), 0
+
+  def measure(self, candidate):
+    self.measured += 1
+    f = _flops(candidate)
+    s = self.base / f
+    return latency.Measured(s, s, s, f / 1e3, self.base / 1e3)
+
+
+class _FlopsProbe(latency.Probe):
+
+  def session(self, model):
+    return _FlopsSession(model)
+
+
+class LatencyBudgetTest(parameterized.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.tmp = self.create_tempdir().full_path
+    self.src = os.path.join(self.tmp, "in.onnx")
+    onnx.save(_model(), self.src)
+
+  def _prune(self, **kw):
+    return pipeline.prune(self.src, os.path.join(self.tmp, "out.onnx"),
+                          pipeline.Options(overwrite=True, latency=_FlopsProbe(), **kw)).to_json()
+
+  @parameterized.parameters("uniform", "global")
+  def test_speedup_is_met_by_the_least_pruning(self, how):
+    doc = self._prune(allocation=how, target_speedup=2.0)
+    b = doc["budget"]
+    self.assertEqual((b["target"], b["target_value"]), ("speedup", 2.0))
+    self.assertGreaterEqual(b["measured_speedup"], 2.0)
+    self.assertAlmostEqual(b["measured_speedup"], doc["flops_before"] / doc["flops_after"],
+                           places=3)
+    self.assertGreater(b["candidates_timed"], 3)
+    self.assertTrue(doc["verify"]["passed"])
+    if how == "uniform":
+      less = self._prune(ratio=doc["ratio"] - 0.001)
+      self.assertLess(less["flops_before"] / less["flops_after"], 2.0)
+
+  def test_latency_ms_is_met(self):
+    base = self._prune(ratio=0.0)["flops_before"] / 1e3
+    doc = self._prune(target_latency_ms=0.6 * base)
+    self.assertLessEqual(doc["budget"]["latency_ms"], 0.6 * base)
+    self.assertAlmostEqual(doc["budget"]["original_latency_ms"], base)
+
+  def test_impossible_latency_budgets(self):
+    with self.assertRaisesRegex(errors.UsageError, r"--target_speedup=1000 cannot be met: "
+                                r"removing all that --allocation=uniform may remove measures"):
+      self._prune(target_speedup=1000)
+    with self.assertRaisesRegex(errors.UsageError, "the original already runs in"):
+      self._prune(target_latency_ms=1e9)
+    with self.assertRaisesRegex(errors.UsageError, "needs the benchmark"):
+      pipeline.prune(self.src, os.path.join(self.tmp, "o.onnx"),
+                     pipeline.Options(target_speedup=2.0))
+
+
 class CommandTest(absltest.TestCase):
+
+  def test_target_speedup_measured_on_this_machine(self):
+    # The real timing: the built-in model under XLA on this CPU at batch 32; the
+    # chosen plan's own measurement meets the target.
+    tmp = self.create_tempdir().full_path
+    src = os.path.join(binaries.ROOT, "models", "default", "fmnist_vgg_bn.pb")
+    out, report = os.path.join(tmp, "out.pb"), os.path.join(tmp, "r.json")
+    r = subprocess.run([*binaries.command("prune"), f"--in={src}", f"--out={out}",
+                        "--target_speedup=1.5", "--batch_sizes=32", "--max_seconds=2",
+                        "--target_rse=0.02", f"--report={report}"],
+                       capture_output=True, text=True, env=binaries.env(), timeout=900,
+                       check=False)
+    self.assertEqual(r.returncode, 0, r.stderr[-2000:])
+    b = json.load(open(report))["budget"]
+    self.assertGreaterEqual(b["measured_speedup"], 1.5)
+    self.assertEqual((b["batch"], b["xla"]), (32, True))
+    self.assertIn("budget: 1.5x faster, measured", r.stdout)
+
 
   def test_bad_requests_one_line_exit_2(self):
     tmp = self.create_tempdir().full_path
@@ -94,7 +186,13 @@ class CommandTest(absltest.TestCase):
         (["--target_flops=1.5"], "give the fraction kept"),
         (["--target_params=0"], "give the fraction kept"),
         (["--allocation=knapsack"], "unknown --allocation 'knapsack'"),
-        (["--target_flops=0.0001"], "cannot be met")):
+        (["--target_flops=0.0001"], "cannot be met"),
+        (["--target_speedup=2", "--target_flops=0.5"], "give one budget"),
+        (["--target_speedup=0.5"], "give a speedup above 1"),
+        (["--target_latency_ms=-1"], "give a positive latency"),
+        (["--target_speedup=2", "--batch_sizes=1,8"], "timed at one batch size"),
+        (["--target_speedup=2", "--ratio=0.5"], "replaces --ratio"),
+        (["--target_speedup=500", "--batch_sizes=8", "--max_seconds=0.5"], "cannot be met")):
       r = subprocess.run([*binaries.command("prune"), f"--in={src}", f"--out={out}", *extra],
                          capture_output=True, text=True, env=binaries.env(), timeout=300,
                          check=False)

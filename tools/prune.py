@@ -31,6 +31,15 @@ _TARGET_FLOPS = flags.DEFINE_float(
     "the least pruning that meets it (by --allocation) is found by bisection.")
 _TARGET_PARAMS = flags.DEFINE_float(
     "target_params", None, "A budget instead of --ratio: the fraction of parameters kept.")
+_TARGET_SPEEDUP = flags.DEFINE_float(
+    "target_speedup", None, "A budget instead of --ratio: at least this measured speedup over "
+    "the original (each candidate timed beside it on --device at the one --batch_sizes, with "
+    "the benchmark flags); the least pruning that meets it is found by bisection.")
+_TARGET_LATENCY_MS = flags.DEFINE_float(
+    "target_latency_ms", None, "A budget instead of --ratio: at most this measured latency in "
+    "milliseconds (timed as for --target_speedup).")
+# The benchmark flags (as //tools:bench), for the latency budgets.
+_BENCH = cli.BenchFlags()
 _ROUND_TO = flags.DEFINE_string(
     "round_to", "1", "Keep a multiple of this many channels, or 'auto': 128 on TPU, 8 on GPU, "
     "on CPU the multiple measured from a convolution's latency staircase (cached).")
@@ -121,6 +130,22 @@ def _recovery():
   return recover.Recovery(options)
 
 
+def _latency_probe():
+  """bench.latency.Probe from the benchmark flags, with a latency budget; else None."""
+  if _TARGET_SPEEDUP.value is None and _TARGET_LATENCY_MS.value is None:
+    return None
+  from graph_prune.bench import benchmark  # pylint: disable=g-import-not-at-top
+  from graph_prune.bench import latency  # pylint: disable=g-import-not-at-top
+  sizes = benchmark.parse_batch_sizes(_BENCH.batch_sizes.value)
+  if len(sizes) != 1:
+    raise errors.UsageError("a latency budget is timed at one batch size; give one "
+                            f"--batch_sizes, not {','.join(map(str, sizes))}")
+  probe = latency.Probe(device=_BENCH.device.value, xla=_BENCH.xla.value, batch=sizes[0],
+                        settings=_BENCH.timing(), seed=_SEED.value)
+  latency.check(probe)
+  return probe
+
+
 def _interrupted(signum, frame):
   del frame
   raise KeyboardInterrupt(signal.Signals(signum).name)
@@ -138,13 +163,16 @@ def main(argv):
     from graph_prune.bench import widths  # pylint: disable=g-import-not-at-top
     round_to, round_to_how = widths.resolve_round_to(_ROUND_TO.value,
                                                      cache=cli.path(_WIDTHS_CACHE.value))
-    if flags.FLAGS["ratio"].present and (_TARGET_FLOPS.value is not None or
-                                         _TARGET_PARAMS.value is not None):
-      raise errors.UsageError("a budget (--target_flops, --target_params) replaces --ratio; "
-                              "give one of them")
+    budgets = [f.value for f in (_TARGET_FLOPS, _TARGET_PARAMS, _TARGET_SPEEDUP,
+                                 _TARGET_LATENCY_MS)]
+    if flags.FLAGS["ratio"].present and any(b is not None for b in budgets):
+      raise errors.UsageError("a budget (--target_flops, --target_params, --target_speedup, "
+                              "--target_latency_ms) replaces --ratio; give one of them")
     options = pipeline.Options(
         ratio=_RATIO.value, allocation=_ALLOCATION.value, target_flops=_TARGET_FLOPS.value,
-        target_params=_TARGET_PARAMS.value, criterion=_CRITERION.value, round_to=round_to,
+        target_params=_TARGET_PARAMS.value, target_speedup=_TARGET_SPEEDUP.value,
+        target_latency_ms=_TARGET_LATENCY_MS.value, latency=_latency_probe(),
+        criterion=_CRITERION.value, round_to=round_to,
         round_to_how=round_to_how,
         overrides=_overrides(_LAYER_RATIO.value), exclude=tuple(_EXCLUDE.value),
         seed=_SEED.value, plan_in=cli.path(_PLAN_IN.value), plan_out=cli.path(_PLAN_OUT.value),

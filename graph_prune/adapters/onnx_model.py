@@ -93,7 +93,71 @@ def load(path: str, signature: Optional[str] = None, inputs: Sequence[str] = (),
 
 # Ops whose result is not a function of their inputs alone are never folded.
 _UNFOLDABLE = {"Constant", "RandomNormal", "RandomUniform", "RandomNormalLike",
-               "RandomUniformLike", "Multinomial", "Bernoulli", "If", "Loop", "Scan"}
+               "RandomUniformLike", "Multinomial", "Bernoulli", "If", "Loop", "Scan",
+               # A quantized (QDQ) model's weights stay int8 codes: see _WeightCodes.
+               "DequantizeLinear"}
+
+
+@dataclasses.dataclass(frozen=True)
+class _WeightCodes:
+  """A DequantizeLinear of constant codes (a QDQ model's weight or bias). The
+  analysis sees its output as a float constant; edits to that constant are
+  applied to the codes, the scale and the zero point, so the model stays int8."""
+  node: int                 # position in graph.node
+  codes: str
+  scale: str
+  zero: Optional[str]
+  axis: Optional[int]       # the quantization axis, None for per-tensor
+
+
+def _const_arrays(proto: onnx.ModelProto) -> dict:
+  values = {t.name: t for t in proto.graph.initializer}
+  for n in proto.graph.node:
+    if n.op_type == "Constant":
+      values[n.output[0]] = n
+  return values
+
+
+def _value(v) -> Optional[np.ndarray]:
+  return array(v) if isinstance(v, onnx.TensorProto) else _constant_value(v)
+
+
+def _weight_codes(proto: onnx.ModelProto) -> dict[str, _WeightCodes]:
+  """Output tensor -> _WeightCodes for every DequantizeLinear of constant inputs."""
+  consts = _const_arrays(proto)
+  found = {}
+  for i, n in enumerate(proto.graph.node):
+    if (n.op_type != "DequantizeLinear" or n.domain not in ("", "ai.onnx")
+        or not all(t in consts for t in n.input if t)
+        or any(a.name == "block_size" and a.i for a in n.attribute)):
+      continue
+    zero = n.input[2] if len(n.input) > 2 and n.input[2] else None
+    scale = _value(consts[n.input[1]])
+    axis = None
+    if scale is not None and scale.size > 1:
+      codes = consts[n.input[0]]
+      rank = len(codes.dims) if isinstance(codes, onnx.TensorProto) else _value(codes).ndim
+      axis = next((a.i for a in n.attribute if a.name == "axis"), 1) % rank
+    found[n.output[0]] = _WeightCodes(i, n.input[0], n.input[1], zero, axis)
+  return found
+
+
+def _along(v: np.ndarray, axis: Optional[int], rank: int) -> np.ndarray:
+  """A per-axis parameter shaped to broadcast against a rank-`rank` tensor."""
+  if axis is None:
+    return v.reshape(())  if v.size == 1 else v
+  shape = [1] * rank
+  shape[axis] = -1
+  return v.reshape(shape)
+
+
+def _dequantize(codes: np.ndarray, scale: np.ndarray, zero: Optional[np.ndarray],
+                axis: Optional[int]) -> np.ndarray:
+  """(codes - zero) * scale, computed as ONNX Runtime does (float32 products)."""
+  q = codes.astype(np.int64)
+  if zero is not None:
+    q = q - _along(zero.astype(np.int64), axis, codes.ndim)
+  return q.astype(scale.dtype) * _along(scale, axis, codes.ndim)
 
 
 def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
@@ -311,7 +375,15 @@ def to_view(model: ONNXModel) -> view.GraphView:
   if missing:
     shapes.update(_run_shapes(model, missing, shapes, dtypes))
   nodes = []
+  weights = _weight_codes(proto)
   for name, node in zip(node_names(proto), proto.graph.node):
+    if node.output and node.output[0] in weights:
+      # A quantized weight: to the analysis, the float constant it dequantizes to.
+      w = weights[node.output[0]]
+      constants[node.output[0]] = _dequantize(
+          constants[w.codes], constants[w.scale],
+          constants[w.zero] if w.zero else None, w.axis)
+      continue
     attrs = {a.name: v for a in node.attribute if (v := _attr(a)) is not None}
     # Ops of other domains (com.microsoft, custom) have no description: they block.
     op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
@@ -321,6 +393,13 @@ def to_view(model: ONNXModel) -> view.GraphView:
       value = _constant_value(node)
       if value is not None:
         constants[node.output[0]] = value
+  if weights:
+    # Codes, scales and zero points that only weight dequantizers read are not
+    # constants of the analysed graph: their float values are.
+    read = {t for n in nodes for t in n.inputs + n.captures} | set(model.outputs)
+    parts = {t for w in weights.values() for t in (w.codes, w.scale, w.zero) if t}
+    for t in parts - read:
+      del constants[t]
   return view.GraphView(nodes, constants, shapes, model.inputs, model.outputs, "NCHW", dtypes,
                         opset_version(proto))
 
@@ -372,8 +451,102 @@ def _tensor(value: np.ndarray, name: str, like: Optional[onnx.TensorProto]) -> o
   return numpy_helper.from_array(value, name)
 
 
+def _cut_codes(w: _WeightCodes, parts: list, selection) -> list:
+  """[codes, scale, zero] with the cuts of `selection` applied: slicing cuts the
+  codes, and the scale and zero point where they run along the cut axis; masking
+  sets the codes to the zero point, which dequantizes to exactly 0."""
+  codes, scale, zero = parts
+  mode, cuts = selection
+  if mode == "slice":
+    for axis, keep in cuts:
+      if keep.all():
+        continue
+      codes = np.compress(keep, codes, axis=axis)
+      if w.axis == axis:
+        scale = np.compress(keep, scale)
+        zero = None if zero is None else np.compress(keep, zero)
+    return [codes, scale, zero]
+  kept = np.ones(codes.shape, bool)
+  for axis, keep in cuts:
+    index = [slice(None)] * codes.ndim
+    index[axis] = ~keep
+    kept[tuple(index)] = False
+  rest = np.zeros((), codes.dtype) if zero is None else _along(zero, w.axis, codes.ndim)
+  return [np.where(kept, codes, rest).astype(codes.dtype), scale, zero]
+
+
+def _edits_on_codes(proto: onnx.ModelProto, weights: dict[str, _WeightCodes], edits: Edits):
+  """The edits with every edit of a quantized weight's float value turned into
+  edits of its codes, scale and zero point; and the DequantizeLinear nodes to
+  add for weights that readers need in different cuts, as (after node, node)."""
+  consts = _const_arrays(proto)
+  readers: dict[str, int] = {}
+  for n in proto.graph.node:
+    for t in n.input:
+      readers[t] = readers.get(t, 0) + 1
+  names = node_names(proto)
+  constants = dict(edits.constants)
+  new_constants = dict(edits.new_constants)
+  rewires = list(edits.rewires)
+  added = []
+
+  def cut(name: str, value: np.ndarray, w: _WeightCodes) -> list:
+    if name not in edits.selections:
+      raise errors.InputError(
+          f"'{name}' is an int8 weight of a quantized (QDQ) model and this step computes new "
+          "float values for it (reconstruction); graph_prune only cuts quantized weights: "
+          "prune and reconstruct the float model, then quantize it (--quantize=int8)")
+    parts = [_value(consts[t]) if t else None for t in (w.codes, w.scale, w.zero)]
+    new = _cut_codes(w, parts, edits.selections[name])
+    if not np.array_equal(_dequantize(new[0], new[1], new[2], w.axis), value):
+      raise AssertionError(f"the cut codes of '{name}' do not dequantize to the cut weight")
+    return new
+
+  for name in [n for n in edits.constants if n in weights]:
+    w = weights[name]
+    new = cut(name, constants.pop(name), w)
+    for slot, (part, value) in enumerate(zip((w.codes, w.scale, w.zero), new)):
+      old = _value(consts[part]) if part else None
+      if part is None or value is old or np.array_equal(value, old) and value.shape == old.shape:
+        continue
+      if readers.get(part, 0) == 1:
+        constants[part] = value
+      else:  # shared with other nodes: this dequantizer gets a copy
+        copy = f"{part}/gp_copy/{name}"
+        new_constants[copy] = (part, value)
+        rewires.append((names[w.node], slot, copy))
+  for new_name, (src, value) in list(edits.new_constants.items()):
+    if src not in weights:
+      continue
+    w = weights[src]
+    del new_constants[new_name]
+    inputs = []
+    for part, part_value in zip((w.codes, w.scale, w.zero), cut(new_name, value, w)):
+      if part is None:
+        continue
+      if part_value.shape != _value(consts[part]).shape or not np.array_equal(
+          part_value, _value(consts[part])):
+        new_constants[f"{new_name}/{part}"] = (part, part_value)
+        part = f"{new_name}/{part}"
+      inputs.append(part)
+    node = onnx.NodeProto()
+    node.CopyFrom(proto.graph.node[w.node])
+    node.name = f"{names[w.node]}/gp_copy/{new_name}"
+    del node.input[:]
+    node.input.extend(inputs)
+    del node.output[:]
+    node.output.append(new_name)
+    added.append((w.node, node))
+  return dataclasses.replace(edits, constants=constants, new_constants=new_constants,
+                             rewires=tuple(rewires)), added
+
+
 def apply_edits(model: ONNXModel, edits: Edits) -> ONNXModel:
   """Returns a copy with the edits applied and shapes re-inferred; the model is not changed."""
+  added = []
+  weights = _weight_codes(model.proto)
+  if weights:
+    edits, added = _edits_on_codes(model.proto, weights, edits)
   src_inits = {t.name: t for t in model.proto.graph.initializer}
   out = _copy_model(model.proto, replace={
       name: _tensor(value, name, src_inits[name])
@@ -406,6 +579,13 @@ def apply_edits(model: ONNXModel, edits: Edits) -> ONNXModel:
     kept = [a for a in node.attribute if a.name != attr]
     del node.attribute[:]
     node.attribute.extend(kept + [onnx.helper.make_attribute(attr, value)])
+  # Copies of a quantized weight's dequantizer, each right after the original.
+  if added:
+    nodes = list(graph.node)
+    for after, node in sorted(added, key=lambda a: a[0], reverse=True):
+      nodes.insert(after + 1, node)
+    del graph.node[:]
+    graph.node.extend(nodes)
   # An initializer listed among the graph inputs (before IR 4 all are; torch's
   # keep_initializers_as_inputs) declares its shape there too.
   for inp in graph.input:

@@ -649,13 +649,22 @@ def _first_line(e: Exception) -> str:
   return line[:300]
 
 
+def low_precision(graph_def: tf.compat.v1.GraphDef) -> bool:
+  """Whether the graph computes in bfloat16 or float16 anywhere (tf_cast's graphs)."""
+  low = {tf.bfloat16.as_datatype_enum, tf.float16.as_datatype_enum}
+  return any(a.type in low or any(t in low for t in a.list.type)
+             for n in graph_def.node for a in n.attr.values())
+
+
 class Runner:
   """Runs a model's graph in a session of its own: feeds in input order, fetches outputs.
 
   TensorFlow's CPU kernels for NCHW pooling and some other NCHW ops exist only
   with oneDNN, which TensorFlow enables on CPUs with AVX-512 and similar (off with
   TF_ENABLE_ONEDNN_OPTS=0, and on most laptops): where the session fails for that
-  reason, the graph runs compiled by XLA instead, which takes any layout.
+  reason, the graph runs compiled by XLA instead, which takes any layout. A
+  bfloat16 or float16 graph, whose CPU kernels are incomplete in the same way,
+  runs under XLA from the start.
   """
 
   def __init__(self, model: TFModel, extra: Sequence[str] = (), optimize: bool = True,
@@ -667,6 +676,7 @@ class Runner:
     view's constants: no new copy) where it has them, else decoded."""
     self._model, self._fetches = model, list(model.outputs) + list(extra)
     self._xla = None
+    self._xla_only = low_precision(model.graph_def)
     self._graph = tf.Graph()
     # Without optimisation the large weights are fed rather than imported: the
     # graph then holds no copy of them, and each run reads the decoded arrays.
@@ -700,11 +710,14 @@ class Runner:
   def __call__(self, feeds: Sequence[np.ndarray]) -> list[np.ndarray]:
     if self._xla is not None:
       return self._run_xla(feeds)
-    try:
-      return self._session.run(self._outputs, {**self._weights, **dict(zip(self._inputs, feeds))})
-    except (ValueError, TypeError, tf.errors.OpError) as e:
-      if not _needs_onednn(e):
-        raise errors.RunError(f"TensorFlow failed to run the graph ({_first_line(e)})") from None
+    if not self._xla_only:
+      try:
+        return self._session.run(self._outputs,
+                                 {**self._weights, **dict(zip(self._inputs, feeds))})
+      except (ValueError, TypeError, tf.errors.OpError) as e:
+        if not _needs_onednn(e):
+          raise errors.RunError(f"TensorFlow failed to run the graph ({_first_line(e)})"
+                                ) from None
     weights = [t.name for t in self._weights]
     fn, _ = concrete_function(self._graph_def, list(self._model.inputs) + weights,
                               self._fetches)

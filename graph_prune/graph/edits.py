@@ -15,6 +15,14 @@ class Edits:
   rewires: tuple[tuple[str, int, str], ...]            # (node, input index, new name)
   # (node, attribute, new value: an int, or a tuple of ints for a list attribute)
   attrs: tuple[tuple[str, str, object], ...] = ()
+  # How a value in `constants` or `new_constants` came from its original, where it
+  # is the original with some channels cut or zeroed and nothing else:
+  # name -> (mode, ((axis, keep mask), ...)), mode "slice" (np.compress) or
+  # "mask" (zeroed where keep is False). An adapter that stores a constant in
+  # another form (an ONNX weight as int8 codes and scales) applies the same cuts
+  # to that form; a value without an entry was computed (reconstruction).
+  selections: Mapping[str, tuple[str, tuple[tuple[int, np.ndarray], ...]]] = (
+      dataclasses.field(default_factory=dict))
 
   @property
   def empty(self) -> bool:

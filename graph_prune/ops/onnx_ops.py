@@ -255,6 +255,36 @@ def unary(ctx: RuleContext) -> None:
   base.pass_through(ctx, ctx.node.inputs[0], _out(ctx))
 
 
+@_op("QuantizeLinear", "DequantizeLinear", since=10,
+     doc="activation (de)quantization, elementwise: a per-tensor scale and zero point "
+         "pass channels through; per-axis ones on the channel axis are sliced with them; "
+         "another axis, blocked quantization or computed parameters block. (A weight's "
+         "DequantizeLinear of constant codes is the constant itself in the analysis: its "
+         "int8 codes are sliced with their per-channel scales and zero points.)")
+def quantize_linear(ctx: RuleContext) -> None:
+  x = ctx.node.inputs[0]
+  d = ctx.dim(x)
+  if d is None:
+    return
+  params = [t for t in ctx.node.inputs[1:3] if t]
+  if not all(ctx.graph.is_const(t) for t in params) or ctx.node.attrs.get("block_size"):
+    ctx.block(d.units, f"{describe(ctx.node)}: scale or zero point not constant, or "
+              "blocked quantization")
+    return
+  sizes = [ctx.graph.constants[t].size for t in params]
+  if all(size == 1 for size in sizes):
+    base.pass_through(ctx, x, _out(ctx))
+    return
+  rank = ctx.graph.rank(x)
+  axis = base.normalise_axis(int(ctx.node.attrs.get("axis", 1)), rank) if rank else None
+  if axis != d.axis or any(ctx.graph.shape(t) != (len(d),) for t in params):
+    ctx.block(d.units, f"{describe(ctx.node)}: quantized per axis, not along the channels")
+    return
+  for t in params:
+    ctx.slice_const(t, 0, x, base.PARAM)
+  ctx.set_dim(_out(ctx), d)
+
+
 @_op("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool",
      doc="spatial pooling (1-D, 2-D, 3-D) passes channels through")
 def pool(ctx: RuleContext) -> None:

@@ -7,7 +7,9 @@ import math
 
 from graph_prune import errors
 
-SCHEMES = ("int8", "float16", "codebook8", "codebook4")
+SCHEMES = ("int8", "float16", "bfloat16", "codebook8", "codebook4")
+# Schemes for a TensorFlow GraphDef or SavedModel output (kept for XLA).
+TF_SCHEMES = ("float16", "bfloat16")
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 CODEBOOK_BITS = {"codebook8": 8, "codebook4": 4}
 

@@ -7,7 +7,8 @@ largest relative difference; below the threshold nothing is written.
 Schemes (ONNX outputs): int8 (ONNX Runtime's static QDQ quantizer, per-channel
 weights, activation ranges from the calibration samples), float16 (weights and
 compute, float32 inputs and outputs), codebook8 and codebook4 (per-layer k-means
-of the linear layers' weights: quantize/codebook.py).
+of the linear layers' weights: quantize/codebook.py). TensorFlow GraphDef and
+SavedModel outputs, kept for XLA: bfloat16 and float16 (adapters/tf_cast.py).
 """
 
 from __future__ import annotations
@@ -34,6 +35,13 @@ def _quantizer(fmt):
                             "--out_format=onnx")
   from graph_prune.adapters import onnx_quantize  # pylint: disable=g-import-not-at-top
   return onnx_quantize
+
+
+def _half_tf(model: Any, options: Options) -> tuple[Any, dict]:
+  from graph_prune.adapters import tf_cast  # pylint: disable=g-import-not-at-top
+  return tf_cast.cast(model, options.scheme), {
+      "tool": f"graph_prune tf_cast (weights and compute {options.scheme}, float32 inputs "
+              "and outputs; run under XLA)"}
 
 
 def linear_weights(fmt, graph) -> list[str]:
@@ -91,9 +99,20 @@ def quantize(fmt, model: Any, graph, samples, options: Options) -> tuple[Any, di
   come from samples.fit, the measurement uses samples.holdout. Raises
   QuantizationError when agreement is below options.min_agreement."""
   check(options)
-  q = _quantizer(fmt)
   t0 = time.perf_counter()
+  if fmt.name == "tensorflow":
+    if options.scheme not in options_lib.TF_SCHEMES:
+      raise errors.UsageError(f"--quantize={options.scheme} writes ONNX or LiteRT models; a "
+                              "GraphDef or SavedModel takes bfloat16 or float16")
+    quantized, doc = _half_tf(model, options)
+    doc["quantize_s"] = round(time.perf_counter() - t0, 3)
+    return quantized, measured(fmt, model, graph, fmt, quantized, samples, options, doc)
+  q = _quantizer(fmt)
   doc: dict = {}
+  if options.scheme == "bfloat16":
+    raise errors.UsageError("--quantize=bfloat16 is for TensorFlow GraphDef and SavedModel "
+                            "outputs run by XLA (ONNX Runtime's CPU provider has few bfloat16 "
+                            "kernels); for ONNX use float16 or int8")
   if options.scheme == "int8":
     batches = _equal_batches(samples.fit, options.batch_size)
     quantized = q.int8(model, batches, options.method, options.per_channel)

@@ -103,18 +103,21 @@ def build_edits(analysis: groups_lib.Analysis, plan: plan_lib.Plan, mode: str) -
       remaps.setdefault(im.const, {})[im.consumer] = (im.by_in, im.by_out)
       wanted.setdefault(im.const, {}).setdefault(im.consumer, {})
 
-  constants, new_constants, rewires = {}, {}, []
+  constants, new_constants, rewires, selections = {}, {}, [], {}
   for const, per_consumer in wanted.items():
     original = graph.constants[const]
-    values = {}
+    values, cuts = {}, {}
     for consumer, ops in per_consumer.items():
       v = _apply(original, ops, mode)
+      cuts[consumer] = (mode, tuple(sorted(ops.items(), key=lambda op: op[0])))
       if consumer in remaps.get(const, {}):
         v = _remap(original, *(keep(t) for t in remaps[const][consumer]))
+        del cuts[consumer]
       for position, count in entries.get(const, {}).get(consumer, ()):
         if v.reshape(-1)[position] != count:
           v = v.copy()
           v.reshape(-1)[position] = count
+          cuts.pop(consumer, None)
       values[consumer] = v
     readers = {n.name for n, _ in graph.consumers(const)}
     for name in readers - set(values):
@@ -136,11 +139,15 @@ def build_edits(analysis: groups_lib.Analysis, plan: plan_lib.Plan, mode: str) -
     if home is None:
       home = max(classes, key=lambda c: len(c[1]))
       constants[const] = home[0]
+      if home[1][0] in cuts:
+        selections[const] = cuts[home[1][0]]
     for value, names in classes:
       if value is home[0]:
         continue
       new_name = f"{const.split(':')[0]}/gp_copy/{names[0]}"
       new_constants[new_name] = (const, value)
+      if names[0] in cuts:
+        selections[new_name] = cuts[names[0]]
       for consumer in names:
         node = graph.node(consumer)
         for i, t in enumerate(node.inputs):
@@ -162,7 +169,7 @@ def build_edits(analysis: groups_lib.Analysis, plan: plan_lib.Plan, mode: str) -
     for (node, attr), value in values.items():
       if graph.node(node).attrs.get(attr) != value:
         attrs.append((node, attr, value))
-  return Edits(constants, new_constants, tuple(rewires), tuple(attrs))
+  return Edits(constants, new_constants, tuple(rewires), tuple(attrs), selections)
 
 
 def _remap(indices: np.ndarray, keep_in: np.ndarray, keep_out: np.ndarray) -> np.ndarray:
