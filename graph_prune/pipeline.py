@@ -11,7 +11,7 @@ import dataclasses
 import math
 import os
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from absl import logging
 import numpy as np
@@ -21,6 +21,7 @@ from graph_prune import files
 from graph_prune import formats
 from graph_prune import plan as plan_lib
 from graph_prune import report as report_lib
+from graph_prune.analysis import blocks as blocks_lib
 from graph_prune.analysis import cost as cost_lib
 from graph_prune.analysis import groups as groups_lib
 from graph_prune.criteria import allocation
@@ -86,6 +87,9 @@ class Options:
   # Times candidates for the latency budgets: bench.latency.Probe (device, XLA, batch
   # size, timing settings). Handed in, so that pruning imports no runtime for it.
   latency: Any = None
+  # "filter" (channels) or "layer" (whole residual blocks: analysis/blocks.py; --ratio
+  # is then the fraction of the removable blocks removed).
+  mode: str = "filter"
 
 
 Format = formats.Format
@@ -590,6 +594,7 @@ def check_options(in_path: str, out_path: str, options: Options) -> allocation.S
     raise errors.UsageError(f"--tolerance is {options.tolerance}; give a finite relative "
                             "difference >= 0, e.g. 1e-4")
   _check_recovery(format_for(in_path), options)
+  _check_mode(options)
   if options.allocation not in allocation.ALLOCATIONS:
     raise errors.UsageError(f"unknown --allocation '{options.allocation}'; choose one of "
                             f"{', '.join(allocation.ALLOCATIONS)}")
@@ -697,6 +702,11 @@ def prune(in_path: str, out_path: str, options: Options = Options()) -> report_l
     samples = options.calibration.load(prepared.format, prepared.graph)
   timings["load_s"] = time.perf_counter() - t0
   measured: dict = {}
+  if options.mode == "layer":
+    result, layers = prune_layers(prepared, options, timings)
+    doc = assemble_report(in_path, out_path, prepared, result, spec, options, timings,
+                          layers=layers)
+    return write_outputs(prepared, result, out_path, doc, options, samples)
   plan = make_plan(prepared, options, samples, measured)
   removes = any(g.removed for g in plan.groups)
   if removes and getattr(options.recover, "grows", False):
@@ -709,6 +719,98 @@ def prune(in_path: str, out_path: str, options: Options = Options()) -> report_l
     result = _Pruned(model_ref(in_path, options).load(), prepared.graph, plan, None, [], [])
   doc = assemble_report(in_path, out_path, prepared, result, spec, options, timings, measured)
   return write_outputs(prepared, result, out_path, doc, options, samples)
+
+
+MODES = ("filter", "layer")
+
+
+def _check_mode(options: Options) -> None:
+  if options.mode not in MODES:
+    raise errors.UsageError(f"unknown --mode '{options.mode}'; choose filter or layer")
+  if options.mode == "filter":
+    return
+  other = [flag for flag, given in (
+      ("a budget", budget_of(options) is not None), ("--plan_in", bool(options.plan_in)),
+      ("--steps", options.steps != 1), ("--recover", options.recover is not None),
+      ("--reconstruct", options.reconstruct is not None),
+      ("--allocation=global", options.allocation != "uniform"),
+      ("--layer_ratio/--exclude", bool(options.overrides or options.exclude))) if given]
+  if other:
+    raise errors.UsageError(f"--mode=layer removes --ratio of the removable residual blocks; "
+                            f"{', '.join(other)} with it is not built yet")
+
+
+def layer_edits(graph, chosen: Sequence[blocks_lib.Block]) -> Edits:
+  """Every reader of a removed block's addition reads its shortcut instead (through
+  chains of removed blocks), and the branches and additions go."""
+  replace = {graph.node(b.add).outputs[0]: b.shortcut for b in chosen}
+
+  def resolve(t: str) -> str:
+    while t in replace:
+      t = replace[t]
+    return t
+  drop = {name for b in chosen for name in (*b.nodes, b.add)}
+  rewires = []
+  for add_out in replace:
+    for reader, index in graph.consumers(add_out):
+      if reader.name not in drop:
+        rewires.append((reader.name, index, resolve(add_out)))
+  order = [n.name for n in graph.nodes if n.name in drop]
+  return Edits({}, {}, tuple(rewires), drop=tuple(order))
+
+
+def prune_layers(prepared: Prepared, options: Options,
+                 timings: dict[str, float]) -> tuple[_Pruned, dict]:
+  """--mode=layer: the least important --ratio of the removable residual blocks
+  removed, the result validated and checked by the oracle against the original
+  with those branches' last layers zeroed (exact)."""
+  t0 = time.perf_counter()
+  graph, adapter = prepared.graph, prepared.format.adapter
+  found = blocks_lib.find(graph, prepared.format.ops)
+  if not found.blocks:
+    why = "; ".join(f"{add}: {reason}" for add, reason in found.skipped[:3])
+    raise errors.NothingToPruneError(
+        "--mode=layer: no removable residual block" + (f" ({why})" if why else
+                                                       " (no addition of two computed tensors)"))
+  chosen = blocks_lib.choose(found, options.ratio)
+  if not chosen:
+    raise errors.NothingToPruneError(
+        f"--mode=layer --ratio={options.ratio:g} removes none of the {len(found.blocks)} "
+        "removable residual blocks; raise --ratio")
+  pruned = adapter.apply_edits(prepared.model, layer_edits(graph, chosen))
+  try:
+    pruned_view = adapter.to_view(pruned)
+  except (ValueError, errors.InputError) as e:
+    raise errors.VerificationError(f"the pruned graph is invalid ({str(e).splitlines()[0][:300]}); "
+                                   "please report this model") from None
+  timings["plan_and_rewrite_s"] += time.perf_counter() - t0
+  verification = None
+  if options.verify:
+    t1 = time.perf_counter()
+    zeroed = {c: graph.constants[c] for b in chosen for c in b.zero}
+    # Recorded as a mask that cuts every channel, so that a quantized weight is
+    # zeroed in its codes (they become the zero point).
+    masked = Edits({c: np.zeros_like(v) for c, v in zeroed.items()}, {}, (), selections={
+        c: (slicing.MASK, ((0, np.zeros(v.shape[0], bool)),)) for c, v in zeroed.items()
+        if np.ndim(v)})
+    if not getattr(adapter, "RUNS_WITH_WEIGHTS", False):
+      masked = adapter.apply_edits(prepared.model, masked)
+    verification = run_oracle(adapter, prepared.model, masked, pruned, graph, options,
+                              frozenset(), pruned_view)
+    timings["verify_s"] += time.perf_counter() - t1
+  removed = {b.add for b in chosen}
+  layers = {
+      "mode": "layer", "removable": len(found.blocks), "removed": len(chosen),
+      "score": "branch gain: mean over the last layer's output channels of mean |weight| "
+               "times the |scale| after it",
+      "oracle": "original with each removed branch's last layer (weight, bias, shifts or "
+                "batch-norm scale and shift) zeroed",
+      "blocks": [{"add": b.add, "shortcut": b.shortcut, "branch_nodes": len(b.nodes),
+                  "linear_layers": b.linears, "score": round(b.score, 8),
+                  "removed": b.add in removed} for b in found.blocks],
+      "not_removable": [{"add": add, "reason": reason} for add, reason in found.skipped]}
+  empty = plan_lib.empty(prepared.analysis)
+  return _Pruned(pruned, pruned_view, empty, verification, [], []), layers
 
 
 def prune_in_increments(prepared: Prepared, plan: plan_lib.Plan, options: Options,
@@ -796,7 +898,8 @@ def grow_and_prune(prepared: Prepared, plan: plan_lib.Plan, options: Options,
 
 def assemble_report(in_path: str, out_path: str, prepared: Prepared, result: _Pruned,
                     spec: allocation.Spec, options: Options, timings: dict[str, float],
-                    measured: Optional[dict] = None) -> report_lib.Report:
+                    measured: Optional[dict] = None,
+                    layers: Optional[dict] = None) -> report_lib.Report:
   ops = prepared.format.ops
   excluded = {g.id: allocation.excluded_by(spec, g) for g in prepared.analysis.groups}
   unchanged = result.view is prepared.graph
@@ -823,7 +926,7 @@ def assemble_report(in_path: str, out_path: str, prepared: Prepared, result: _Pr
       recovery=result.increments[-1]["recovery"] if recovering else None,
       reconstruction=(result.increments[-1].get("reconstruction")
                       if result.increments else None),
-      budget=budget)
+      budget=budget, layers=layers)
 
 
 def write_outputs(prepared: Prepared, result: _Pruned, out_path: str, doc: report_lib.Report,

@@ -45,6 +45,11 @@ marked "optional"):
                                 A/B rounds), latency_ms, original_latency_ms,
                                 candidates_timed, device (where they ran),
                                 device_requested, xla, batch, max_seconds, target_rse
+  layers                        optional: with --mode=layer: mode, removable, removed,
+                                score and oracle (how blocks are ranked and checked),
+                                blocks (add, shortcut, branch_nodes, linear_layers,
+                                score, removed; every removable block), not_removable
+                                (add, reason; additions of two computed tensors)
   quantization                  optional: --quantize's report (quantize/quantize.py):
                                 scheme, format, tool, model_bytes_before/after, size_ratio,
                                 holdout_samples, holdout (agreement, rel_error,
@@ -72,7 +77,7 @@ from graph_prune.verify import oracle
 
 _MAX_REASONS = 5
 _OPTIONAL = ("round_to_auto", "steps", "increments", "recovery", "reconstruction", "export",
-             "quantization", "budget")
+             "quantization", "budget", "layers")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +109,7 @@ class Report(collections.abc.Mapping):
   export: Optional[dict] = None
   quantization: Optional[dict] = None
   budget: Optional[dict] = None
+  layers: Optional[dict] = None
 
   def to_json(self) -> dict[str, Any]:
     """The JSON form: the schema above, optional keys only where they apply."""
@@ -199,6 +205,14 @@ def text(doc) -> str:
       line += (f"; budget: keep {b['target_kept']:g} of the {b['target']}, kept "
                f"{b[b['target'] + '_kept']:.3f}")
     lines.append(line)
+  lay = doc.get("layers")
+  if lay:
+    lines.append(f"layers: {lay['removed']} of {lay['removable']} removable residual blocks "
+                 f"removed ({len(lay['not_removable'])} additions not removable)")
+    for b in lay["blocks"]:
+      if b["removed"]:
+        lines.append(f"  removed {b['add']}: branch of {b['branch_nodes']} nodes, "
+                     f"{b['linear_layers']} linear, score {b['score']:.4g}")
   lines.append("")
   lines.append(f"groups: {doc['groups_pruned']} pruned, {len(doc['skipped'])} left whole, "
                f"of {doc['groups_total']}")

@@ -38,6 +38,10 @@ _TARGET_SPEEDUP = flags.DEFINE_float(
 _TARGET_LATENCY_MS = flags.DEFINE_float(
     "target_latency_ms", None, "A budget instead of --ratio: at most this measured latency in "
     "milliseconds (timed as for --target_speedup).")
+_MODE = flags.DEFINE_string(
+    "mode", "filter", "filter: remove channels; layer: remove whole residual blocks (a branch "
+    "added to its identity shortcut), --ratio of the removable ones, the least important "
+    "first.")
 # The benchmark flags (as //tools:bench), for the latency budgets.
 _BENCH = cli.BenchFlags()
 _ROUND_TO = flags.DEFINE_string(
@@ -172,7 +176,7 @@ def main(argv):
         ratio=_RATIO.value, allocation=_ALLOCATION.value, target_flops=_TARGET_FLOPS.value,
         target_params=_TARGET_PARAMS.value, target_speedup=_TARGET_SPEEDUP.value,
         target_latency_ms=_TARGET_LATENCY_MS.value, latency=_latency_probe(),
-        criterion=_CRITERION.value, round_to=round_to,
+        mode=_MODE.value, criterion=_CRITERION.value, round_to=round_to,
         round_to_how=round_to_how,
         overrides=_overrides(_LAYER_RATIO.value), exclude=tuple(_EXCLUDE.value),
         seed=_SEED.value, plan_in=cli.path(_PLAN_IN.value), plan_out=cli.path(_PLAN_OUT.value),

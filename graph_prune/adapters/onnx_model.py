@@ -541,6 +541,35 @@ def _edits_on_codes(proto: onnx.ModelProto, weights: dict[str, _WeightCodes], ed
                              rewires=tuple(rewires)), added
 
 
+def _drop_nodes(graph: onnx.GraphProto, positions: set[int]) -> None:
+  """Removes the nodes at `positions`, then the initializers and Constant nodes that
+  only they read (a read inside a subgraph counts)."""
+  def reads(nodes):
+    return {t for n in nodes for t in (*n.input, *captures(n))} | {o.name for o in graph.output}
+  before = reads(graph.node)
+  kept = [n for i, n in enumerate(graph.node) if i not in positions]
+  while True:
+    read = reads(kept)
+    orphans = {id(n) for n in kept if n.op_type == "Constant" and n.output[0] not in read
+               and n.output[0] in before}
+    if not orphans:
+      break
+    kept = [n for n in kept if id(n) not in orphans]
+  read = reads(kept)
+  inits = [t for t in graph.initializer if t.name in read or t.name not in before]
+  inputs = {i.name for i in graph.input}
+  del graph.node[:]
+  graph.node.extend(kept)
+  if len(inits) != len(graph.initializer):
+    gone = {t.name for t in graph.initializer} - {t.name for t in inits}
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+    if gone & inputs:   # before IR 4 every initializer is a graph input too
+      kept_inputs = [i for i in graph.input if i.name not in gone]
+      del graph.input[:]
+      graph.input.extend(kept_inputs)
+
+
 def apply_edits(model: ONNXModel, edits: Edits) -> ONNXModel:
   """Returns a copy with the edits applied and shapes re-inferred; the model is not changed."""
   added = []
@@ -580,6 +609,8 @@ def apply_edits(model: ONNXModel, edits: Edits) -> ONNXModel:
     del node.attribute[:]
     node.attribute.extend(kept + [onnx.helper.make_attribute(attr, value)])
   # Copies of a quantized weight's dequantizer, each right after the original.
+  if edits.drop:
+    _drop_nodes(graph, set(index[name] for name in edits.drop))
   if added:
     nodes = list(graph.node)
     for after, node in sorted(added, key=lambda a: a[0], reverse=True):

@@ -496,6 +496,8 @@ def _edit_graph_def(graph_def: tf.compat.v1.GraphDef, edits: Edits) -> tf.compat
       by_name[name].attr[attr].list.i.extend(value)
     else:
       by_name[name].attr[attr].i = value
+  if edits.drop:
+    _drop_nodes(out, set(edits.drop))
   # Recorded shapes would be stale after slicing (also those of function arguments).
   for node in out.node:
     if "_output_shapes" in node.attr:
@@ -505,6 +507,23 @@ def _edit_graph_def(graph_def: tf.compat.v1.GraphDef, edits: Edits) -> tf.compat
       if "_output_shapes" in arg.attr:
         del arg.attr["_output_shapes"]
   return out
+
+
+def _drop_nodes(graph_def: tf.compat.v1.GraphDef, drop: set[str]) -> None:
+  """Removes the nodes named in `drop`, then every Const node that only they read."""
+  def read_names(nodes):
+    return {_node_name(t) for n in nodes for t in n.input}
+  unread = {n.name for n in graph_def.node} - read_names(graph_def.node)
+  kept = [n for n in graph_def.node if n.name not in drop]
+  while True:
+    read = read_names(kept)
+    orphans = {n.name for n in kept
+               if n.op == "Const" and n.name not in read and n.name not in unread}
+    if not orphans:
+      break
+    kept = [n for n in kept if n.name not in orphans]
+  del graph_def.node[:]
+  graph_def.node.extend(kept)
 
 
 def write(model: TFModel, path: str) -> None:

@@ -23,7 +23,10 @@ class Edits:
   # to that form; a value without an entry was computed (reconstruction).
   selections: Mapping[str, tuple[str, tuple[tuple[int, np.ndarray], ...]]] = (
       dataclasses.field(default_factory=dict))
+  # Nodes removed (a residual branch and its addition, --mode=layer), applied after
+  # the rewires; constants that only they read go with them.
+  drop: tuple[str, ...] = ()
 
   @property
   def empty(self) -> bool:
-    return not (self.constants or self.new_constants or self.rewires or self.attrs)
+    return not (self.constants or self.new_constants or self.rewires or self.attrs or self.drop)
