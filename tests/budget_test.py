@@ -40,7 +40,9 @@ def _model(seed=0):
   return net.model(out, [10])
 
 
-class BudgetTest(parameterized.TestCase):
+class _ModelCase(parameterized.TestCase):
+  """_model() saved once per test; _prune runs the pipeline on it with OPTIONS added."""
+  OPTIONS: dict = {}
 
   def setUp(self):
     super().setUp()
@@ -50,7 +52,10 @@ class BudgetTest(parameterized.TestCase):
 
   def _prune(self, **kw):
     return pipeline.prune(self.src, os.path.join(self.tmp, "out.onnx"),
-                          pipeline.Options(overwrite=True, **kw)).to_json()
+                          pipeline.Options(overwrite=True, **self.OPTIONS, **kw)).to_json()
+
+
+class BudgetTest(_ModelCase):
 
   def _kept(self, doc):
     return {g["sources"][0]: g["channels_after"] for g in doc["groups"]}
@@ -113,17 +118,8 @@ class _FlopsProbe(latency.Probe):
     return _FlopsSession(model)
 
 
-class LatencyBudgetTest(parameterized.TestCase):
-
-  def setUp(self):
-    super().setUp()
-    self.tmp = self.create_tempdir().full_path
-    self.src = os.path.join(self.tmp, "in.onnx")
-    onnx.save(_model(), self.src)
-
-  def _prune(self, **kw):
-    return pipeline.prune(self.src, os.path.join(self.tmp, "out.onnx"),
-                          pipeline.Options(overwrite=True, latency=_FlopsProbe(), **kw)).to_json()
+class LatencyBudgetTest(_ModelCase):
+  OPTIONS = {"latency": _FlopsProbe()}
 
   @parameterized.parameters("uniform", "global")
   def test_speedup_is_met_by_the_least_pruning(self, how):

@@ -196,29 +196,18 @@ class QdqTest(parameterized.TestCase):
     y = _run(out, keras_zoo.sample_input("MobileNetV2", batch=2), "input:0")
     self.assertEqual(y.shape, (2, keras_zoo.NUM_CLASSES))
 
-  def test_reconstruction_of_int8_weights_is_refused(self):
+  @parameterized.named_parameters(
+      ("reconstruct", {"reconstruct": reconstruct.Options(method="lsq")}, "--reconstruct"),
+      ("quantize", {"quantize": quantize_options.Options("int8")}, "--quantize"))
+  def test_refused_on_a_quantized_input(self, kw, flag):
     _, src = self._float_and_quantized(True)
     data = os.path.join(self.tmp, "cal.npz")
     np.savez(data, x=np.random.default_rng(3).standard_normal(
         (64, 3, _SIZE, _SIZE)).astype(np.float32))
     out = os.path.join(self.tmp, "pruned.onnx")
-    with self.assertRaisesRegex(errors.UsageError, "--reconstruct: the input is already "
-                                "quantized"):
+    with self.assertRaisesRegex(errors.UsageError, f"{flag}: the input is already quantized"):
       pipeline.prune(src, out, pipeline.Options(
-          ratio=0.5, reconstruct=reconstruct.Options(method="lsq"),
-          calibration=samples_lib.Spec(data, samples=48, holdout=16)))
-    self.assertFalse(os.path.exists(out))
-
-  def test_quantizing_a_quantized_model_is_refused(self):
-    _, src = self._float_and_quantized(True)
-    data = os.path.join(self.tmp, "cal.npz")
-    np.savez(data, x=np.random.default_rng(3).standard_normal(
-        (64, 3, _SIZE, _SIZE)).astype(np.float32))
-    out = os.path.join(self.tmp, "pruned.onnx")
-    with self.assertRaisesRegex(errors.UsageError, "--quantize: the input is already quantized"):
-      pipeline.prune(src, out, pipeline.Options(
-          ratio=0.5, quantize=quantize_options.Options("int8"),
-          calibration=samples_lib.Spec(data, samples=48, holdout=16)))
+          ratio=0.5, calibration=samples_lib.Spec(data, samples=48, holdout=16), **kw))
     self.assertFalse(os.path.exists(out))
 
 
