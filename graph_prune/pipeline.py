@@ -722,6 +722,8 @@ def prune(in_path: str, out_path: str, options: Options = Options()) -> report_l
 
 
 MODES = ("filter", "layer")
+# Recovery after removing blocks: training against the original (no channel map needed).
+LAYER_RECOVERY = ("distill", "finetune")
 
 
 def _check_mode(options: Options) -> None:
@@ -729,9 +731,11 @@ def _check_mode(options: Options) -> None:
     raise errors.UsageError(f"unknown --mode '{options.mode}'; choose filter or layer")
   if options.mode == "filter":
     return
+  method = getattr(getattr(options.recover, "options", None), "method", None)
   other = [flag for flag, given in (
       ("a budget", budget_of(options) is not None), ("--plan_in", bool(options.plan_in)),
-      ("--steps", options.steps != 1), ("--recover", options.recover is not None),
+      ("--steps", options.steps != 1),
+      (f"--recover={method}", options.recover is not None and method not in LAYER_RECOVERY),
       ("--reconstruct", options.reconstruct is not None),
       ("--allocation=global", options.allocation != "uniform"),
       ("--layer_ratio/--exclude", bool(options.overrides or options.exclude))) if given]
@@ -798,6 +802,15 @@ def prune_layers(prepared: Prepared, options: Options,
     verification = run_oracle(adapter, prepared.model, masked, pruned, graph, options,
                               frozenset(), pruned_view)
     timings["verify_s"] += time.perf_counter() - t1
+  increments = []
+  if options.recover is not None:
+    t2 = time.perf_counter()
+    pruned, recovery = options.recover(prepared.model, pruned, {},
+                                       options.recover.checkpoint_dir)
+    pruned_view = adapter.to_view(pruned)
+    increments.append({"step": 1, "groups": 0, "recovery": recovery,
+                       "verify": dataclasses.asdict(verification) if verification else None})
+    timings["recover_s"] += time.perf_counter() - t2
   removed = {b.add for b in chosen}
   layers = {
       "mode": "layer", "removable": len(found.blocks), "removed": len(chosen),
@@ -810,7 +823,7 @@ def prune_layers(prepared: Prepared, options: Options,
                   "removed": b.add in removed} for b in found.blocks],
       "not_removable": [{"add": add, "reason": reason} for add, reason in found.skipped]}
   empty = plan_lib.empty(prepared.analysis)
-  return _Pruned(pruned, pruned_view, empty, verification, [], []), layers
+  return _Pruned(pruned, pruned_view, empty, verification, increments, []), layers
 
 
 def prune_in_increments(prepared: Prepared, plan: plan_lib.Plan, options: Options,

@@ -124,6 +124,34 @@ class LayerModeTest(parameterized.TestCase):
     np.testing.assert_array_equal(run(out), run(src))
     self.assertEqual(sum(n.op_type == "Add" for n in onnx.load(out).graph.node), 1)
 
+  def test_distillation_after_removing_blocks(self):
+    # The LayerPrune workflow in one command: blocks removed, checked, then the
+    # smaller model distilled from the original (unlabelled inputs).
+    fixture = keras_zoo.Fixture("ResNet50", self.tmp)
+    data = os.path.join(self.tmp, "unlabelled.npz")
+    np.savez(data, x=keras_zoo.sample_input("ResNet50", batch=96, seed=5))
+    from graph_prune.recover import options as recover_options  # pylint: disable=g-import-not-at-top
+    from graph_prune.recover import recover  # pylint: disable=g-import-not-at-top
+    step = recover.Recovery(recover_options.Options(
+        method="distill", data=data, train_steps=6, batch_size=8, holdout_samples=32,
+        log_every=3))
+    out = os.path.join(self.tmp, "r50_distilled.pb")
+    doc = pipeline.prune(fixture.pb, out, pipeline.Options(ratio=0.5, mode="layer",
+                                                           recover=step))
+    self.assertTrue(doc["verify"]["passed"])
+    rec = doc["recovery"]
+    self.assertEqual((rec["method"], rec["train_steps"]), ("distill", 6))
+    self.assertIn("holdout_agreement_after", rec)
+    self.assertEqual(doc["layers"]["removed"], 6)
+    runner = tf_model.Runner(tf_model.load(out))
+    self.assertEqual(runner([keras_zoo.sample_input("ResNet50")])[0].shape,
+                     (2, keras_zoo.NUM_CLASSES))
+    runner.close()
+    with self.assertRaisesRegex(errors.UsageError, "--recover=bn_recalibrate with it"):
+      pipeline.prune(fixture.pb, os.path.join(self.tmp, "x.pb"), pipeline.Options(
+          mode="layer", recover=recover.Recovery(recover_options.Options(
+              method="bn_recalibrate", data=data))))
+
   def test_refusals(self):
     src = os.path.join(self.tmp, "res.onnx")
     onnx.save_model(_residual_net(), src)
