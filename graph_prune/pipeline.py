@@ -508,12 +508,7 @@ def _prune_checked(prepared: Prepared, plan: plan_lib.Plan, options: Options):
   adapter = prepared.format.adapter
   edits = slicing.build_edits(prepared.analysis, plan, slicing.SLICE)
   pruned = adapter.apply_edits(prepared.model, edits)
-  # Re-reading the pruned model runs the format's shape inference: it validates the rewrite.
-  try:
-    pruned_view = adapter.to_view(pruned)
-  except (ValueError, errors.InputError) as e:
-    raise errors.VerificationError(f"the pruned graph is invalid ({str(e).splitlines()[0][:300]}); "
-                                   "please report this model") from None
+  pruned_view = validated_view(adapter, pruned)
   verification, verify_s = None, 0.0
   if options.verify:
     t0 = time.perf_counter()
@@ -524,11 +519,25 @@ def _prune_checked(prepared: Prepared, plan: plan_lib.Plan, options: Options):
   return pruned, pruned_view, verification, copies_of(edits), verify_s
 
 
+def validated_view(adapter, pruned: Any):
+  """The pruned model's view: re-reading it runs the format's shape inference, which
+  validates the rewrite (VerificationError when it fails)."""
+  try:
+    return adapter.to_view(pruned)
+  except (ValueError, errors.InputError) as e:
+    raise errors.VerificationError(f"the pruned graph is invalid ({str(e).splitlines()[0][:300]}); "
+                                   "please report this model") from None
+
+
 def masked_model(adapter, model: Any, analysis: groups_lib.Analysis, plan: plan_lib.Plan):
-  """The oracle's masked original: the masking edits themselves where the adapter
-  runs a model with its weights fed and only constants change (no masked copy of
-  the model), else the masked model."""
-  masked = slicing.build_edits(analysis, plan, slicing.MASK)
+  """The oracle's masked original for a channel plan (masked_from)."""
+  return masked_from(adapter, model, slicing.build_edits(analysis, plan, slicing.MASK))
+
+
+def masked_from(adapter, model: Any, masked: Edits):
+  """The masking edits themselves where the adapter runs a model with its weights
+  fed and only constants change (no masked copy of the model), else the masked
+  model."""
   if (masked.new_constants or masked.rewires or masked.attrs or
       not getattr(adapter, "RUNS_WITH_WEIGHTS", False)):
     return adapter.apply_edits(model, masked)
@@ -782,11 +791,7 @@ def prune_layers(prepared: Prepared, options: Options,
         f"--mode=layer --ratio={options.ratio:g} removes none of the {len(found.blocks)} "
         "removable residual blocks; raise --ratio")
   pruned = adapter.apply_edits(prepared.model, layer_edits(graph, chosen))
-  try:
-    pruned_view = adapter.to_view(pruned)
-  except (ValueError, errors.InputError) as e:
-    raise errors.VerificationError(f"the pruned graph is invalid ({str(e).splitlines()[0][:300]}); "
-                                   "please report this model") from None
+  pruned_view = validated_view(adapter, pruned)
   timings["plan_and_rewrite_s"] += time.perf_counter() - t0
   verification = None
   if options.verify:
@@ -794,11 +799,10 @@ def prune_layers(prepared: Prepared, options: Options,
     zeroed = {c: graph.constants[c] for b in chosen for c in b.zero}
     # Recorded as a mask that cuts every channel, so that a quantized weight is
     # zeroed in its codes (they become the zero point).
-    masked = Edits({c: np.zeros_like(v) for c, v in zeroed.items()}, {}, (), selections={
-        c: (slicing.MASK, ((0, np.zeros(v.shape[0], bool)),)) for c, v in zeroed.items()
-        if np.ndim(v)})
-    if not getattr(adapter, "RUNS_WITH_WEIGHTS", False):
-      masked = adapter.apply_edits(prepared.model, masked)
+    masked = masked_from(adapter, prepared.model, Edits(
+        {c: np.zeros_like(v) for c, v in zeroed.items()}, {}, (), selections={
+            c: (slicing.MASK, ((0, np.zeros(v.shape[0], bool)),)) for c, v in zeroed.items()
+            if np.ndim(v)}))
     verification = run_oracle(adapter, prepared.model, masked, pruned, graph, options,
                               frozenset(), pruned_view)
     timings["verify_s"] += time.perf_counter() - t1

@@ -111,6 +111,7 @@ class _WeightCodes:
 
 
 def _const_arrays(proto: onnx.ModelProto) -> dict:
+  """Constant tensor name -> its initializer or Constant node (read with _value)."""
   values = {t.name: t for t in proto.graph.initializer}
   for n in proto.graph.node:
     if n.op_type == "Constant":
@@ -201,10 +202,8 @@ def normalise(model: ONNXModel) -> ONNXModel:
   from onnx import reference  # pylint: disable=g-import-not-at-top
   src = model.proto
   graph = src.graph
-  consts = {t.name: t for t in graph.initializer}
-  for n in graph.node:
-    if n.op_type == "Constant" and _constant_value(n) is not None:
-      consts[n.output[0]] = n
+  consts = {t: v for t, v in _const_arrays(src).items()
+            if isinstance(v, onnx.TensorProto) or _constant_value(v) is not None}
   outputs = {o.name for o in graph.output}
   kept, folded = [], []
   for node in graph.node:
@@ -213,8 +212,7 @@ def normalise(model: ONNXModel) -> ONNXModel:
         or not all(t in consts for t in inputs) or any(o in outputs for o in node.output)):
       kept.append(node)
       continue
-    values = [array(consts[t]) if isinstance(consts[t], onnx.TensorProto)
-              else _constant_value(consts[t]) for t in inputs]
+    values = [_value(consts[t]) for t in inputs]
     sub = onnx.helper.make_model(
         onnx.helper.make_graph(
             [node], "fold",
@@ -490,7 +488,9 @@ def _edits_on_codes(proto: onnx.ModelProto, weights: dict[str, _WeightCodes], ed
   rewires = list(edits.rewires)
   added = []
 
-  def cut(name: str, value: np.ndarray, w: _WeightCodes) -> list:
+  def cut(name: str, value: np.ndarray, w: _WeightCodes):
+    """[(part name, its value, its cut value)] for the codes, scale and zero point
+    present, each read once."""
     if name not in edits.selections:
       raise errors.InputError(
           f"'{name}' is an int8 weight of a quantized (QDQ) model and this step computes new "
@@ -500,14 +500,16 @@ def _edits_on_codes(proto: onnx.ModelProto, weights: dict[str, _WeightCodes], ed
     new = _cut_codes(w, parts, edits.selections[name])
     if not np.array_equal(_dequantize(new[0], new[1], new[2], w.axis), value):
       raise AssertionError(f"the cut codes of '{name}' do not dequantize to the cut weight")
-    return new
+    return [(t, old, cut_value) for t, old, cut_value in zip((w.codes, w.scale, w.zero), parts, new)
+            if t]
+
+  def unchanged(old: np.ndarray, value: np.ndarray) -> bool:
+    return value is old or (value.shape == old.shape and np.array_equal(value, old))
 
   for name in [n for n in edits.constants if n in weights]:
     w = weights[name]
-    new = cut(name, constants.pop(name), w)
-    for slot, (part, value) in enumerate(zip((w.codes, w.scale, w.zero), new)):
-      old = _value(consts[part]) if part else None
-      if part is None or value is old or np.array_equal(value, old) and value.shape == old.shape:
+    for slot, (part, old, value) in enumerate(cut(name, constants.pop(name), w)):
+      if unchanged(old, value):
         continue
       if readers.get(part, 0) == 1:
         constants[part] = value
@@ -521,11 +523,8 @@ def _edits_on_codes(proto: onnx.ModelProto, weights: dict[str, _WeightCodes], ed
     w = weights[src]
     del new_constants[new_name]
     inputs = []
-    for part, part_value in zip((w.codes, w.scale, w.zero), cut(new_name, value, w)):
-      if part is None:
-        continue
-      if part_value.shape != _value(consts[part]).shape or not np.array_equal(
-          part_value, _value(consts[part])):
+    for part, old, part_value in cut(new_name, value, w):
+      if not unchanged(old, part_value):
         new_constants[f"{new_name}/{part}"] = (part, part_value)
         part = f"{new_name}/{part}"
       inputs.append(part)

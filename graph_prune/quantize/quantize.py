@@ -38,6 +38,9 @@ def _quantizer(fmt):
 
 
 def _half_tf(model: Any, options: Options) -> tuple[Any, dict]:
+  if options.scheme not in options_lib.TF_SCHEMES:
+    raise errors.UsageError(f"--quantize={options.scheme} writes ONNX or LiteRT models; a "
+                            "GraphDef or SavedModel takes bfloat16 or float16")
   from graph_prune.adapters import tf_cast  # pylint: disable=g-import-not-at-top
   return tf_cast.cast(model, options.scheme), {
       "tool": f"graph_prune tf_cast (weights and compute {options.scheme}, float32 inputs "
@@ -101,12 +104,14 @@ def quantize(fmt, model: Any, graph, samples, options: Options) -> tuple[Any, di
   check(options)
   t0 = time.perf_counter()
   if fmt.name == "tensorflow":
-    if options.scheme not in options_lib.TF_SCHEMES:
-      raise errors.UsageError(f"--quantize={options.scheme} writes ONNX or LiteRT models; a "
-                              "GraphDef or SavedModel takes bfloat16 or float16")
     quantized, doc = _half_tf(model, options)
-    doc["quantize_s"] = round(time.perf_counter() - t0, 3)
-    return quantized, measured(fmt, model, graph, fmt, quantized, samples, options, doc)
+  else:
+    quantized, doc = _onnx_scheme(fmt, model, graph, samples, options)
+  doc["quantize_s"] = round(time.perf_counter() - t0, 3)
+  return quantized, measured(fmt, model, graph, fmt, quantized, samples, options, doc)
+
+
+def _onnx_scheme(fmt, model: Any, graph, samples, options: Options) -> tuple[Any, dict]:
   q = _quantizer(fmt)
   doc: dict = {}
   if options.scheme == "bfloat16":
@@ -133,8 +138,7 @@ def quantize(fmt, model: Any, graph, samples, options: Options) -> tuple[Any, di
   else:
     quantized, extra = _codebook(fmt, model, graph, options, q)
     doc.update(extra)
-  doc["quantize_s"] = round(time.perf_counter() - t0, 3)
-  return quantized, measured(fmt, model, graph, fmt, quantized, samples, options, doc)
+  return quantized, doc
 
 
 def measured(ref_fmt, reference: Any, ref_graph, fmt, quantized: Any, samples,
