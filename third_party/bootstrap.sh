@@ -43,7 +43,9 @@ _gp_bootstrap() {
   fi
   local missing=() p
   for p in "${pkgs[@]}"; do
-    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q '^install ok installed$'; then
+    # No pipe into `grep -q` here: under a caller's pipefail its early exit
+    # would make dpkg-query die of SIGPIPE and count an installed package as missing.
+    if [ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" != "install ok installed" ]; then
       missing+=("$p")
     fi
   done
