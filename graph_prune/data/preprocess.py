@@ -12,10 +12,11 @@ import os
 from typing import Optional, Sequence
 
 from graph_prune import errors
+from graph_prune import lazy
 from graph_prune.data import sources
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-import tensorflow as tf  # pylint: disable=g-import-not-at-top
+tf = lazy.module("tensorflow")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,10 +25,11 @@ from typing import Optional
 import numpy as np
 
 from graph_prune import errors
+from graph_prune import lazy
 from graph_prune.data import idx
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-import tensorflow as tf  # pylint: disable=g-import-not-at-top
+tf = lazy.module("tensorflow")
 
 NPZ, TFRECORD, FOLDER, IDX = "npz", "tfrecord", "folder", "idx"
 FORMATS = (NPZ, TFRECORD, FOLDER, IDX)

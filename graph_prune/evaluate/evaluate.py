@@ -18,6 +18,7 @@ from typing import Any, Optional
 import numpy as np
 
 from graph_prune import errors
+from graph_prune import lazy
 from graph_prune import files
 from graph_prune import formats
 from graph_prune.data import layout as layout_lib
@@ -26,7 +27,7 @@ from graph_prune.data import sources
 from graph_prune.evaluate import metrics
 
 # Only for tf.errors: the data pipeline (tf.data) reports what it could not read with them.
-import tensorflow as tf  # pylint: disable=g-bad-import-order
+tf = lazy.module("tensorflow")
 
 NHWC, NCHW = layout_lib.NHWC, layout_lib.NCHW
 
