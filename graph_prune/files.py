@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Any
+from typing import Any, Iterable, Union
 
 
 def sync_dir(path: str) -> None:
@@ -27,14 +27,20 @@ def sync_dir(path: str) -> None:
     os.close(fd)
 
 
-def write_atomic(path: str, data: bytes) -> None:
-  """Writes a file whole or not at all (temp file, fsync, rename)."""
+def write_atomic(path: str, data: Union[bytes, Iterable[bytes]]) -> None:
+  """Writes a file whole or not at all (temp file, fsync, rename). `data` is the
+  bytes, or an iterable of chunks written as they come (a large model streamed
+  without its whole serialisation in memory)."""
   parent = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(prefix=".gp_tmp_", dir=parent)
   try:
     with os.fdopen(fd, "wb") as f:
       os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; these are for reading
-      f.write(data)
+      if isinstance(data, (bytes, bytearray, memoryview)):
+        f.write(data)
+      else:
+        for chunk in data:
+          f.write(chunk)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -30,6 +30,9 @@ class Adapter(Protocol):
   def write(self, model: Any, path: str) -> None: ...
   # Runner(model) -> callable(feeds) -> outputs, with close(); raises errors.RunError.
   Runner: Any
+  # Optional, together: RUNS_WITH_WEIGHTS = True where Runner(model, optimize=False,
+  # arrays=...) feeds the floating-point weights from `arrays`, and
+  # constants(model, tensors) -> iterator of (tensor, value) reads constants back.
 
 
 @dataclasses.dataclass(frozen=True)

@@ -423,23 +423,41 @@ def run_oracle(adapter, original, masked, pruned, graph, options: Options,
   the model is made). The views' constants are handed to the runners, which feed
   the large weights from them instead of decoding another copy."""
   probes = _probes(graph, cut)
-  masked_arrays = None
-  if isinstance(masked, Edits):
+  masked_arrays, in_place = None, None
+  if isinstance(masked, slicing.InPlaceMask):
+    in_place, masked_arrays, masked = masked, graph.constants, original
+  elif isinstance(masked, Edits):
     masked_arrays = collections.ChainMap(dict(masked.constants), graph.constants)
     masked = original
   runs = (("original", original, graph.constants), ("masked original", masked, masked_arrays),
           ("pruned", pruned, pruned_graph.constants if pruned_graph is not None else None))
   outputs, sets = [], None
   for what, model, arrays in runs:
-    runner = _Checked(what, lambda m, a=arrays: adapter.Runner(m, probes, optimize=False,
-                                                               arrays=a), model)
+    borrowed = in_place is not None and what == "masked original"
+    runner = None
     try:
+      if borrowed:
+        in_place.zero(graph.constants)
+      runner = _Checked(what, lambda m, a=arrays: adapter.Runner(m, probes, optimize=False,
+                                                                 arrays=a), model)
       if sets is None:
         sets = oracle_inputs(graph, runner, options)
       outputs.append([runner(inputs) for inputs in sets])
     finally:
-      runner.close()
+      if runner is not None:
+        runner.close()
       del runner
+      if borrowed:
+        # The view's arrays get their values back from the model's own constants.
+        # One at a time: all of them at once would be the copies this path avoids.
+        restored = set()
+        for name, value in adapter.constants(original, in_place.cuts):
+          np.copyto(graph.constants[name], value)
+          restored.add(name)
+          del value  # before the next one is decoded
+        if restored != set(in_place.cuts):
+          raise AssertionError("the masked weights cannot all be restored from the model: "
+                               f"{sorted(set(in_place.cuts) - restored)[:3]}")
     if what == "original":
       for out in outputs[0]:
         oracle.check_finite(out)
@@ -508,6 +526,8 @@ def _prune_checked(prepared: Prepared, plan: plan_lib.Plan, options: Options):
   adapter = prepared.format.adapter
   edits = slicing.build_edits(prepared.analysis, plan, slicing.SLICE)
   pruned = adapter.apply_edits(prepared.model, edits)
+  copies = copies_of(edits)
+  del edits  # its arrays are in the pruned model now; the check needs the memory
   pruned_view = validated_view(adapter, pruned)
   verification, verify_s = None, 0.0
   if options.verify:
@@ -516,7 +536,7 @@ def _prune_checked(prepared: Prepared, plan: plan_lib.Plan, options: Options):
     verification = run_oracle(adapter, prepared.model, masked, pruned, prepared.graph, options,
                               set(kept_positions(prepared.analysis, plan)), pruned_view)
     verify_s = time.perf_counter() - t0
-  return pruned, pruned_view, verification, copies_of(edits), verify_s
+  return pruned, pruned_view, verification, copies, verify_s
 
 
 def validated_view(adapter, pruned: Any):
@@ -530,7 +550,15 @@ def validated_view(adapter, pruned: Any):
 
 
 def masked_model(adapter, model: Any, analysis: groups_lib.Analysis, plan: plan_lib.Plan):
-  """The oracle's masked original for a channel plan (masked_from)."""
+  """The oracle's masked original for a channel plan (masked_from). Where the adapter
+  feeds a model's weights from the view's arrays and the masking only zeroes
+  weights, the cuts themselves (slicing.InPlaceMask): run_oracle zeroes the view's
+  arrays for the masked run and restores them from the model after it, so the
+  masked weights take no memory of their own."""
+  if getattr(adapter, "RUNS_WITH_WEIGHTS", False):
+    in_place = slicing.in_place_mask(analysis, plan)
+    if in_place is not None:
+      return in_place
   return masked_from(adapter, model, slicing.build_edits(analysis, plan, slicing.MASK))
 
 

@@ -1,6 +1,7 @@
 """Pipeline behaviour on small TensorFlow models: planted dead channels, round trip,
 plans, criteria, rounding, overrides and exclusions."""
 
+import dataclasses
 import json
 import os
 
@@ -10,9 +11,12 @@ from absl.testing import absltest
 from absl.testing import parameterized
 
 from graph_prune import errors
+from graph_prune import formats
 from graph_prune import pipeline
 from graph_prune import plan as plan_lib
 from graph_prune.adapters import tf_model
+from graph_prune.analysis import groups as groups_lib
+from graph_prune.graph import arrays
 from graph_prune.rewrite import slicing
 from tests import keras_zoo
 
@@ -225,6 +229,100 @@ class OnnxExportMemoryTest(absltest.TestCase):
     self.assertIn("tf2onnx-gc", calls)
     self.assertNotIn("tf2onnx-gc", [t.name for t in threading.enumerate()])
     self.assertEqual(exported.inputs, (inp,))
+
+
+class WholeCommandMemoryTest(absltest.TestCase):
+  """The memory paths of the whole command (benchmarks/whole_command.py measures them
+  on VGG16): each must give what the plain path gives."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.pb = keras_zoo.Fixture("ResNet50", absltest.get_default_test_tmpdir()).pb
+    cls.model = tf_model.normalise(tf_model.load(cls.pb))
+    cls.graph = tf_model.to_view(cls.model)
+
+  def _prepared(self):
+    fmt = formats.for_name(formats.TENSORFLOW)
+    analysis = groups_lib.analyse(self.graph, fmt.ops)
+    prepared = pipeline.Prepared(fmt, self.model, self.graph, analysis)
+    return prepared, pipeline.make_plan(prepared, pipeline.Options(ratio=0.5))
+
+  def test_regression_streamed_write_is_the_serialisation(self):
+    """Writing a GraphDef node by node gives the encoder's bytes exactly, also with a
+    function library (the whole serialisation was about four times the model)."""
+    @tf.function(input_signature=[tf.TensorSpec([2, 3], tf.float32)])
+    def with_library(x):
+      inner = tf.function(lambda y: tf.nn.relu(y) * 2.0)
+      return inner(x) + 1.0
+    library_gd = with_library.get_concrete_function().graph.as_graph_def()
+    self.assertNotEmpty(library_gd.library.function)
+    for gd in (self.model.graph_def, library_gd):
+      self.assertEqual(b"".join(tf_model.serialized(gd)), gd.SerializeToString(deterministic=True))
+
+  def test_regression_view_constants_are_aligned_for_feeding_in_place(self):
+    """TensorFlow copies a fed array that is not 64-byte aligned, once per run, and
+    its CPU allocator keeps the copy: VGG16's oracle held every weight twice more."""
+    for name, value in self.graph.constants.items():
+      self.assertTrue(arrays.is_aligned(value), name)
+      self.assertTrue(value.flags.writeable, name)
+    odd = np.frombuffer(b"\0" * 4 + np.arange(10, dtype=np.float32).tobytes(), np.float32, 10, 4)
+    self.assertFalse(arrays.is_aligned(odd))
+    np.testing.assert_array_equal(arrays.aligned(odd), odd)
+    self.assertTrue(arrays.is_aligned(arrays.aligned(odd)))
+
+  def test_regression_grappler_placeholders_keep_every_output_shape(self):
+    """normalise hands grappler the large weights as placeholders whose input-channel
+    axis is unknown (grappler allocates a filled tensor per placeholder, which oneDNN's
+    allocator kept: the size of the weights again); every layer's output shape must
+    stay what it was, or constant folding would see less."""
+    model = tf_model.load(self.pb)
+    light, heavy = tf_model._light(model.graph_def)  # pylint: disable=protected-access
+    self.assertNotEmpty(heavy)
+    shrunk = tf.compat.v1.GraphDef()
+    shrunk.CopyFrom(light)
+    tf_model._small_fake_inputs(shrunk, heavy)  # pylint: disable=protected-access
+    changed = [n.name for n, m in zip(light.node, shrunk.node) if n != m]
+    self.assertCountEqual(changed, [n for n in heavy if n in {m.name for m in light.node}])
+
+    def shapes(gd):   # of every layer and every other op (not the weights' Identity reads)
+      with tf.Graph().as_default() as g:
+        tf.compat.v1.import_graph_def(gd, name="")
+        return {t.name: t.shape.as_list() for op in g.get_operations()
+                if op.name not in heavy and op.type != "Identity"
+                for t in op.outputs if t.shape.rank is not None}
+    before, after = shapes(light), shapes(shrunk)
+    self.assertGreater(len(before), 500)
+    self.assertEqual([t for t in before if before[t] != after.get(t)], [])
+
+  def test_regression_oracle_masks_in_place_and_gives_the_weights_back(self):
+    """The masked original zeroes the view's own arrays for its run instead of copying
+    every weight; the arrays are the original values again afterwards, also when the
+    check fails, and a wrong pruned model still fails it."""
+    prepared, plan = self._prepared()
+    masked = pipeline.masked_model(tf_model, self.model, prepared.analysis, plan)
+    self.assertIsInstance(masked, slicing.InPlaceMask)
+    self.assertNotEmpty(masked.cuts)
+    before = {t: self.graph.constants[t].copy() for t in masked.cuts}
+    edits = slicing.build_edits(prepared.analysis, plan, slicing.SLICE)
+    pruned = tf_model.apply_edits(self.model, edits)
+    cut = set(pipeline.kept_positions(prepared.analysis, plan))
+    options = pipeline.Options(ratio=0.5)
+    verification = pipeline.run_oracle(tf_model, self.model, masked, pruned, self.graph, options,
+                                       cut, tf_model.to_view(pruned))
+    self.assertTrue(verification.passed)
+    for t, value in before.items():
+      np.testing.assert_array_equal(self.graph.constants[t], value, err_msg=t)
+    # A pruned model with one kept weight changed must fail, and still give back.
+    name = max(edits.constants, key=lambda t: edits.constants[t].size)
+    wrong = dict(edits.constants)
+    wrong[name] = edits.constants[name] + 1.0
+    bad = tf_model.apply_edits(self.model, dataclasses.replace(edits, constants=wrong))
+    with self.assertRaises(errors.VerificationError):
+      pipeline.run_oracle(tf_model, self.model, masked, bad, self.graph, options, cut,
+                          tf_model.to_view(bad))
+    for t, value in before.items():
+      np.testing.assert_array_equal(self.graph.constants[t], value, err_msg=t)
 
 
 if __name__ == "__main__":

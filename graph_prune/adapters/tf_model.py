@@ -14,12 +14,13 @@ import math
 import os
 import shutil
 import tempfile
-from typing import Mapping, Optional, Sequence
+from typing import Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
 from graph_prune import errors
 from graph_prune import files
+from graph_prune.graph import arrays as arrays_lib
 from graph_prune.graph import view
 from graph_prune.graph.edits import Edits
 
@@ -288,11 +289,56 @@ def _restore(light: tf.compat.v1.GraphDef, heavy: dict) -> tf.compat.v1.GraphDef
   return out
 
 
+# The axis of a layer's weight that is the layer's input channels (or features): the
+# output shape does not depend on it; MatMul's is 1 with transpose_b.
+_IN_AXIS = {"Conv2D": 2, "Conv3D": 3, "DepthwiseConv2dNative": 2, "MatMul": 0,
+            "Conv2DBackpropInput": 3}
+
+
+def _small_fake_inputs(light: tf.compat.v1.GraphDef, heavy: dict) -> None:
+  """Grappler gives every Placeholder of the graph it optimises a filled tensor of
+  the placeholder's shape (grappler_item_builder.cc), so the weights that _light
+  turned into placeholders would each be allocated once more, and with oneDNN the
+  CPU allocator keeps that memory for the life of the process (about the size of
+  the weights, measured on VGG16). Here each such placeholder's input-channel axis
+  becomes unknown: grappler then allocates it with that axis 1, while every layer's
+  output shape, and so what constant folding sees, stays the same (only the
+  layer's check of its input channels against the weight is left out). Placeholders
+  read by anything else, or by layers that disagree on the axis, keep their shape."""
+  if not heavy:
+    return
+  readers: dict[str, list] = {}
+  for node in light.node:
+    for t in node.input:
+      if not t.startswith("^"):
+        readers.setdefault(_node_name(t), []).append(node)
+
+  def axes(name, depth=0):
+    found = set()
+    for node in readers.get(name, ()):
+      if node.op == "Identity" and depth < 4:
+        found |= axes(node.name, depth + 1)
+      elif node.op in _IN_AXIS:
+        transposed = node.op == "MatMul" and node.attr["transpose_b"].b
+        found.add(1 if transposed else _IN_AXIS[node.op])
+      else:
+        found.add(None)
+    return found
+
+  for node in light.node:
+    if node.name in heavy and node.op == "Placeholder":
+      found = axes(node.name)
+      dims = node.attr["shape"].shape.dim
+      if len(found) == 1 and None not in found and next(iter(found)) < len(dims):
+        dims[next(iter(found))].size = -1
+
+
 def normalise(model: TFModel) -> TFModel:
   """Grappler constant folding: Identity chains, decomposed batch-norm, Reshape(Const)
   become per-channel constants the analysis can slice. Large weights stay out of
   grappler's copy of the graph (see _light)."""
   light, heavy = _light(model.graph_def)
+  _small_fake_inputs(light, heavy)
   graph = tf.Graph()
   with graph.as_default():
     tf.compat.v1.import_graph_def(light, name="")
@@ -358,12 +404,39 @@ def to_view(model: TFModel) -> view.GraphView:
         dtypes[t.name] = t.dtype.as_numpy_dtype.__name__
     if kind == "Const":
       try:
-        constants[op.outputs[0].name] = tf.make_ndarray(node_defs[op.name].attr["value"].tensor)
+        constants[op.outputs[0].name] = _aligned_value(node_defs[op.name].attr["value"].tensor)
       except (ValueError, TypeError) as e:
         raise errors.InputError(f"constant '{op.name}' cannot be read ({_first_line(e)}); the "
                                 "model is corrupt") from None
   return view.GraphView(_topological(_mark_loops(nodes)), constants, shapes, inputs, outputs,
                         layout, dtypes)
+
+
+def _aligned_value(tensor) -> np.ndarray:
+  """A Const's value, aligned (graph/arrays.py); packed values are copied once,
+  straight from the proto's bytes."""
+  return arrays_lib.aligned(_value(tensor))
+
+
+def _value(tensor) -> np.ndarray:
+  """A TensorProto's value; packed values as a read-only view of the proto's bytes
+  (one copy of them, where make_ndarray makes two)."""
+  dtype = tf.dtypes.as_dtype(tensor.dtype)
+  if tensor.tensor_content and dtype.is_numpy_compatible and dtype != tf.string:
+    shape = [d.size for d in tensor.tensor_shape.dim]
+    flat = np.frombuffer(tensor.tensor_content, dtype.as_numpy_dtype)
+    if flat.size == math.prod(shape):
+      return flat.reshape(shape)
+  return tf.make_ndarray(tensor)
+
+
+def constants(model: TFModel, tensors) -> Iterator[tuple[str, np.ndarray]]:
+  """(tensor, value) for the model's Const tensors named in `tensors` (name:0 each),
+  decoded one at a time as they are taken (_value)."""
+  wanted = {_node_name(t): t for t in tensors}
+  for n in model.graph_def.node:
+    if n.name in wanted and n.op == "Const":
+      yield wanted[n.name], _value(n.attr["value"].tensor)
 
 
 _CALLS = ("PartitionedCall", "StatefulPartitionedCall")
@@ -541,8 +614,45 @@ def write(model: TFModel, path: str) -> None:
       shutil.rmtree(tmp, ignore_errors=True)
     return
   data = (text_format.MessageToString(graph_def).encode("utf-8") if model.kind == GRAPHDEF_TEXT
-          else graph_def.SerializeToString(deterministic=True))
+          else serialized(graph_def))
   files.write_atomic(path, data)
+
+
+def _varint(n: int) -> bytes:
+  out = bytearray()
+  while True:
+    byte, n = n & 0x7F, n >> 7
+    if n:
+      out.append(byte | 0x80)
+    else:
+      out.append(byte)
+      return bytes(out)
+
+
+# GraphDef's fields in number order, as the protobuf encoder writes them:
+# node = 1, library = 2, version = 3 (deprecated int32), versions = 4, debug_info = 5.
+def serialized(graph_def: tf.compat.v1.GraphDef) -> Iterator[bytes]:
+  """graph_def.SerializeToString(deterministic=True), chunk by chunk: one node at a
+  time, so that writing a model never holds its whole serialisation (the encoder's
+  growing buffer and the final copy were about four times the pruned VGG16)."""
+  if {f.number for f in graph_def.DESCRIPTOR.fields} != {1, 2, 3, 4, 5}:
+    yield graph_def.SerializeToString(deterministic=True)  # a GraphDef this code does not know
+    return
+  for node in graph_def.node:
+    data = node.SerializeToString(deterministic=True)
+    yield b"\x0a" + _varint(len(data))
+    yield data
+  if graph_def.HasField("library"):
+    data = graph_def.library.SerializeToString(deterministic=True)
+    yield b"\x12" + _varint(len(data)) + data
+  if graph_def.version:
+    yield b"\x18" + _varint(graph_def.version & 0xFFFFFFFFFFFFFFFF)
+  if graph_def.HasField("versions"):
+    data = graph_def.versions.SerializeToString(deterministic=True)
+    yield b"\x22" + _varint(len(data)) + data
+  if graph_def.HasField("debug_info"):
+    data = graph_def.debug_info.SerializeToString(deterministic=True)
+    yield b"\x2a" + _varint(len(data)) + data
 
 
 def _replace_dir(src: str, dst: str) -> None:
@@ -715,9 +825,10 @@ class Runner:
     self._inputs = [self._graph.get_tensor_by_name(t) for t in model.inputs]
     self._outputs = [self._graph.get_tensor_by_name(t) for t in self._fetches]
     arrays = arrays or {}
-    self._weights = {self._graph.get_tensor_by_name(f"{name}:0"):
-                     arrays[f"{name}:0"] if f"{name}:0" in arrays
-                     else tf.make_ndarray(node.attr["value"].tensor)
+    # Aligned, so that each run reads them in place (graph/arrays.py).
+    self._weights = {self._graph.get_tensor_by_name(f"{name}:0"): arrays_lib.aligned(
+        arrays[f"{name}:0"] if f"{name}:0" in arrays
+        else tf.make_ndarray(node.attr["value"].tensor))
                      for name, node in heavy.items()}
     config = config_pb2.ConfigProto()
     if not optimize:

@@ -12,10 +12,14 @@ per consumer, and that consumer is re-wired to its copy.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Optional
+
 import numpy as np
 
 from graph_prune import plan as plan_lib
 from graph_prune.analysis import groups as groups_lib
+from graph_prune.graph import arrays
 from graph_prune.graph.edits import Edits
 from graph_prune.ops import channels as base
 
@@ -68,6 +72,49 @@ def _wanted(analysis: groups_lib.Analysis, keep, mode: str
   return wanted
 
 
+@dataclasses.dataclass(frozen=True)
+class InPlaceMask:
+  """The masked original as cuts to make in the original's own weight arrays:
+  const -> {axis: keep mask}. What build_edits(MASK) gives as copies, without the
+  copies (a VGG16's masked weights are as large as the model)."""
+  cuts: dict[str, dict[int, np.ndarray]]
+
+  def zero(self, constants: dict[str, np.ndarray]) -> None:
+    """Zeroes the cut channels of `constants` in place."""
+    for const, ops in self.cuts.items():
+      value = constants[const]
+      for axis, keep in ops.items():
+        if len(keep) != value.shape[axis]:
+          raise AssertionError(f"mask of {len(keep)} does not fit axis {axis} of {value.shape}")
+        index = [slice(None)] * value.ndim
+        index[axis] = ~keep
+        value[tuple(index)] = 0
+
+
+def in_place_mask(analysis: groups_lib.Analysis, plan: plan_lib.Plan) -> Optional[InPlaceMask]:
+  """The masked original as an InPlaceMask where build_edits(MASK) would change
+  constants only, that is, where every reader of each cut constant cuts it the same
+  way and every cut constant is a floating-point array; else None."""
+  wanted = _wanted(analysis, _keeper(analysis, plan), MASK)
+  cuts = {}
+  for const, per_consumer in wanted.items():
+    value = analysis.graph.constants[const]
+    if not (np.ndim(value) and np.issubdtype(value.dtype, np.floating) and
+            value.flags.writeable):
+      return None
+    readers = {n.name for n, _ in analysis.graph.consumers(const)}
+    first = next(iter(per_consumer.values()))
+    if set(per_consumer) != readers or any(
+        ops.keys() != first.keys() or
+        any(not np.array_equal(ops[a], first[a]) for a in ops)
+        for ops in per_consumer.values()):
+      return None
+    ops = {axis: keep for axis, keep in first.items() if not keep.all()}
+    if ops:
+      cuts[const] = ops
+  return InPlaceMask(cuts)
+
+
 def weight_masks(analysis: groups_lib.Analysis, plan: plan_lib.Plan) -> dict[str, np.ndarray]:
   """const -> boolean array of its shape, False where mask mode zeroes it: a
   full-width model whose weights are multiplied by these computes what the pruned
@@ -118,7 +165,8 @@ def build_edits(analysis: groups_lib.Analysis, plan: plan_lib.Plan, mode: str) -
           v = v.copy()
           v.reshape(-1)[position] = count
           cuts.pop(consumer, None)
-      values[consumer] = v
+      # A new value is aligned so that a runtime can feed it without a copy.
+      values[consumer] = v if v is original else arrays.aligned(v)
     readers = {n.name for n, _ in graph.consumers(const)}
     for name in readers - set(values):
       values[name] = original
