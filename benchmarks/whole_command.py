@@ -2,7 +2,7 @@
 resident memory above the interpreter's baseline with TensorFlow imported.
 
   bazel run //benchmarks:whole_command -- --models=VGG16,ResNet50 --size=224 \
-      --work_dir=/tmp/whole_command [--json=out.json]
+      --work_dir=/tmp/whole_command [--json=out.json] [--large_gb=2.3]
 
 Each model (a Keras application, weights=None with every bias and batch-norm
 statistic randomised; tests/keras_zoo.py) is frozen once into --work_dir. Then,
@@ -16,6 +16,10 @@ per model:
   model's view), verify (the oracle), write; per stage its seconds and the peak
   resident set above the baseline reached during it (the high-water mark is reset
   before each stage, /proc/self/clear_refs), and the constant bytes of the model.
+
+With --large_gb, a model past protobuf's 2 GiB is built twice (ONNX with external
+data, SavedModel with variables; 2.3 GB of files each, plus the pruned outputs) and
+the whole command timed on each, wall time and peak.
 
 Linux only (/proc/self/status).
 """
@@ -36,6 +40,11 @@ _WORK_DIR = flags.DEFINE_string("work_dir", None, "Where the frozen models are k
 _RATIO = flags.DEFINE_float("ratio", 0.5, "Pruning ratio.")
 _JSON = flags.DEFINE_string("json", None, "Also write the figures as JSON here.")
 _STAGE = flags.DEFINE_string("stage_child", None, "(internal) run the stages of this model.")
+_LARGE_GB = flags.DEFINE_float(
+    "large_gb", 0.0, "Also build a model with this many GB of weights (a stack of 3x3 "
+    "convolutions, 2048 channels, at 4x4, random weights), as ONNX with external data and "
+    "as a SavedModel with variables, and time the whole command on each; over 2.15 passes "
+    "protobuf's 2 GiB limit. 0: skip.")
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -78,6 +87,77 @@ def _build(name: str, size: int, work_dir: str) -> str:
               "open(sys.argv[3], 'wb').write(gd.SerializeToString())\n")
     subprocess.run([sys.executable, "-c", script, name, str(size), path], check=True,
                    env=dict(os.environ, PYTHONPATH=_ROOT, TF_CPP_MIN_LOG_LEVEL="3"))
+  return path
+
+
+def _build_large_onnx(gb: float, work_dir: str) -> tuple[str, int]:
+  """A conv stack with `gb` GB of float32 weights, saved with external data (random
+  weights, He-scaled, random biases): the path and the weight bytes."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import onnx  # pylint: disable=g-import-not-at-top
+  from onnx import helper  # pylint: disable=g-import-not-at-top
+  from onnx import numpy_helper  # pylint: disable=g-import-not-at-top
+  width, first = 2048, 64
+  per_layer = width * width * 9 * 4
+  layers = max(1, int(round((gb * 1e9 - width * first * 9 * 4) / per_layer)) + 1)
+  path = os.path.join(work_dir, f"large_{layers}x{width}.onnx")
+  rng = np.random.default_rng(0)
+  nodes, inits, x, c, total = [], [], "input", first, 0
+  for i in range(layers):
+    w = rng.standard_normal((width, c, 3, 3), dtype=np.float32) * np.float32((2 / (9 * c)) ** .5)
+    b = rng.standard_normal(width, dtype=np.float32) * np.float32(0.1)
+    inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]
+    total += w.nbytes + b.nbytes
+    nodes += [helper.make_node("Conv", [x, f"w{i}", f"b{i}"], [f"c{i}"], pads=[1, 1, 1, 1]),
+              helper.make_node("Relu", [f"c{i}"], [f"r{i}"])]
+    x, c = f"r{i}", width
+  head = rng.standard_normal((c, 10), dtype=np.float32) * np.float32(0.05)
+  inits += [numpy_helper.from_array(head, "fc_w"),
+            numpy_helper.from_array(np.full(10, 0.1, np.float32), "fc_b")]
+  total += head.nbytes + 40
+  nodes += [helper.make_node("GlobalAveragePool", [x], ["gap"]),
+            helper.make_node("Flatten", ["gap"], ["flat"]),
+            helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"])]
+  if not os.path.exists(path):
+    graph = helper.make_graph(
+        nodes, "large", [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT,
+                                                       [1, first, 4, 4])],
+        [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [1, 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=os.path.basename(path) + ".data", size_threshold=1024)
+  return path, total
+
+
+def _build_large_saved_model(onnx_path: str, work_dir: str) -> str:
+  """The same network as a SavedModel with variables (NHWC), in a child process: its
+  weights are the ONNX model's, read from its external data."""
+  path = os.path.join(work_dir, os.path.basename(onnx_path)[:-len(".onnx")] + "_saved_model")
+  if os.path.exists(path):
+    return path
+  script = r"""
+import os, sys
+import numpy as np, onnx, tensorflow as tf
+from onnx import numpy_helper
+m = onnx.load(sys.argv[1])
+w = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+del m
+layers = sum(1 for k in w if k.startswith("w"))
+class Net(tf.Module):
+  def __init__(self):
+    self.ws = [tf.Variable(np.transpose(w.pop(f"w{i}"), (2, 3, 1, 0))) for i in range(layers)]
+    self.bs = [tf.Variable(w.pop(f"b{i}")) for i in range(layers)]
+    self.fc_w, self.fc_b = tf.Variable(w.pop("fc_w")), tf.Variable(w.pop("fc_b"))
+  @tf.function(input_signature=[tf.TensorSpec([None, 4, 4, 64], tf.float32, name="input")])
+  def serve(self, x):
+    for k, b in zip(self.ws, self.bs):
+      x = tf.nn.relu(tf.nn.bias_add(tf.nn.conv2d(x, k, 1, "SAME"), b))
+    return {"logits": tf.matmul(tf.reduce_mean(x, [1, 2]), self.fc_w) + self.fc_b}
+net = Net()
+tf.saved_model.save(net, sys.argv[2], signatures={"serving_default": net.serve})
+"""
+  subprocess.run([sys.executable, "-c", script, onnx_path, path], check=True,
+                 env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
   return path
 
 
@@ -181,6 +261,20 @@ def main(argv):
       print(f"  {s['stage']:10}{s['seconds']:>9.2f}{s['peak_above_baseline_bytes'] / 1e6:>10.0f}"
             f"{s['peak_above_baseline_bytes'] / const:>9.2f}"
             f"{s['resident_after_bytes'] / 1e6:>13.0f}")
+  if _LARGE_GB.value > 0:
+    onnx_path, weight_bytes = _build_large_onnx(_LARGE_GB.value, work_dir)
+    saved_model = _build_large_saved_model(onnx_path, work_dir)
+    for key, path, what, out in (
+        ("large_onnx", onnx_path, "ONNX with external data", "large_pruned.onnx"),
+        ("large_saved_model", saved_model, "SavedModel with variables", "large_pruned_sm")):
+      command = _command(path, os.path.join(work_dir, out), _RATIO.value)
+      peak = (command["peak_kib"] - baseline) * 1024
+      results[key] = {"path": os.path.basename(path), "weight_bytes": weight_bytes,
+                      "command_wall_s": command["wall_s"],
+                      "command_peak_above_baseline_bytes": peak}
+      print(f"\n{what}, {weight_bytes / 2**30:.2f} GiB of weights ({os.path.basename(path)}): "
+            f"whole command {command['wall_s']:.1f} s, peak {peak / 2**30:.2f} GiB above the "
+            f"baseline ({peak / weight_bytes:.2f}x the weights)")
   if _JSON.value:
     with open(_JSON.value, "w", encoding="utf-8") as f:
       json.dump(results, f, indent=1, sort_keys=True)

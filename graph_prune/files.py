@@ -50,6 +50,11 @@ def write_atomic(path: str, data: Union[bytes, Iterable[bytes]]) -> None:
   sync_dir(parent)
 
 
+def make_readable(path: str) -> None:
+  """The mode a new file gets from the umask (a library's temporary file is 0600)."""
+  os.chmod(path, 0o666 & ~_umask())
+
+
 def write_text(path: str, text: str) -> None:
   write_atomic(path, text.encode("utf-8"))
 

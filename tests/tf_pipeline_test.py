@@ -295,6 +295,34 @@ class WholeCommandMemoryTest(absltest.TestCase):
     self.assertGreater(len(before), 500)
     self.assertEqual([t for t in before if before[t] != after.get(t)], [])
 
+  def test_regression_saved_model_over_protobuf_limit_is_frozen_without_serialising(self):
+    """A SavedModel with 2 GiB or more of variables failed to load ('Invalid GraphDef':
+    TensorFlow's freezer imports its result whole). Here the limit is lowered so that a
+    small SavedModel takes the other path; it must give the same model and the same
+    pruned model as the usual one."""
+    from unittest import mock  # pylint: disable=g-import-not-at-top
+    tmp = self.create_tempdir().full_path
+    model, _ = keras_zoo.make_planted_model(seed=2)
+    sm = keras_zoo.save_saved_model(model, os.path.join(tmp, "sm"))
+    usual = tf_model.load(sm)
+    with mock.patch.object(tf_model, "_PROTO_LIMIT", 1000), \
+         mock.patch.object(tf_model, "_freeze_large", wraps=tf_model._freeze_large) as large:  # pylint: disable=protected-access
+      apart = tf_model.load(sm)
+      self.assertEqual(large.call_count, 1)
+      out = os.path.join(tmp, "pruned")
+      doc = pipeline.prune(sm, out, pipeline.Options(ratio=0.5))
+    self.assertEqual((apart.signature, len(apart.inputs), len(apart.outputs)),
+                     (usual.signature, len(usual.inputs), len(usual.outputs)))
+    self.assertTrue(doc["verify"]["passed"])
+    usual_doc = pipeline.prune(sm, os.path.join(tmp, "pruned_usual"), pipeline.Options(ratio=0.5))
+    self.assertEqual(doc["params_after"], usual_doc["params_after"])
+    x = keras_zoo.sample_input("planted")
+    a = tf.saved_model.load(os.path.join(tmp, "pruned_usual")).signatures["serving_default"](
+        input=tf.constant(x))
+    b = tf.saved_model.load(out).signatures["serving_default"](input=tf.constant(x))
+    self.assertEqual(set(a), set(b))
+    np.testing.assert_allclose(a["output"].numpy(), b["output"].numpy(), rtol=1e-5, atol=1e-6)
+
   def test_regression_oracle_masks_in_place_and_gives_the_weights_back(self):
     """The masked original zeroes the view's own arrays for its run instead of copying
     every weight; the arrays are the original values again afterwards, also when the

@@ -25,6 +25,7 @@ from onnx import external_data_helper
 from onnx import numpy_helper
 
 from graph_prune import errors
+from graph_prune import files
 from graph_prune.graph import view
 from graph_prune.graph.edits import Edits
 
@@ -46,10 +47,13 @@ def array(t: onnx.TensorProto) -> np.ndarray:
                             f"say ({str(e).splitlines()[0][:120]}); the model is corrupt") from None
 
 
-def _has_external_data(proto: onnx.ModelProto) -> bool:
-  tensors = list(proto.graph.initializer) + [
+def _tensors(proto: onnx.ModelProto) -> list[onnx.TensorProto]:
+  return list(proto.graph.initializer) + [
       a.t for n in proto.graph.node for a in n.attribute if a.HasField("t")]
-  return any(t.data_location == onnx.TensorProto.EXTERNAL for t in tensors)
+
+
+def _has_external_data(proto: onnx.ModelProto) -> bool:
+  return any(t.data_location == onnx.TensorProto.EXTERNAL for t in _tensors(proto))
 
 
 def load(path: str, signature: Optional[str] = None, inputs: Sequence[str] = (),
@@ -69,17 +73,28 @@ def load(path: str, signature: Optional[str] = None, inputs: Sequence[str] = (),
     raise errors.InputError(f"'{path}' is not an ONNX model (no graph nodes)")
   external = _has_external_data(proto)
   if external:
+    base = os.path.dirname(path) or "."
+    for t in _tensors(proto):
+      if t.data_location == onnx.TensorProto.EXTERNAL:
+        where = {e.key: e.value for e in t.external_data}.get("location", "")
+        if not os.path.isfile(os.path.join(base, where)):
+          raise errors.InputError(f"external data of '{path}' is missing or unreadable "
+                                  f"('{where}' for tensor '{t.name}'); keep the data file "
+                                  "beside the model")
+  try:
+    # With external data the checker reads the file itself: a model over protobuf's
+    # 2 GiB cannot be checked in memory, and the data is then read once, below.
+    onnx.checker.check_model(path if external else proto)
+  except Exception as e:  # pylint: disable=broad-except  (the checker's errors on a corrupt file vary)
+    raise errors.InputError(f"'{path}' fails onnx.checker ({type(e).__name__}: "
+                            f"{(str(e).splitlines() or [''])[0][:200]})") from None
+  if external:
     try:
       external_data_helper.load_external_data_for_model(proto, os.path.dirname(path) or ".")
     except (OSError, onnx.checker.ValidationError) as e:
       raise errors.InputError(f"external data of '{path}' is missing or unreadable "
                               f"({str(e).splitlines()[0][:200]}); keep the data file beside "
                               "the model") from None
-  try:
-    onnx.checker.check_model(proto)
-  except Exception as e:  # pylint: disable=broad-except  (the checker's errors on a corrupt file vary)
-    raise errors.InputError(f"'{path}' fails onnx.checker ({type(e).__name__}: "
-                            f"{(str(e).splitlines() or [''])[0][:200]})") from None
   inits = {t.name for t in proto.graph.initializer}
   found_in = [i.name for i in proto.graph.input if i.name not in inits]
   found_out = [o.name for o in proto.graph.output]
@@ -346,6 +361,26 @@ def _without_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
   if light.ir_version < 4:
     light.ir_version = 4  # inputs without initializers: allowed from IR 4 on
   return light
+
+
+# Protobuf serialises no message of 2 GiB or more; the graph itself needs some room.
+_PROTO_LIMIT = 2**31 - 2**26
+
+
+def weight_bytes(proto: onnx.ModelProto) -> int:
+  """The bytes of the model's initializers, from their dims (nothing is decoded)."""
+  total = 0
+  for t in proto.graph.initializer:
+    size = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize if t.data_type else 0
+    total += math.prod(t.dims) * size
+  return total
+
+
+def too_large(proto: onnx.ModelProto) -> bool:
+  """Whether the model cannot be serialised whole (its weights reach protobuf's limit):
+  it is then checked without its weights, written with external data, and run with its
+  weights handed to ONNX Runtime as arrays."""
+  return weight_bytes(proto) >= _PROTO_LIMIT
 
 
 @functools.lru_cache(maxsize=None)
@@ -634,7 +669,11 @@ def apply_edits(model: ONNXModel, edits: Edits) -> ONNXModel:
 
 
 def validate(proto: onnx.ModelProto) -> None:
-  """onnx.checker (full) and strict shape inference; raises InputError on failure."""
+  """onnx.checker (full) and strict shape inference; raises InputError on failure. A
+  model too large to serialise is checked without its large weights (as typed graph
+  inputs: the structure and every shape; its values were decoded into the view)."""
+  if too_large(proto):
+    proto = _without_weights(proto)
   try:
     onnx.checker.check_model(proto, full_check=True)
     onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
@@ -654,9 +693,10 @@ def write(model: ONNXModel, path: str) -> None:
     name = os.path.basename(path)
     proto = onnx.ModelProto()
     proto.CopyFrom(model.proto)
-    if model.external_data:
+    if model.external_data or too_large(proto):
       onnx.save_model(proto, os.path.join(tmp, name), save_as_external_data=True,
                       all_tensors_to_one_file=True, location=name + ".data", size_threshold=1024)
+      files.make_readable(os.path.join(tmp, name + ".data"))
       os.replace(os.path.join(tmp, name + ".data"), path + ".data")
     else:
       with open(os.path.join(tmp, name), "wb") as f:
@@ -673,22 +713,29 @@ class Runner:
                optimize: bool = True, arrays=None):
     """`extra`: intermediate tensors fetched after the outputs; optimize=False
     runs ONNX Runtime's basic graph optimisations only (the oracle's few runs).
-    `arrays` is accepted for the protocol and not needed: the session reads the
-    weights from the model."""
-    del arrays
+    The session reads the weights from the model; a model too large to serialise
+    (too_large) gets its large weights as arrays instead, taken from `arrays`
+    (tensor -> value, the view's constants: no new copy) where it has them."""
     import onnxruntime  # pylint: disable=g-import-not-at-top
     if options is None:
       options = onnxruntime.SessionOptions()
       options.log_severity_level = 4  # errors come back as RunError, not log lines
       if not optimize:
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        # Pre-packed weights are a second copy of each, worth it only over many runs.
+        options.add_session_config_entry("session.disable_prepacking", "1")
     graph = model.proto.graph
     # Extra fetches must be graph outputs: added for serialising, then taken off
     # again (the model is left as it was; copying it would copy every weight).
     added = [t for t in extra if t not in {o.name for o in graph.output}]
     graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in added)
+    self._weights = []
     try:
-      data = model.proto.SerializeToString()
+      if too_large(model.proto):
+        data, names, self._weights = _with_weights_apart(model.proto, arrays or {})
+        options.add_external_initializers(names, self._weights)
+      else:
+        data = model.proto.SerializeToString()
     finally:
       del graph.output[len(graph.output) - len(added):]
     try:
@@ -709,3 +756,39 @@ class Runner:
 
   def close(self) -> None:
     self._session = None
+    self._weights = []
+
+
+# Initializers of at least this many bytes go to ONNX Runtime as arrays (too_large).
+_APART_BYTES = 1 << 20
+
+
+def _with_weights_apart(proto: onnx.ModelProto, arrays) -> tuple[bytes, list, list]:
+  """The model serialised with each large initializer marked as external data, and
+  those initializers' names and values as OrtValues for
+  SessionOptions.add_external_initializers (ONNX Runtime reads the arrays in place;
+  the values come from `arrays` where it has them, else decoded one at a time)."""
+  import onnxruntime  # pylint: disable=g-import-not-at-top
+  light = onnx.ModelProto()
+  _copy_fields(proto, light, skip=("graph",))
+  _copy_fields(proto.graph, light.graph, skip=("initializer",))
+  names, values = [], []
+  for t in proto.graph.initializer:
+    size = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize if t.data_type else 0
+    if math.prod(t.dims) * size < _APART_BYTES:
+      light.graph.initializer.append(t)
+      continue
+    stub = light.graph.initializer.add()
+    stub.name, stub.data_type = t.name, t.data_type
+    stub.dims.extend(t.dims)
+    stub.data_location = onnx.TensorProto.EXTERNAL
+    entry = stub.external_data.add()
+    entry.key, entry.value = "location", "graph_prune-in-memory"
+    value = arrays.get(t.name)
+    if (value is None or tuple(np.shape(value)) != tuple(t.dims) or
+        np.asarray(value).dtype != onnx.helper.tensor_dtype_to_np_dtype(t.data_type)):
+      value = array(t)   # (a view's constant of another dtype: a quantized weight's value)
+    value = np.ascontiguousarray(value)
+    names.append(t.name)
+    values.append(onnxruntime.OrtValue.ortvalue_from_numpy(value))
+  return light.SerializeToString(), names, values

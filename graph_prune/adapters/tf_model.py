@@ -177,10 +177,14 @@ def _load_saved_model(path: str, signature: str) -> TFModel:
     raise errors.UsageError(f"SavedModel '{path}' has no signature '{signature}'; it has: "
                             f"{', '.join(sorted(sigs)) or 'none'}")
   fn = sigs[signature]
-  frozen = convert_to_constants.convert_variables_to_constants_v2(fn)
-  gd = frozen.graph.as_graph_def()
+  if _variable_bytes(fn) < _PROTO_LIMIT:
+    frozen = convert_to_constants.convert_variables_to_constants_v2(fn)
+    gd = frozen.graph.as_graph_def()
+    inputs, outputs = frozen.inputs, [t.name for t in frozen.outputs]
+  else:
+    gd, inputs, outputs = _freeze_large(fn)
   specs = fn.structured_input_signature[1]
-  placeholders = {t.op.name: t.name for t in frozen.inputs}
+  placeholders = {t.op.name: t.name for t in inputs}
   ins = []
   for key in sorted(specs):
     name = specs[key].name or key
@@ -190,12 +194,53 @@ def _load_saved_model(path: str, signature: str) -> TFModel:
     ins.append((key, tensor))
   # Frozen outputs follow the flattened (key-sorted) order of the signature's outputs.
   keys = sorted(fn.structured_outputs)
-  if len(keys) != len(frozen.outputs):
+  if len(keys) != len(outputs):
     raise errors.InputError(f"signature '{signature}' of '{path}' has nested outputs; only "
                             "flat dicts of tensors are supported")
-  outs = [(key, t.name) for key, t in zip(keys, frozen.outputs)]
+  outs = list(zip(keys, outputs))
   sig = Signature(signature, tuple(ins), tuple(outs))
   return TFModel(SAVED_MODEL, gd, tuple(t for _, t in ins), tuple(t for _, t in outs), sig)
+
+
+# Protobuf serialises no message of 2 GiB or more; the graph itself needs some room.
+_PROTO_LIMIT = 2**31 - 2**26
+
+
+def _variable_bytes(fn) -> int:
+  """The bytes of the variables a concrete function captures."""
+  return sum(v.shape.num_elements() * v.dtype.size for v in fn.graph.variables
+             if v.shape.is_fully_defined())
+
+
+def _freeze_large(fn):
+  """The function with its variables made constants, for variables of protobuf's
+  2 GiB or more: TensorFlow's converter checks its result by importing it whole into
+  a graph, which such a GraphDef cannot pass (it is serialised on the way), so the
+  GraphDef is taken from the conversion itself and never serialised whole; this
+  package hands TensorFlow only graphs without the large weights (_light). Returns
+  the GraphDef, the input placeholders (as tensors with .op.name and .name) and the
+  output tensor names."""
+  from tensorflow.python.framework import convert_to_constants as c2c  # pylint: disable=g-import-not-at-top
+  try:
+    data = c2c._FunctionConverterDataInEager(  # pylint: disable=protected-access
+        func=fn, lower_control_flow=True, aggressive_inlining=False)
+    gd, _ = c2c._replace_variables_by_constants(converter_data=data)  # pylint: disable=protected-access
+  except AttributeError:
+    raise errors.InputError("this TensorFlow cannot freeze a SavedModel of 2 GiB or more "
+                            "of variables without serialising it") from None
+  names = {n.name for n in gd.node}
+  inputs = [t for t in fn.inputs if t.dtype != tf.resource and t.op.name in names]
+  outputs = [t.name for t in fn.outputs]
+  for t in outputs:
+    if _node_name(t) not in names:
+      raise errors.InputError(f"freezing the SavedModel lost its output '{t}'")
+  try:
+    with tf.Graph().as_default():
+      tf.compat.v1.import_graph_def(_light(gd)[0], name="")
+  except (ValueError, TypeError, tf.errors.OpError) as e:
+    raise errors.InputError(f"the frozen SavedModel is not a valid graph "
+                            f"({str(e).splitlines()[0][:200]})") from None
+  return gd, inputs, outputs
 
 
 # Weights of at least this many elements are left out of the graphs that grappler,
