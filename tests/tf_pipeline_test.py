@@ -297,15 +297,15 @@ class WholeCommandMemoryTest(absltest.TestCase):
 
   def test_regression_saved_model_over_protobuf_limit_is_frozen_without_serialising(self):
     """A SavedModel with 2 GiB or more of variables failed to load ('Invalid GraphDef':
-    TensorFlow's freezer imports its result whole). Here the limit is lowered so that a
-    small SavedModel takes the other path; it must give the same model and the same
-    pruned model as the usual one."""
+    TensorFlow's freezer imports its result whole). Here a small SavedModel takes the
+    other path (its variables said to be 2 GiB); it must give
+    the same model and the same pruned model as the usual one."""
     from unittest import mock  # pylint: disable=g-import-not-at-top
     tmp = self.create_tempdir().full_path
     model, _ = keras_zoo.make_planted_model(seed=2)
     sm = keras_zoo.save_saved_model(model, os.path.join(tmp, "sm"))
     usual = tf_model.load(sm)
-    with mock.patch.object(tf_model, "_PROTO_LIMIT", 1000), \
+    with mock.patch.object(tf_model, "_variable_bytes", return_value=2**31), \
          mock.patch.object(tf_model, "_freeze_large", wraps=tf_model._freeze_large) as large:  # pylint: disable=protected-access
       apart = tf_model.load(sm)
       self.assertEqual(large.call_count, 1)
@@ -322,6 +322,11 @@ class WholeCommandMemoryTest(absltest.TestCase):
     b = tf.saved_model.load(out).signatures["serving_default"](input=tf.constant(x))
     self.assertEqual(set(a), set(b))
     np.testing.assert_allclose(a["output"].numpy(), b["output"].numpy(), rtol=1e-5, atol=1e-6)
+    # A pruned model still past the limit cannot be written frozen: refused, nothing written.
+    with mock.patch.object(tf_model, "_PROTO_LIMIT", 1000):
+      with self.assertRaisesRegex(errors.UsageError, "cannot hold 2 GiB; prune more"):
+        tf_model.write(apart, os.path.join(tmp, "too_large"))
+    self.assertFalse(os.path.exists(os.path.join(tmp, "too_large")))
 
   def test_regression_oracle_masks_in_place_and_gives_the_weights_back(self):
     """The masked original zeroes the view's own arrays for its run instead of copying

@@ -650,6 +650,12 @@ def write(model: TFModel, path: str) -> None:
   parent = os.path.dirname(os.path.abspath(path))
   if not os.path.isdir(parent):
     raise errors.UsageError(f"output directory '{parent}' does not exist")
+  size = constant_bytes(graph_def)
+  if size >= _PROTO_LIMIT:
+    raise errors.UsageError(
+        f"the pruned model still holds {size / 2**30:.2f} GiB of constants, and a frozen "
+        f"{'SavedModel' if model.kind == SAVED_MODEL else 'GraphDef'} cannot hold 2 GiB; "
+        "prune more of it (a higher --ratio); nothing written")
   if model.kind == SAVED_MODEL:
     tmp = tempfile.mkdtemp(prefix=".gp_tmp_", dir=parent)
     try:
@@ -661,6 +667,20 @@ def write(model: TFModel, path: str) -> None:
   data = (text_format.MessageToString(graph_def).encode("utf-8") if model.kind == GRAPHDEF_TEXT
           else serialized(graph_def))
   files.write_atomic(path, data)
+
+
+def constant_bytes(graph_def: tf.compat.v1.GraphDef) -> int:
+  """The bytes of the graph's constants, from their shapes and dtypes (nothing decoded)."""
+  total = 0
+  for node in graph_def.node:
+    if node.op == "Const" and "value" in node.attr:
+      t = node.attr["value"].tensor
+      try:
+        size = tf.dtypes.as_dtype(t.dtype).size
+      except TypeError:
+        continue
+      total += math.prod(max(d.size, 0) for d in t.tensor_shape.dim) * size
+  return total
 
 
 def _varint(n: int) -> bytes:
