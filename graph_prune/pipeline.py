@@ -19,6 +19,7 @@ import numpy as np
 from graph_prune import errors
 from graph_prune import files
 from graph_prune import formats
+from graph_prune import heap
 from graph_prune import plan as plan_lib
 from graph_prune import report as report_lib
 from graph_prune.analysis import blocks as blocks_lib
@@ -141,12 +142,20 @@ def model_ref(in_path: str, options: Options) -> formats.ModelRef:
 
 def prepare(in_path: str, options: Options = Options()) -> Prepared:
   ref = model_ref(in_path, options)
-  return prepare_model(ref.format, ref.load())
+  # The model as read is normalised in this expression, so that it is gone before the
+  # view is built (an argument stays referenced by the caller until the call returns:
+  # VGG16 held its weights three times over here).
+  return _viewed(ref.format, ref.format.adapter.normalise(ref.load()))
 
 
 def prepare_model(fmt: Format, model: Any) -> Prepared:
   """Normalise a loaded model, view it and analyse its channel groups."""
-  model = fmt.adapter.normalise(model)
+  return _viewed(fmt, fmt.adapter.normalise(model))
+
+
+def _viewed(fmt: Format, model: Any) -> Prepared:
+  """A normalised model with its view and its channel groups."""
+  heap.give_back()   # the model as read, and normalisation's copies
   graph = fmt.adapter.to_view(model)
   return Prepared(fmt, model, graph, groups_lib.analyse(graph, fmt.ops))
 
@@ -434,10 +443,10 @@ def run_oracle(adapter, original, masked, pruned, graph, options: Options,
   outputs, sets = [], None
   for what, model, arrays in runs:
     borrowed = in_place is not None and what == "masked original"
-    runner = None
+    runner = saved = None
     try:
       if borrowed:
-        in_place.zero(graph.constants)
+        saved = in_place.zero(graph.constants)
       runner = _Checked(what, lambda m, a=arrays: adapter.Runner(m, probes, optimize=False,
                                                                  arrays=a), model)
       if sets is None:
@@ -448,16 +457,10 @@ def run_oracle(adapter, original, masked, pruned, graph, options: Options,
         runner.close()
       del runner
       if borrowed:
-        # The view's arrays get their values back from the model's own constants.
-        # One at a time: all of them at once would be the copies this path avoids.
-        restored = set()
-        for name, value in adapter.constants(original, in_place.cuts):
-          np.copyto(graph.constants[name], value)
-          restored.add(name)
-          del value  # before the next one is decoded
-        if restored != set(in_place.cuts):
-          raise AssertionError("the masked weights cannot all be restored from the model: "
-                               f"{sorted(set(in_place.cuts) - restored)[:3]}")
+        # The view's arrays get their values back: from the file zero() saved them
+        # to, else from the model's own constants.
+        in_place.restore(graph.constants, saved,
+                         lambda: adapter.constants(original, in_place.cuts))
     if what == "original":
       for out in outputs[0]:
         oracle.check_finite(out)
@@ -528,10 +531,12 @@ def _prune_checked(prepared: Prepared, plan: plan_lib.Plan, options: Options):
   pruned = adapter.apply_edits(prepared.model, edits)
   copies = copies_of(edits)
   del edits  # its arrays are in the pruned model now; the check needs the memory
+  heap.give_back()
   pruned_view = validated_view(adapter, pruned)
   verification, verify_s = None, 0.0
   if options.verify:
     t0 = time.perf_counter()
+    heap.give_back()
     masked = masked_model(adapter, prepared.model, prepared.analysis, plan)
     verification = run_oracle(adapter, prepared.model, masked, pruned, prepared.graph, options,
                               set(kept_positions(prepared.analysis, plan)), pruned_view)
@@ -1004,6 +1009,7 @@ def write_outputs(prepared: Prepared, result: _Pruned, out_path: str, doc: repor
     model, quantization = quantize_model(
         fmt, model, options, samples if fmt.name == prepared.format.name else None)
     doc = dataclasses.replace(doc, quantization=quantization)
+  heap.give_back()   # the check's runs
   adapter.write(model, out_path)
   if options.plan_out:
     files.write_text(options.plan_out, result.plan.to_json())

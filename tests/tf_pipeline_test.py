@@ -257,6 +257,10 @@ class WholeCommandMemoryTest(absltest.TestCase):
       return inner(x) + 1.0
     library_gd = with_library.get_concrete_function().graph.as_graph_def()
     self.assertNotEmpty(library_gd.library.function)
+    # Large weights are encoded around their bytes (not copied into a node's buffer).
+    spliced = [n.name for n in self.model.graph_def.node
+               if len(tf_model._node_chunks(n)) > 1]  # pylint: disable=protected-access
+    self.assertGreater(len(spliced), 10)
     for gd in (self.model.graph_def, library_gd):
       self.assertEqual(b"".join(tf_model.serialized(gd)), gd.SerializeToString(deterministic=True))
 
@@ -344,6 +348,13 @@ class WholeCommandMemoryTest(absltest.TestCase):
     verification = pipeline.run_oracle(tf_model, self.model, masked, pruned, self.graph, options,
                                        cut, tf_model.to_view(pruned))
     self.assertTrue(verification.passed)
+    for t, value in before.items():
+      np.testing.assert_array_equal(self.graph.constants[t], value, err_msg=t)
+    # Where the values cannot be saved to a temporary file, they come from the model.
+    from unittest import mock  # pylint: disable=g-import-not-at-top
+    with mock.patch.object(slicing.tempfile, "TemporaryFile", side_effect=OSError("full")):
+      self.assertTrue(pipeline.run_oracle(tf_model, self.model, masked, pruned, self.graph,
+                                          options, cut, tf_model.to_view(pruned)).passed)
     for t, value in before.items():
       np.testing.assert_array_equal(self.graph.constants[t], value, err_msg=t)
     # A pruned model with one kept weight changed must fail, and still give back.

@@ -13,7 +13,8 @@ per consumer, and that consumer is re-wired to its copy.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+import tempfile
+from typing import IO, Callable, Iterator, Optional
 
 import numpy as np
 
@@ -79,8 +80,18 @@ class InPlaceMask:
   copies (a VGG16's masked weights are as large as the model)."""
   cuts: dict[str, dict[int, np.ndarray]]
 
-  def zero(self, constants: dict[str, np.ndarray]) -> None:
-    """Zeroes the cut channels of `constants` in place."""
+  def zero(self, constants: dict[str, np.ndarray]) -> Optional[IO[bytes]]:
+    """Zeroes the cut channels of `constants` in place, after saving the arrays to a
+    temporary file (on disk, not in memory) for restore(); None where that failed."""
+    saved = None
+    try:
+      saved = tempfile.TemporaryFile(prefix="graph_prune_mask_")
+      for const in self.cuts:
+        saved.write(memoryview(_bytes_of(constants[const])))
+    except OSError:
+      if saved is not None:
+        saved.close()
+      saved = None
     for const, ops in self.cuts.items():
       value = constants[const]
       for axis, keep in ops.items():
@@ -89,6 +100,36 @@ class InPlaceMask:
         index = [slice(None)] * value.ndim
         index[axis] = ~keep
         value[tuple(index)] = 0
+    return saved
+
+  def restore(self, constants: dict[str, np.ndarray], saved: Optional[IO[bytes]],
+              from_model: Callable[[], Iterator[tuple[str, np.ndarray]]]) -> None:
+    """Gives `constants` back their values: read back into place from the file zero()
+    saved, or else taken from the model (from_model yields (const, value) one at a
+    time); AssertionError where a value cannot be given back."""
+    restored = set()
+    if saved is not None:
+      with saved:
+        saved.seek(0)
+        for const in self.cuts:
+          target = memoryview(_bytes_of(constants[const]))
+          if saved.readinto(target) != len(target):
+            raise AssertionError(f"the saved values of '{const}' are cut short")
+          restored.add(const)
+    else:
+      for const, value in from_model():
+        if const in self.cuts:
+          np.copyto(constants[const], value)
+          restored.add(const)
+        del value  # before the next one is decoded
+    if restored != set(self.cuts):
+      raise AssertionError("the masked weights cannot all be restored: "
+                           f"{sorted(set(self.cuts) - restored)[:3]}")
+
+
+def _bytes_of(value: np.ndarray) -> np.ndarray:
+  """The array's own memory as bytes (C-contiguous arrays only)."""
+  return value.reshape(-1).view(np.uint8)
 
 
 def in_place_mask(analysis: groups_lib.Analysis, plan: plan_lib.Plan) -> Optional[InPlaceMask]:
@@ -100,7 +141,7 @@ def in_place_mask(analysis: groups_lib.Analysis, plan: plan_lib.Plan) -> Optiona
   for const, per_consumer in wanted.items():
     value = analysis.graph.constants[const]
     if not (np.ndim(value) and np.issubdtype(value.dtype, np.floating) and
-            value.flags.writeable):
+            value.flags.writeable and value.flags.c_contiguous):
       return None
     readers = {n.name for n, _ in analysis.graph.consumers(const)}
     first = next(iter(per_consumer.values()))
