@@ -86,13 +86,18 @@ def _parse_graph_def(path: str) -> tuple[tf.compat.v1.GraphDef, str]:
     raise errors.InputError(f"'{path}' holds no graph nodes; give a frozen .pb/.pbtxt or a "
                             "SavedModel directory")
   _check_constants(gd, path)
+  _check_imports(gd, f"'{path}' is not a valid TensorFlow graph")
+  return gd, kind
+
+
+def _check_imports(gd: tf.compat.v1.GraphDef, what: str) -> None:
+  """TensorFlow's import (op definitions, attributes, shapes) of the graph without
+  its large weights; InputError "<what> (<TensorFlow's reason>)" where it fails."""
   try:
     with tf.Graph().as_default():
       tf.compat.v1.import_graph_def(_light(gd)[0], name="")
   except (ValueError, TypeError, tf.errors.OpError) as e:
-    raise errors.InputError(f"'{path}' is not a valid TensorFlow graph "
-                            f"({str(e).splitlines()[0][:200]})") from None
-  return gd, kind
+    raise errors.InputError(f"{what} ({str(e).splitlines()[0][:200]})") from None
 
 
 def _check_constants(gd: tf.compat.v1.GraphDef, path: str) -> None:
@@ -112,11 +117,12 @@ def _check_constants(gd: tf.compat.v1.GraphDef, path: str) -> None:
     count = 1
     for d in t.tensor_shape.dim:
       count *= max(d.size, 0)
-    if t.tensor_content:
-      ok = len(t.tensor_content) == count * dtype.size
+    packed = len(t.tensor_content)  # (one copy of the bytes; ListFields would copy them too)
+    if packed:
+      ok = packed == count * dtype.size
     else:
-      fields = [f for f, _ in t.ListFields() if f.name.endswith("_val")]
-      ok = all(len(getattr(t, f.name)) in (0, 1, count) for f in fields)
+      ok = all(len(getattr(t, f.name)) in (0, 1, count) for f in t.DESCRIPTOR.fields
+               if f.name.endswith("_val") and f.label == f.LABEL_REPEATED)
     if not ok or any(d.size < 0 for d in t.tensor_shape.dim):
       raise errors.InputError(f"'{path}': constant '{node.name}' does not hold the "
                               f"{count} values its shape says; the file is corrupt")
@@ -234,12 +240,7 @@ def _freeze_large(fn):
   for t in outputs:
     if _node_name(t) not in names:
       raise errors.InputError(f"freezing the SavedModel lost its output '{t}'")
-  try:
-    with tf.Graph().as_default():
-      tf.compat.v1.import_graph_def(_light(gd)[0], name="")
-  except (ValueError, TypeError, tf.errors.OpError) as e:
-    raise errors.InputError(f"the frozen SavedModel is not a valid graph "
-                            f"({str(e).splitlines()[0][:200]})") from None
+  _check_imports(gd, "the frozen SavedModel is not a valid graph")
   return gd, inputs, outputs
 
 
@@ -693,18 +694,32 @@ def _node_chunks(node) -> list:
   buffer and its result were three times the node (a pruned VGG16's first dense
   layer is 100 MB). The fields come in the encoder's order, so the bytes are equal."""
   tensor = node.attr["value"].tensor if node.op == "Const" and "value" in node.attr else None
+  # (ListFields and ByteSize are not used: they copy the tensor's bytes, ByteSize 4 times.)
   if (tensor is None or set(node.attr) != {"dtype", "value"} or
-      {f.name for f, _ in node.ListFields()} - {"name", "op", "input", "device", "attr"} or
-      {f.name for f, _ in tensor.ListFields()} - {"dtype", "tensor_shape", "version_number",
-                                                   "tensor_content"} or
-      math.prod(max(d.size, 0) for d in tensor.tensor_shape.dim) < _SPLICE_BYTES // 4):
+      node.HasField("experimental_debug_info") or node.HasField("experimental_type") or
+      node.attr["value"].WhichOneof("value") != "tensor"):
+    return [node.SerializeToString(deterministic=True)]
+  for field in tensor.DESCRIPTOR.fields:
+    if field.name not in ("dtype", "tensor_shape", "version_number", "tensor_content") and (
+        len(getattr(tensor, field.name)) if field.label == field.LABEL_REPEATED
+        else getattr(tensor, field.name) if field.type == field.TYPE_BYTES
+        else tensor.HasField(field.name) if field.message_type else False):
+      return [node.SerializeToString(deterministic=True)]
+  try:
+    expected = (math.prod(max(d.size, 0) for d in tensor.tensor_shape.dim) *
+                tf.dtypes.as_dtype(tensor.dtype).size)
+  except TypeError:
+    return [node.SerializeToString(deterministic=True)]
+  if expected < _SPLICE_BYTES:
+    return [node.SerializeToString(deterministic=True)]
+  content = tensor.tensor_content
+  if len(content) != expected:
     return [node.SerializeToString(deterministic=True)]
   head = type(node)(name=node.name, op=node.op, input=node.input, device=node.device)
   head.attr["dtype"].CopyFrom(node.attr["dtype"])
   meta = type(tensor)(dtype=tensor.dtype, version_number=tensor.version_number)
   meta.tensor_shape.CopyFrom(tensor.tensor_shape)
   meta_bytes = meta.SerializeToString(deterministic=True)
-  content = tensor.tensor_content
   content_head = b"\x22" + _varint(len(content))                  # TensorProto.tensor_content = 4
   tensor_len = len(meta_bytes) + len(content_head) + len(content)
   value_head = b"\x42" + _varint(tensor_len)                       # AttrValue.tensor = 8
