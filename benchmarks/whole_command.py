@@ -26,6 +26,7 @@ Linux only (/proc/self/status).
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -224,11 +225,37 @@ def _stages(path: str, ratio: float) -> dict:
     return pipeline.run_oracle(adapter, model, masked, pruned, graph, options,
                                set(pipeline.kept_positions(analysis, plan)), pruned_view)
   verification = stage("verify", verify)
-  out = os.path.join(tempfile.mkdtemp(), "out.pb")
-  stage("write", lambda: adapter.write(pruned, out))
+  out_dir = tempfile.mkdtemp()
+  out = os.path.join(out_dir, "out" + (".onnx" if path.endswith(".onnx") else ".pb"))
+  try:
+    stage("write", lambda: adapter.write(pruned, out))
+  finally:
+    shutil.rmtree(out_dir, ignore_errors=True)
   const_bytes = sum(int(c.nbytes) for c in graph.constants.values())
   return {"const_bytes": const_bytes, "stages": stages,
           "verify_max_rel_diff": verification.max_rel_diff}
+
+
+def _measure(label: str, path: str, out: str, baseline: int, size_name: str) -> dict:
+  """The whole command on one model, then its stages in a child; prints both."""
+  command = _command(path, out, _RATIO.value)
+  r = subprocess.run([sys.executable, os.path.abspath(__file__), f"--stage_child={path}",
+                      f"--ratio={_RATIO.value}"], capture_output=True, text=True,
+                     env=dict(os.environ, PYTHONPATH=_ROOT), check=False)
+  if r.returncode:
+    raise RuntimeError(f"stages of {label} failed: {r.stderr[-2000:]}")
+  staged = json.loads(r.stdout.split("RESULT ", 1)[1])
+  const = staged["const_bytes"]
+  peak = (command["peak_kib"] - baseline) * 1024 if command["peak_kib"] else None
+  print(f"\n{label}: {size_name} {const / 1e6:.1f} MB; whole command "
+        f"{command['wall_s']:.1f} s, peak {peak / 1e6 if peak else float('nan'):.0f} MB above "
+        f"the baseline ({peak / const if peak else float('nan'):.2f}x them)")
+  print(f"  {'stage':10}{'s':>9}{'peak MB':>10}{'x const':>9}{'resident MB':>13}")
+  for s in staged["stages"]:
+    print(f"  {s['stage']:10}{s['seconds']:>9.2f}{s['peak_above_baseline_bytes'] / 1e6:>10.0f}"
+          f"{s['peak_above_baseline_bytes'] / const:>9.2f}"
+          f"{s['resident_after_bytes'] / 1e6:>13.0f}")
+  return dict(staged, command_wall_s=command["wall_s"], command_peak_above_baseline_bytes=peak)
 
 
 def main(argv):
@@ -242,39 +269,17 @@ def main(argv):
   results = {"baseline_kib": baseline, "ratio": _RATIO.value, "models": {}}
   for name in _MODELS.value:
     path = _build(name, _SIZE.value, work_dir)
-    command = _command(path, os.path.join(work_dir, f"{name}_pruned.pb"), _RATIO.value)
-    r = subprocess.run([sys.executable, os.path.abspath(__file__), f"--stage_child={path}",
-                        f"--ratio={_RATIO.value}"], capture_output=True, text=True,
-                       env=dict(os.environ, PYTHONPATH=_ROOT), check=False)
-    if r.returncode:
-      raise RuntimeError(f"stages of {name} failed: {r.stderr[-2000:]}")
-    staged = json.loads(r.stdout.split("RESULT ", 1)[1])
-    const = staged["const_bytes"]
-    peak = (command["peak_kib"] - baseline) * 1024 if command["peak_kib"] else None
-    results["models"][name] = dict(staged, command_wall_s=command["wall_s"],
-                                   command_peak_above_baseline_bytes=peak)
-    print(f"\n{name} {_SIZE.value}x{_SIZE.value}: constants {const / 1e6:.1f} MB; whole command "
-          f"{command['wall_s']:.1f} s, peak {peak / 1e6 if peak else float('nan'):.0f} MB above "
-          f"the baseline ({peak / const if peak else float('nan'):.2f}x the constants)")
-    print(f"  {'stage':10}{'s':>9}{'peak MB':>10}{'x const':>9}{'resident MB':>13}")
-    for s in staged["stages"]:
-      print(f"  {s['stage']:10}{s['seconds']:>9.2f}{s['peak_above_baseline_bytes'] / 1e6:>10.0f}"
-            f"{s['peak_above_baseline_bytes'] / const:>9.2f}"
-            f"{s['resident_after_bytes'] / 1e6:>13.0f}")
+    results["models"][name] = _measure(
+        f"{name} {_SIZE.value}x{_SIZE.value}", path,
+        os.path.join(work_dir, f"{name}_pruned.pb"), baseline, "constants")
   if _LARGE_GB.value > 0:
-    onnx_path, weight_bytes = _build_large_onnx(_LARGE_GB.value, work_dir)
+    onnx_path, _ = _build_large_onnx(_LARGE_GB.value, work_dir)
     saved_model = _build_large_saved_model(onnx_path, work_dir)
     for key, path, what, out in (
         ("large_onnx", onnx_path, "ONNX with external data", "large_pruned.onnx"),
         ("large_saved_model", saved_model, "SavedModel with variables", "large_pruned_sm")):
-      command = _command(path, os.path.join(work_dir, out), _RATIO.value)
-      peak = (command["peak_kib"] - baseline) * 1024
-      results[key] = {"path": os.path.basename(path), "weight_bytes": weight_bytes,
-                      "command_wall_s": command["wall_s"],
-                      "command_peak_above_baseline_bytes": peak}
-      print(f"\n{what}, {weight_bytes / 2**30:.2f} GiB of weights ({os.path.basename(path)}): "
-            f"whole command {command['wall_s']:.1f} s, peak {peak / 2**30:.2f} GiB above the "
-            f"baseline ({peak / weight_bytes:.2f}x the weights)")
+      results["models"][key] = _measure(f"{what} ({os.path.basename(path)})", path,
+                                        os.path.join(work_dir, out), baseline, "weights")
   if _JSON.value:
     with open(_JSON.value, "w", encoding="utf-8") as f:
       json.dump(results, f, indent=1, sort_keys=True)
