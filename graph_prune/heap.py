@@ -22,9 +22,17 @@ def _trim():
     return None
 
 
-def give_back() -> None:
-  """Collects garbage in reference cycles (a model as read was held by one until the
-  collector ran), then returns the heap's free memory to the operating system."""
+# Below this many bytes of weights a model's freed copies are small, and a full
+# collection (about 0.15 s with TensorFlow loaded) is not worth it.
+WORTH_BYTES = 64 << 20
+
+
+def give_back(weight_bytes: int) -> None:
+  """For a model of `weight_bytes` of weights (WORTH_BYTES or more): collects garbage
+  in reference cycles (a model as read was held by one until the collector ran), then
+  returns the heap's free memory to the operating system."""
+  if weight_bytes < WORTH_BYTES:
+    return
   gc.collect()
   trim = _trim()
   if trim is not None:

@@ -145,7 +145,7 @@ def prepare(in_path: str, options: Options = Options()) -> Prepared:
   # The model as read is normalised in this expression, so that it is gone before the
   # view is built (an argument stays referenced by the caller until the call returns:
   # VGG16 held its weights three times over here).
-  return _viewed(ref.format, ref.format.adapter.normalise(ref.load()))
+  return _viewed(ref.format, ref.format.adapter.normalise(ref.load()), _bytes_on_disk(in_path))
 
 
 def prepare_model(fmt: Format, model: Any) -> Prepared:
@@ -153,9 +153,23 @@ def prepare_model(fmt: Format, model: Any) -> Prepared:
   return _viewed(fmt, fmt.adapter.normalise(model))
 
 
-def _viewed(fmt: Format, model: Any) -> Prepared:
+def _bytes_on_disk(path: str) -> int:
+  """A model's size on disk (a SavedModel directory's files, an ONNX model's data)."""
+  try:
+    if os.path.isdir(path):
+      return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+    return sum(os.path.getsize(p) for p in (path, path + ".data") if os.path.isfile(p))
+  except OSError:
+    return 0
+
+
+def _weight_bytes(graph) -> int:
+  return sum(int(np.asarray(c).nbytes) for c in graph.constants.values())
+
+
+def _viewed(fmt: Format, model: Any, size_hint: int = 0) -> Prepared:
   """A normalised model with its view and its channel groups."""
-  heap.give_back()   # the model as read, and normalisation's copies
+  heap.give_back(size_hint)   # the model as read, and normalisation's copies
   graph = fmt.adapter.to_view(model)
   return Prepared(fmt, model, graph, groups_lib.analyse(graph, fmt.ops))
 
@@ -531,12 +545,12 @@ def _prune_checked(prepared: Prepared, plan: plan_lib.Plan, options: Options):
   pruned = adapter.apply_edits(prepared.model, edits)
   copies = copies_of(edits)
   del edits  # its arrays are in the pruned model now; the check needs the memory
-  heap.give_back()
+  heap.give_back(_weight_bytes(prepared.graph))
   pruned_view = validated_view(adapter, pruned)
   verification, verify_s = None, 0.0
   if options.verify:
     t0 = time.perf_counter()
-    heap.give_back()
+    heap.give_back(_weight_bytes(prepared.graph))
     masked = masked_model(adapter, prepared.model, prepared.analysis, plan)
     verification = run_oracle(adapter, prepared.model, masked, pruned, prepared.graph, options,
                               set(kept_positions(prepared.analysis, plan)), pruned_view)
@@ -1009,7 +1023,7 @@ def write_outputs(prepared: Prepared, result: _Pruned, out_path: str, doc: repor
     model, quantization = quantize_model(
         fmt, model, options, samples if fmt.name == prepared.format.name else None)
     doc = dataclasses.replace(doc, quantization=quantization)
-  heap.give_back()   # the check's runs
+  heap.give_back(_weight_bytes(prepared.graph))   # the check's runs
   adapter.write(model, out_path)
   if options.plan_out:
     files.write_text(options.plan_out, result.plan.to_json())
