@@ -91,9 +91,9 @@ def _build(name: str, size: int, work_dir: str) -> str:
   return path
 
 
-def _build_large_onnx(gb: float, work_dir: str) -> tuple[str, int]:
+def _build_large_onnx(gb: float, work_dir: str) -> str:
   """A conv stack with `gb` GB of float32 weights, saved with external data (random
-  weights, He-scaled, random biases): the path and the weight bytes."""
+  weights, He-scaled, random biases): its path."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   import onnx  # pylint: disable=g-import-not-at-top
   from onnx import helper  # pylint: disable=g-import-not-at-top
@@ -103,19 +103,17 @@ def _build_large_onnx(gb: float, work_dir: str) -> tuple[str, int]:
   layers = max(1, int(round((gb * 1e9 - width * first * 9 * 4) / per_layer)) + 1)
   path = os.path.join(work_dir, f"large_{layers}x{width}.onnx")
   rng = np.random.default_rng(0)
-  nodes, inits, x, c, total = [], [], "input", first, 0
+  nodes, inits, x, c = [], [], "input", first
   for i in range(layers):
     w = rng.standard_normal((width, c, 3, 3), dtype=np.float32) * np.float32((2 / (9 * c)) ** .5)
     b = rng.standard_normal(width, dtype=np.float32) * np.float32(0.1)
     inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]
-    total += w.nbytes + b.nbytes
     nodes += [helper.make_node("Conv", [x, f"w{i}", f"b{i}"], [f"c{i}"], pads=[1, 1, 1, 1]),
               helper.make_node("Relu", [f"c{i}"], [f"r{i}"])]
     x, c = f"r{i}", width
   head = rng.standard_normal((c, 10), dtype=np.float32) * np.float32(0.05)
   inits += [numpy_helper.from_array(head, "fc_w"),
             numpy_helper.from_array(np.full(10, 0.1, np.float32), "fc_b")]
-  total += head.nbytes + 40
   nodes += [helper.make_node("GlobalAveragePool", [x], ["gap"]),
             helper.make_node("Flatten", ["gap"], ["flat"]),
             helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"])]
@@ -127,7 +125,7 @@ def _build_large_onnx(gb: float, work_dir: str) -> tuple[str, int]:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
                     location=os.path.basename(path) + ".data", size_threshold=1024)
-  return path, total
+  return path
 
 
 def _build_large_saved_model(onnx_path: str, work_dir: str) -> str:
@@ -273,7 +271,7 @@ def main(argv):
         f"{name} {_SIZE.value}x{_SIZE.value}", path,
         os.path.join(work_dir, f"{name}_pruned.pb"), baseline, "constants")
   if _LARGE_GB.value > 0:
-    onnx_path, _ = _build_large_onnx(_LARGE_GB.value, work_dir)
+    onnx_path = _build_large_onnx(_LARGE_GB.value, work_dir)
     saved_model = _build_large_saved_model(onnx_path, work_dir)
     for key, path, what, out in (
         ("large_onnx", onnx_path, "ONNX with external data", "large_pruned.onnx"),

@@ -545,12 +545,13 @@ def _prune_checked(prepared: Prepared, plan: plan_lib.Plan, options: Options):
   pruned = adapter.apply_edits(prepared.model, edits)
   copies = copies_of(edits)
   del edits  # its arrays are in the pruned model now; the check needs the memory
-  heap.give_back(_weight_bytes(prepared.graph))
+  weight_bytes = _weight_bytes(prepared.graph)
+  heap.give_back(weight_bytes)
   pruned_view = validated_view(adapter, pruned)
   verification, verify_s = None, 0.0
   if options.verify:
     t0 = time.perf_counter()
-    heap.give_back(_weight_bytes(prepared.graph))
+    heap.give_back(weight_bytes)
     masked = masked_model(adapter, prepared.model, prepared.analysis, plan)
     verification = run_oracle(adapter, prepared.model, masked, pruned, prepared.graph, options,
                               set(kept_positions(prepared.analysis, plan)), pruned_view)

@@ -367,13 +367,15 @@ def _without_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
 _PROTO_LIMIT = 2**31 - 2**26
 
 
+def _nbytes(t: onnx.TensorProto) -> int:
+  """A tensor's bytes from its dims and type (nothing decoded)."""
+  size = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize if t.data_type else 0
+  return math.prod(t.dims) * size
+
+
 def weight_bytes(proto: onnx.ModelProto) -> int:
   """The bytes of the model's initializers, from their dims (nothing is decoded)."""
-  total = 0
-  for t in proto.graph.initializer:
-    size = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize if t.data_type else 0
-    total += math.prod(t.dims) * size
-  return total
+  return sum(_nbytes(t) for t in proto.graph.initializer)
 
 
 def too_large(proto: onnx.ModelProto) -> bool:
@@ -774,8 +776,7 @@ def _with_weights_apart(proto: onnx.ModelProto, arrays) -> tuple[bytes, list, li
   _copy_fields(proto.graph, light.graph, skip=("initializer",))
   names, values = [], []
   for t in proto.graph.initializer:
-    size = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize if t.data_type else 0
-    if math.prod(t.dims) * size < _APART_BYTES:
+    if _nbytes(t) < _APART_BYTES:
       light.graph.initializer.append(t)
       continue
     stub = light.graph.initializer.add()

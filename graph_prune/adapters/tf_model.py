@@ -670,18 +670,20 @@ def write(model: TFModel, path: str) -> None:
   files.write_atomic(path, data)
 
 
+def _nbytes(tensor) -> Optional[int]:
+  """A TensorProto's bytes from its shape and dtype (nothing decoded); None for an
+  unknown dtype."""
+  try:
+    size = tf.dtypes.as_dtype(tensor.dtype).size
+  except TypeError:
+    return None
+  return math.prod(max(d.size, 0) for d in tensor.tensor_shape.dim) * size
+
+
 def constant_bytes(graph_def: tf.compat.v1.GraphDef) -> int:
   """The bytes of the graph's constants, from their shapes and dtypes (nothing decoded)."""
-  total = 0
-  for node in graph_def.node:
-    if node.op == "Const" and "value" in node.attr:
-      t = node.attr["value"].tensor
-      try:
-        size = tf.dtypes.as_dtype(t.dtype).size
-      except TypeError:
-        continue
-      total += math.prod(max(d.size, 0) for d in t.tensor_shape.dim) * size
-  return total
+  return sum(_nbytes(n.attr["value"].tensor) or 0 for n in graph_def.node
+             if n.op == "Const" and "value" in n.attr)
 
 
 _SPLICE_BYTES = 1 << 20
@@ -705,12 +707,8 @@ def _node_chunks(node) -> list:
         else getattr(tensor, field.name) if field.type == field.TYPE_BYTES
         else tensor.HasField(field.name) if field.message_type else False):
       return [node.SerializeToString(deterministic=True)]
-  try:
-    expected = (math.prod(max(d.size, 0) for d in tensor.tensor_shape.dim) *
-                tf.dtypes.as_dtype(tensor.dtype).size)
-  except TypeError:
-    return [node.SerializeToString(deterministic=True)]
-  if expected < _SPLICE_BYTES:
+  expected = _nbytes(tensor)
+  if expected is None or expected < _SPLICE_BYTES:
     return [node.SerializeToString(deterministic=True)]
   content = tensor.tensor_content
   if len(content) != expected:
@@ -939,9 +937,9 @@ class Runner:
     self._outputs = [self._graph.get_tensor_by_name(t) for t in self._fetches]
     arrays = arrays or {}
     # Aligned, so that each run reads them in place (graph/arrays.py).
-    self._weights = {self._graph.get_tensor_by_name(f"{name}:0"): arrays_lib.aligned(
-        arrays[f"{name}:0"] if f"{name}:0" in arrays
-        else tf.make_ndarray(node.attr["value"].tensor))
+    self._weights = {self._graph.get_tensor_by_name(f"{name}:0"):
+                     arrays_lib.aligned(arrays[f"{name}:0"]) if f"{name}:0" in arrays
+                     else _aligned_value(node.attr["value"].tensor)
                      for name, node in heavy.items()}
     config = config_pb2.ConfigProto()
     if not optimize:
