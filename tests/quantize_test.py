@@ -60,6 +60,64 @@ class CodebookTest(absltest.TestCase):
       codebook.fit(np.ones((4, 4), np.float32) * np.arange(4), 3)
 
 
+def _rows(seed, n, f):
+  """Correlated input rows (what a layer sees: channels that move together)."""
+  rng = np.random.default_rng(seed)
+  return rng.standard_normal((n, f)) @ rng.standard_normal((f, f)) * 0.3 + rng.standard_normal(f)
+
+
+class CodebookToOutputsTest(absltest.TestCase):
+  """codebook.fit_outputs: the table chosen for the layer's outputs, not its values."""
+
+  def _errors(self, x, w, fit):
+    ref = np.linalg.norm(x @ w)
+    plain = codebook.fit(w, 4).weight()
+    return (np.linalg.norm(x @ (plain - w)) / ref,
+            np.linalg.norm(x @ (fit.codebook[fit.assign][0] - w)) / ref)
+
+  def test_output_error_well_below_kmeans_and_reported_right(self):
+    x = _rows(0, 3000, 72)
+    w = np.random.default_rng(1).standard_normal((72, 16)) * 0.1
+    h = (x.T @ x)[np.newaxis]
+    fit = codebook.fit_outputs(w[np.newaxis], h, 4)
+    plain, fitted = self._errors(x, w, fit)
+    self.assertAlmostEqual(fit.error_kmeans, plain, places=6)
+    self.assertAlmostEqual(fit.error, fitted, places=6)
+    self.assertLess(fitted, 0.8 * plain)
+    self.assertLessEqual(len(np.unique(fit.assign)), 16)
+    self.assertTrue(np.all(np.diff(fit.codebook) >= 0))
+
+  def test_centroids_are_the_least_squares_ones_for_their_assignments(self):
+    x = _rows(2, 2000, 24)
+    w = np.random.default_rng(3).standard_normal((1, 24, 6))
+    h = (x.T @ x)[np.newaxis]
+    fit = codebook.fit_outputs(w, h, 4)
+
+    def err(book):
+      d = book[fit.assign] - w
+      return float(np.einsum("gfo,gfh,gho->", d, h, d))
+    base = err(fit.codebook)
+    for k in np.unique(fit.assign):
+      for step in (1e-3, -1e-3):
+        moved = fit.codebook.copy()
+        moved[k] += step
+        self.assertGreater(err(moved), base)
+
+  def test_representable_weight_is_kept_exactly(self):
+    w = np.random.default_rng(4).choice([-0.3, 0.1, 0.7], size=(2, 10, 5))
+    x = _rows(5, 500, 10)
+    h = np.stack([x.T @ x] * 2)
+    fit = codebook.fit_outputs(w, h, 4)
+    np.testing.assert_allclose(fit.codebook[fit.assign], w)
+    self.assertEqual(fit.error, 0.0)
+
+  def test_identity_gram_is_plain_kmeans_quality(self):
+    # Without correlation the output error is the weight error: no worse than k-means.
+    w = np.random.default_rng(6).standard_normal((1, 50, 20))
+    fit = codebook.fit_outputs(w, np.eye(50)[np.newaxis], 4)
+    self.assertLessEqual(fit.error, fit.error_kmeans + 1e-12)
+
+
 def _model(seed=0):
   """conv 3->8 -> ReLU -> conv 8->8 -> ReLU -> GAP -> Flatten -> Gemm 8->10 (NCHW 8x8).
   The Gemm's bias is small, so that the class follows the input."""
@@ -160,6 +218,17 @@ class OnnxSchemesTest(parameterized.TestCase):
     # The file holds about bits/32 of the weights' float bytes (plus the codebooks).
     self.assertLess(q["weight_bytes_stored"],
                     q["weight_bytes_float"] * bits / 32 + 3 * (4 << bits) + 3)
+
+  def test_codebook_fitted_to_outputs_beats_kmeans_on_held_out_samples(self):
+    _, _, fitted = self._quantize("codebook4", min_agreement=0.0)
+    _, _, plain = self._quantize("codebook4", min_agreement=0.0, codebook_fit="kmeans")
+    self.assertEqual((fitted["codebook_fit"], plain["codebook_fit"]), ("outputs", "kmeans"))
+    self.assertEqual(fitted["layers_fitted"], 3)
+    for layer in fitted["layers"]:
+      self.assertLess(layer["output_rel_error"], layer["output_rel_error_kmeans"])
+    # Held out: samples the fit never saw.
+    self.assertLess(fitted["holdout"]["rel_error"], 0.7 * plain["holdout"]["rel_error"])
+    self.assertEqual(fitted["weight_bytes_stored"], plain["weight_bytes_stored"])
 
   def test_ratio_zero_quantizes_alone(self):
     _, proto, q = self._quantize("int8", ratio=0.0)

@@ -41,6 +41,10 @@ QUANTIZE = flags.DEFINE_string(
     "against the float model on the held-out samples.")
 QUANTIZE_CALIBRATION = flags.DEFINE_string(
     "quantize_calibration", "minmax", "int8: activation ranges by minmax, percentile or entropy.")
+CODEBOOK_FIT = flags.DEFINE_string(
+    "codebook_fit", "outputs", "codebook8/codebook4: fit each layer's codebook to its outputs "
+    "on the calibration samples, layer by layer with the layers before it quantized "
+    "(outputs), or k-means of the weight values alone (kmeans).")
 MIN_AGREEMENT = flags.DEFINE_float(
     "min_agreement", 0.99, "Quantization: the least top-1 agreement with the float model on "
     "the held-out samples; below it nothing is written (exit 2).")
@@ -52,7 +56,7 @@ def quantize():
     return None
   from graph_prune.quantize import options  # pylint: disable=g-import-not-at-top
   return options.Options(QUANTIZE.value, QUANTIZE_CALIBRATION.value,
-                         min_agreement=MIN_AGREEMENT.value)
+                         min_agreement=MIN_AGREEMENT.value, codebook_fit=CODEBOOK_FIT.value)
 
 
 def calibration(cli, preprocess, data_dir):

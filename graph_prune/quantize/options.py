@@ -12,6 +12,9 @@ SCHEMES = ("int8", "float16", "bfloat16", "codebook8", "codebook4")
 TF_SCHEMES = ("float16", "bfloat16")
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 CODEBOOK_BITS = {"codebook8": 8, "codebook4": 4}
+# codebook: fitted to the layers' outputs on the calibration samples, or k-means
+# of the weight values alone.
+CODEBOOK_FITS = ("outputs", "kmeans")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +27,7 @@ class Options:
   # samples (top-1 of the first output); below it nothing is written.
   min_agreement: float = 0.99
   kmeans_iterations: int = 50     # codebook: Lloyd iterations at most
+  codebook_fit: str = "outputs"   # codebook: CODEBOOK_FITS
   batch_size: int = 64            # calibration and measurement batches
 
   @property
@@ -42,6 +46,9 @@ def check(options: Options) -> None:
   if options.method not in CALIBRATION_METHODS:
     raise errors.UsageError(f"unknown --quantize_calibration '{options.method}'; choose one "
                             f"of {', '.join(CALIBRATION_METHODS)}")
+  if options.codebook_fit not in CODEBOOK_FITS:
+    raise errors.UsageError(f"unknown --codebook_fit '{options.codebook_fit}'; choose "
+                            f"{' or '.join(CODEBOOK_FITS)}")
   if not (math.isfinite(options.min_agreement) and 0 <= options.min_agreement <= 1):
     raise errors.UsageError(f"--min_agreement is {options.min_agreement}; give a share "
                             "between 0 and 1, e.g. 0.99")

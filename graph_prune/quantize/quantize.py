@@ -68,32 +68,91 @@ def _equal_batches(x: np.ndarray, size: int) -> list[np.ndarray]:
   return [x[i:i + size] for i in range(0, len(x) - size + 1, size)]
 
 
-def _codebook(fmt, model, graph, options: Options, q) -> tuple[Any, dict]:
+def _codebook(fmt, model, graph, samples, options: Options, q) -> tuple[Any, dict]:
   bits = options.bits
   names = linear_weights(fmt, graph)
   if not names:
     raise errors.UsageError("--quantize=codebook: the model has no linear layer with a "
                             "constant weight to store as a codebook")
-  tables, layers = {}, []
+  floats = {name: graph.constants[name] for name in names}
+  tables = {name: codebook_lib.fit(w, bits, options.kmeans_iterations)
+            for name, w in floats.items()}
+  fitted: dict = {"codebook_fit": "kmeans"}
+  if options.codebook_fit == "outputs":
+    model, tables, fitted = _fit_outputs(fmt, model, graph, tables, samples, options)
+  layers = []
   float_bytes = stored_bytes = 0
   packed = bits == 4 and q.packs4(model)
-  for name in names:
-    w = graph.constants[name]
-    t = codebook_lib.fit(w, bits, options.kmeans_iterations)
-    tables[name] = t
-    err = codebook_lib.rel_error(w, t)
+  for name, t in tables.items():
+    w = floats[name]
     float_bytes += w.nbytes
     stored_bytes += t.stored(packed).nbytes + t.codebook.nbytes
     layers.append({"weight": name, "elements": int(w.size), "centroids": int(len(t.codebook)),
-                   "iterations": t.iterations, "rel_error": round(err, 6)})
+                   "iterations": t.iterations,
+                   "rel_error": round(codebook_lib.rel_error(w, t), 6),
+                   **fitted.get("layers", {}).get(name, {})})
   errs = [lay["rel_error"] for lay in layers]
   doc = {"bits": bits, "packed": packed, "init": "linear (min to max)",
          "max_iterations": options.kmeans_iterations, "weights": len(names),
          "weight_bytes_float": int(float_bytes), "weight_bytes_stored": int(stored_bytes),
          "weight_compression": round(float_bytes / stored_bytes, 3),
          "weight_rel_error_mean": round(float(np.mean(errs)), 6),
-         "weight_rel_error_max": round(float(np.max(errs)), 6), "layers": layers}
+         "weight_rel_error_max": round(float(np.max(errs)), 6),
+         **{k: v for k, v in fitted.items() if k != "layers"}, "layers": layers}
   return q.codebook(model, tables), doc
+
+
+def _fit_outputs(fmt, model, graph, kmeans: dict, samples, options: Options):
+  """Each layer's codebook fitted to its outputs (codebook.fit_outputs), layer by
+  layer in graph order, fed by the model with the layers before it already
+  quantized; its intercept takes the mean residual. A layer that cannot be fitted
+  (or whose fit is no better on the calibration rows) keeps its k-means table.
+  Returns the model with the new intercepts, the tables and the report part."""
+  from graph_prune.ops import geometry  # pylint: disable=g-import-not-at-top
+  from graph_prune.reconstruct import reconstruct  # pylint: disable=g-import-not-at-top
+  from graph_prune.reconstruct import sites as sites_lib  # pylint: disable=g-import-not-at-top
+  rec = reconstruct.Options(reconstruct.LSQ, batch_size=options.batch_size)
+  found, skipped = sites_lib.every(graph, fmt.ops, set(kmeans))
+  sited = {s.pruned.lin.weight for s in found}
+  # Layers without a site are quantized (k-means) before the first fit.
+  preset = {n: t.weight() for n, t in kmeans.items() if n not in sited}
+  tables = dict(kmeans)
+
+  def solve(site, normal, w_now):
+    layer = site.pruned
+    name = layer.lin.weight
+    gram, cross = normal.centred()
+    lam = normal.damping(gram, rec.ridge)
+    h = gram + lam[:, None, None] * np.eye(gram.shape[-1])[np.newaxis]
+    w_star = np.linalg.solve(h, cross + lam[:, None, None] *
+                             geometry.matrix(w_now, layer).astype(np.float64))
+    fit = codebook_lib.fit_outputs(w_star, h, options.bits, iterations=options.kmeans_iterations)
+    table = codebook_lib.Table(fit.codebook.astype(w_now.dtype),
+                               geometry.weight(fit.assign, layer, np.uint8).reshape(-1),
+                               tuple(w_now.shape), options.bits, fit.rounds)
+    q_fit = geometry.matrix(table.weight(), layer).astype(np.float64)
+    q_plain = geometry.matrix(kmeans[name].weight(), layer).astype(np.float64)
+    before = normal.error(q_plain, intercept=False)
+    after = normal.error(q_fit)
+    doc = {"weight": name, "node": site.node, "rows": normal.rows,
+           "output_rel_error_kmeans": round(before, 6)}
+    if not after < before:   # the k-means table, as without calibration data
+      return kmeans[name].weight(), None, dict(doc, output_rel_error=round(before, 6),
+                                               fit="kmeans (the fit was no better)")
+    tables[name] = table
+    return table.weight(), normal.intercept_for(q_fit), dict(
+        doc, output_rel_error=round(after, 6), fit="outputs", rounds=fit.rounds,
+        intercept_into=site.shift.const if site.shift else None)
+
+  model, _, done, dropped, _ = reconstruct.refit_layers(
+      fmt, model, graph, found, samples, rec, solve, preset)
+  for line in skipped + dropped:
+    logging.info("codebook: %s (k-means table kept)", line)
+  fitted = sum(d["fit"] == "outputs" for d in done)
+  return model, tables, {
+      "codebook_fit": "outputs", "calibration_samples_fit": int(len(samples.fit)),
+      "layers_fitted": fitted, "layers_kmeans": len(kmeans) - fitted,
+      "not_fitted": skipped + dropped, "layers": {d.pop("weight"): d for d in done}}
 
 
 def quantize(fmt, model: Any, graph, samples, options: Options) -> tuple[Any, dict]:
@@ -136,7 +195,7 @@ def _onnx_scheme(fmt, model: Any, graph, samples, options: Options) -> tuple[Any
     quantized = q.float16(model)
     doc.update(tool="onnxruntime.transformers.float16 (float32 inputs and outputs)")
   else:
-    quantized, extra = _codebook(fmt, model, graph, options, q)
+    quantized, extra = _codebook(fmt, model, graph, samples, options, q)
     doc.update(extra)
   return quantized, doc
 

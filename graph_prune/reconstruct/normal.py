@@ -72,14 +72,8 @@ class Normal:
     zero = np.zeros((g, o))
     if n == 0:
       return Fit(prior, zero, 0.0, 0.0, 0)
-    gram, cross = self.gram, self.cross
-    if self.intercept:
-      # Centre: the intercept is the mean residual, the weight fits the covariance.
-      mp, my = self.sum_p / n, self.sum_y / n
-      gram = gram - n * np.einsum("gf,gh->gfh", mp, mp)
-      cross = cross - n * np.einsum("gf,go->gfo", mp, my)
-    scale = np.einsum("gff->g", gram) / f
-    lam = ridge * np.where(scale > 0, scale, 1.0)
+    gram, cross = self.centred()
+    lam = self.damping(gram, ridge)
     eye = np.eye(f)[np.newaxis]
     lhs = gram + lam[:, None, None] * eye
     rhs = cross + lam[:, None, None] * prior
@@ -89,8 +83,35 @@ class Normal:
       w = np.linalg.solve(lhs, rhs)
     except np.linalg.LinAlgError:
       w = np.stack([np.linalg.lstsq(a, b, rcond=None)[0] for a, b in zip(lhs, rhs)])
-    c = (my - np.einsum("gf,gfo->go", mp, w)) if self.intercept else zero
+    c = self.intercept_for(w)
     return Fit(w, c, self._error(prior, zero), self._error(w, c), n)
+
+  def centred(self) -> tuple[np.ndarray, np.ndarray]:
+    """P^T P and P^T Y, centred when the layer has an intercept (which is then the
+    mean residual, and the weight fits the covariance)."""
+    if not self.intercept or self.rows == 0:
+      return self.gram, self.cross
+    n = self.rows
+    mp, my = self.sum_p / n, self.sum_y / n
+    return (self.gram - n * np.einsum("gf,gh->gfh", mp, mp),
+            self.cross - n * np.einsum("gf,go->gfo", mp, my))
+
+  @staticmethod
+  def damping(gram: np.ndarray, ridge: float) -> np.ndarray:
+    """lam per group: `ridge` x the mean diagonal of the group's Gram matrix."""
+    scale = np.einsum("gff->g", gram) / gram.shape[-1]
+    return ridge * np.where(scale > 0, scale, 1.0)
+
+  def intercept_for(self, w: np.ndarray) -> np.ndarray:
+    """[G, O]: the best intercept for weight w (zeros without an intercept)."""
+    if not self.intercept or self.rows == 0:
+      return np.zeros(self.cross.shape[::2])
+    n = self.rows
+    return self.sum_y / n - np.einsum("gf,gfo->go", self.sum_p / n, w)
+
+  def error(self, w: np.ndarray, intercept: bool = True) -> float:
+    """|P W + c - Y| / |Y| over the rows, c the best intercept for w (or none)."""
+    return self._error(w, self.intercept_for(w) if intercept else np.zeros(self.cross.shape[::2]))
 
 
 def needed_rows(features: int, intercept: bool) -> int:

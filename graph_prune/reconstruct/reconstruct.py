@@ -113,6 +113,27 @@ def reconstruct(fmt, original: Any, original_view, pruned: Any, pruned_view,
   return Result(model, view, doc)
 
 
+def refit_layers(fmt, model: Any, view, found: list[sites_lib.Site], samples,
+                 options: Options, solve, preset: Mapping[str, np.ndarray]
+                 ) -> tuple[Any, Any, list[dict], list[str], dict[str, np.ndarray]]:
+  """Replaces the weight of each site of one model (sites_lib.every) layer by
+  layer in graph order: `solve` (see _Work.refit) gets each layer's normal
+  equations for matching the model's own output there, fed by the model with the
+  layers before it already replaced, so errors do not accumulate. `preset`:
+  constants replaced before the first layer. Returns the model, its view, the
+  solver's report entries, the layers skipped (with why) and every constant
+  replaced."""
+  check(options)
+  work = _Work(fmt, model, view, model, view, samples, options)
+  work.updates.update(preset)
+  layers: list[dict] = []
+  skipped: list[str] = []
+  for wave in _waves(view, found):
+    layers += work.refit(wave, skipped, solve)
+  new_model, new_view = work.result()
+  return new_model, new_view, layers, skipped, dict(work.updates)
+
+
 def _waves(graph, found: list[sites_lib.Site]) -> list[list[sites_lib.Site]]:
   """Sites in graph order, cut into waves: no site depends on another of its wave,
   so one pass over the samples serves a whole wave."""
@@ -231,7 +252,20 @@ class _Work:
   # --- lsq -----------------------------------------------------------------------
 
   def lsq(self, wave: list[sites_lib.Site], skipped: list[str]) -> list[dict]:
-    """Re-fits the layers of one wave from one pass over the samples."""
+    """Re-fits the layers of one wave by ridge least squares."""
+    def solve(site, fit: normal.Normal, w_now: np.ndarray):
+      found = fit.solve(geometry.matrix(w_now, site.pruned), self.options.ridge)
+      if not found.rel_error_after < found.rel_error_before:
+        return "the fit is no better than the slice; kept as sliced"
+      return (geometry.weight(found.weight, site.pruned, w_now.dtype), found.intercept,
+              _layer_doc(site, found.rows, found.rel_error_before, found.rel_error_after))
+    return self.refit(wave, skipped, solve)
+
+  def refit(self, wave: list[sites_lib.Site], skipped: list[str], solve) -> list[dict]:
+    """Re-fits the layers of one wave from one pass over the samples: for each
+    layer, the normal equations of its rows (fed by the current model) against
+    the original model's output are summed, then `solve(site, normal, weight)`
+    gives (new weight, intercept [G, O] or None, report entry) or why not."""
     orig = self._runner("original", [s.z for s in wave])
     cur = self._runner("pruned", [t for s in wave for t in (s.x, s.z)])
     fits: dict[str, normal.Normal] = {}
@@ -270,16 +304,15 @@ class _Work:
     for site in wave:
       if site.node not in fits:
         continue
-      layer = site.pruned
-      w_now = self._const(layer.lin.weight)
-      fit = fits[site.node].solve(geometry.matrix(w_now, layer), self.options.ridge)
-      if not fit.rel_error_after < fit.rel_error_before:
-        skipped.append(f"{site.node}: the fit is no better than the slice; kept as sliced")
+      found = solve(site, fits[site.node], self._const(site.pruned.lin.weight))
+      if isinstance(found, str):
+        skipped.append(f"{site.node}: {found}")
         continue
-      self.updates[layer.lin.weight] = geometry.weight(fit.weight, layer, w_now.dtype)
-      if site.shift is not None:
-        self._add_to_shift(site, fit.intercept.reshape(-1))
-      done.append(_layer_doc(site, fit.rows, fit.rel_error_before, fit.rel_error_after))
+      w, intercept, doc = found
+      self.updates[site.pruned.lin.weight] = w
+      if site.shift is not None and intercept is not None:
+        self._add_to_shift(site, np.asarray(intercept).reshape(-1))
+      done.append(doc)
     return done
 
   def _add_to_shift(self, site, c: np.ndarray) -> None:

@@ -105,6 +105,26 @@ def find(original: view.GraphView, pruned: view.GraphView, ops: desc.Registry,
   return sites, skipped
 
 
+def every(graph: view.GraphView, ops: desc.Registry, weights
+          ) -> tuple[list[Site], list[str]]:
+  """A site for every linear layer of one model whose weight is in `weights` (the
+  layer is its own original: nothing was removed), in graph order, and why the
+  others of them cannot be re-fitted."""
+  sites, skipped = [], []
+  for node in graph.nodes:
+    lin = ops.linear(graph, node)
+    if lin is None or lin.weight not in weights:
+      continue
+    why = _why_not(graph, graph, ops, node, lin)
+    if isinstance(why, str):
+      skipped.append(f"{node.name}: {why}")
+      continue
+    layer = why[1]
+    sites.append(Site(node.name, node.inputs[0], node.outputs[0], layer, layer, None, None,
+                      find_shift(graph, ops, node, lin, layer.outputs)))
+  return sites, skipped
+
+
 def _why_not(original: view.GraphView, pruned: view.GraphView, ops: desc.Registry,
              node: view.Node, lin: desc.Linear):
   """(original layer, pruned layer), or why the node cannot be re-fitted."""
