@@ -260,6 +260,8 @@ def plan_for_budget(prepared: Prepared, options: Options, spec: allocation.Spec,
   on its device and batch size. The measurements of the chosen plan go into
   `measured` (when given)."""
   what, target = budget_of(options)
+  if options.allocation == "latency":
+    return plan_for_latency(prepared, options, spec, scores, measured)
   ops, analysis = prepared.format.ops, prepared.analysis
   timed = what in MEASURED_BUDGETS
   if timed:
@@ -327,6 +329,103 @@ def plan_for_budget(prepared: Prepared, options: Options, spec: allocation.Spec,
         measured_speedup_p90=round(m.speedup_p90, 4), latency_ms=round(m.latency_ms, 4),
         original_latency_ms=round(m.original_ms, 4), candidates_timed=session.measured,
         device=session.device_label, **options.latency.describe())
+  return plan
+
+
+# --allocation=latency: the measured speedup may miss the target by this much
+# before the allocation is refined, and is refined at most this many times.
+LATENCY_TOLERANCE = 0.05
+LATENCY_REFINEMENTS = 4
+
+
+def plan_for_latency(prepared: Prepared, options: Options, spec: allocation.Spec,
+                     scores, measured: Optional[dict] = None) -> plan_lib.Plan:
+  """--allocation=latency: every linear layer's latency across its widths is
+  measured on the probe's device (options.latency.profile, cached); the greedy
+  allocation (allocation.allocate_latency) finds widths whose predicted latency,
+  the sum of the layers', is the original's over the target speedup; the pruned
+  model is then timed beside the original, and while the measured speedup misses
+  the target by more than LATENCY_TOLERANCE the predicted target is scaled by the
+  miss (and, once aims on both sides of the target are known, the bracket halved)
+  and the allocation run again (NetAdapt's measure-and-adjust), at most
+  LATENCY_REFINEMENTS times. The closest candidate that meets the target (within
+  the tolerance) wins, else the closest."""
+  what, target = budget_of(options)
+  probe = options.latency
+  analysis = prepared.analysis
+  profile = probe.profile(prepared.graph, prepared.format.ops, prepared.format.name)
+  layers = [allocation.LayerCost(l.x, l.z, l.cin, l.cout, f)
+            for l, f in zip(profile.layers, profile.costs)]
+  if not layers:
+    raise errors.NothingToPruneError("--allocation=latency: the model has no linear layer "
+                                     "to time")
+  full = profile.total()
+  session = probe.session(prepared.model)
+  if what == "latency_ms":
+    base = session.measure(prepared.model)
+    if target >= base.original_ms:
+      raise errors.UsageError(
+          f"--target_latency_ms={target:g}: the original already runs in {base.original_ms:.3g} "
+          f"ms ({session.device_label}, batch {probe.batch}); nothing to remove")
+    speedup = base.original_ms / target
+  else:
+    speedup = target
+  _, floor_ms = allocation.allocate_latency(analysis, scores, spec, options.criterion, layers, 0.0)
+  most = full / floor_ms
+  aim, tries, results = speedup, [], []
+  low, high = None, None     # aims measured below and at or above the target
+  for _ in range(1 + LATENCY_REFINEMENTS):
+    plan, predicted = allocation.allocate_latency(analysis, scores, spec, options.criterion,
+                                                  layers, full / aim)
+    m = session.measure(rewrite(prepared, plan))
+    tries.append({"aimed_speedup": round(aim, 4), "predicted_speedup": round(full / predicted, 4),
+                  "measured_speedup": round(m.speedup, 4), "latency_ms": round(m.latency_ms, 4)})
+    logging.info("latency allocation: predicted %.3fx, measured %.3fx (target %.3fx)",
+                 full / predicted, m.speedup, speedup)
+    miss = m.speedup / speedup - 1
+    results.append((plan, m, miss, full / predicted))
+    if abs(miss) <= LATENCY_TOLERANCE:
+      break
+    if miss < 0:
+      if full / predicted >= most * (1 - 1e-9):
+        break     # already the most that may go
+      low = aim if low is None else max(low, aim)
+    else:
+      high = aim if high is None else min(high, aim)
+    # Measured speed is not smooth in the widths (kernels change with them): once
+    # the target is bracketed, halve the bracket (geometrically) instead of
+    # scaling by the miss, which can swing across a step for ever.
+    if low is not None and high is not None:
+      aim = math.sqrt(low * high)
+    else:
+      aim = min(aim * speedup / m.speedup, most)
+  meeting = [r for r in results if r[2] >= -LATENCY_TOLERANCE]
+  if not meeting and max(r[3] for r in results) < most * (1 - 1e-9):
+    plan, predicted = allocation.allocate_latency(analysis, scores, spec, options.criterion,
+                                                  layers, 0.0)   # the most that may go
+    m = session.measure(rewrite(prepared, plan))
+    tries.append({"aimed_speedup": round(most, 4), "predicted_speedup": round(full / predicted, 4),
+                  "measured_speedup": round(m.speedup, 4), "latency_ms": round(m.latency_ms, 4)})
+    results.append((plan, m, m.speedup / speedup - 1, full / predicted))
+    meeting = [r for r in results if r[2] >= -LATENCY_TOLERANCE]
+  # The closest candidate that meets the target (within the tolerance), else the
+  # closest one (the most that may go, which the error below reports).
+  plan, m, miss, predicted_speedup = min(meeting or results, key=lambda r: abs(r[2]))
+  if not meeting and predicted_speedup >= most * (1 - 1e-9):
+    asked = (f"--target_speedup={target:g}" if what == "speedup"
+             else f"--target_latency_ms={target:g}")
+    raise errors.UsageError(
+        f"{asked} cannot be met: removing all that --allocation=latency may remove measures "
+        f"{m.speedup:.2f}x ({m.latency_ms:.3g} ms against {m.original_ms:.3g} ms; "
+        f"{session.device_label}, batch {probe.batch})")
+  if measured is not None:
+    measured.update(
+        measured_speedup=round(m.speedup, 4), measured_speedup_p10=round(m.speedup_p10, 4),
+        measured_speedup_p90=round(m.speedup_p90, 4), latency_ms=round(m.latency_ms, 4),
+        original_latency_ms=round(m.original_ms, 4), predicted_speedup=round(predicted_speedup, 4),
+        predicted_layers_ms=round(full / predicted_speedup, 4), original_layers_ms=round(full, 4),
+        refinements=tries, candidates_timed=session.measured, device=session.device_label,
+        latency_profile=profile.doc, **probe.describe())
   return plan
 
 
@@ -659,6 +758,9 @@ def check_options(in_path: str, out_path: str, options: Options) -> allocation.S
   if len(given) > 1:
     raise errors.UsageError(f"give one budget, not {' and '.join(given)}")
   budget = budget_of(options)
+  if options.allocation == "latency" and budget is None:
+    raise errors.UsageError("--allocation=latency takes a latency budget instead of --ratio: "
+                            "give --target_speedup or --target_latency_ms")
   if budget is not None:
     what, value = budget
     if what == "speedup" and not (math.isfinite(value) and value > 1):
@@ -669,6 +771,9 @@ def check_options(in_path: str, out_path: str, options: Options) -> allocation.S
     if what not in MEASURED_BUDGETS and not (math.isfinite(value) and 0 < value < 1):
       raise errors.UsageError(f"--target_{what}={value:g}: give the fraction kept, "
                               "between 0 and 1 (e.g. 0.5 keeps half)")
+    if options.allocation == "latency" and what not in MEASURED_BUDGETS:
+      raise errors.UsageError(f"--allocation=latency takes a latency budget "
+                              f"(--target_speedup or --target_latency_ms), not --target_{what}")
     if what in MEASURED_BUDGETS and options.latency is None:
       raise errors.UsageError(f"--target_{what} needs the benchmark that times candidates "
                               "(pipeline.Options.latency: a bench.latency.Probe)")

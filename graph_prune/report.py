@@ -157,7 +157,8 @@ def build(in_path: str, out_path: str, analysis: groups_lib.Analysis, plan: plan
       elif g.id in excluded:
         reasons = [f"excluded by --exclude={excluded[g.id]}"]
       elif g.id in planned:
-        reasons = [f"nothing removed: the ratio and round_to keep all {g.channels} channels"]
+        reasons = [f"nothing removed: the allocation (ratio, budget, round_to) keeps all "
+                   f"{g.channels} channels"]
       else:
         reasons = ["not in the plan"]
       skipped.append({"id": g.id, "sources": list(g.sources), "channels": g.channels,

@@ -1,4 +1,4 @@
-"""Allocation across groups and budgets (--allocation=global, --target_flops,
+"""Allocation across groups and budgets (--allocation=global|latency, --target_flops,
 --target_params, --target_speedup, --target_latency_ms): planted unimportant
 channels go first under a global ranking, budgets are met by the least pruning
 that meets them, the oracle passes, and bad requests are refused in one line.
@@ -155,6 +155,141 @@ class LatencyBudgetTest(_ModelCase):
                         ({"target_latency_ms": -1.0}, "give a positive latency")):
       with self.assertRaisesRegex(errors.UsageError, message):
         self._prune(**kw)
+
+
+class _LayerTime:
+  """A model's "latency": each linear layer costs weight x input width x output
+  width (ms), plus a fixed overhead; deterministic, so the latency allocation's
+  prediction, measurement and refinement can be checked exactly."""
+
+  def __init__(self, weights, overhead=0.0):
+    self.weights, self.overhead = weights, overhead
+
+  def layers(self, view):
+    fmt = formats.for_name(formats.ONNX)
+    out = []
+    for node in view.nodes:
+      lin = fmt.ops.linear(view, node)
+      if lin is not None:
+        w = view.constants[lin.weight]
+        out.append((node, int(w.shape[lin.out_axis]), lin.fan_in * lin.groups))
+    return out
+
+  def total(self, model):
+    view = formats.for_name(formats.ONNX).adapter.to_view(model)
+    return self.overhead + sum(self.weights[n.name] * cin * cout
+                               for n, cout, cin in self.layers(view))
+
+
+class _LayerTimeSession:
+  device_label = "layer widths as time"
+
+  def __init__(self, cost, model):
+    self.cost, self.base, self.measured = cost, cost.total(model), 0
+
+  def measure(self, candidate):
+    self.measured += 1
+    t = self.cost.total(candidate)
+    return latency.Measured(self.base / t, self.base / t, self.base / t, t, self.base)
+
+
+class _CliffSession(_LayerTimeSession):
+  """Measured speed with a cliff, as when a kernel changes with the widths: below a
+  layer-time speedup of 1.4 nothing is gained, above it 2.2x."""
+
+  def measure(self, candidate):
+    m = super().measure(candidate)
+    s = 2.2 if m.speedup >= 1.4 else 1.0
+    return latency.Measured(s, s, s, self.base / s, self.base)
+
+
+class _LayerTimeProbe(latency.Probe):
+  """Profiles and times with _LayerTime (no overhead in the profile)."""
+
+  def __init__(self, cost, session=None):
+    super().__init__()
+    object.__setattr__(self, "cost", cost)
+    object.__setattr__(self, "session_type", session or _LayerTimeSession)
+
+  def profile(self, graph, ops, fmt):
+    from graph_prune.bench import layer_latency  # pylint: disable=g-import-not-at-top
+    layers, costs = [], []
+    for node, cout, cin in self.cost.layers(graph):
+      layers.append(layer_latency.Layer(node.name, node.inputs[0], node.outputs[0], cin, cout,
+                                        0, None, "test"))
+      costs.append(lambda a, b, w=self.cost.weights[node.name]: w * a * b)
+    return layer_latency.Profile(tuple(layers), tuple(costs), {"fake": True})
+
+  def session(self, model):
+    return self.session_type(self.cost, model)
+
+
+class LatencyAllocationTest(_ModelCase):
+  """--allocation=latency with a deterministic layer-time model."""
+
+  def _latency(self, weights, overhead=0.0, session=None, **kw):
+    return self._prune(allocation="latency",
+                       latency=_LayerTimeProbe(_LayerTime(weights, overhead), session), **kw)
+
+  def _kept(self, doc):
+    return {g["sources"][0]: g["channels_after"] for g in doc["groups"]}
+
+  def test_exact_prediction_meets_the_target_first_time(self):
+    doc = self._latency({"conv1": 1.0, "conv2": 1.0, "gemm1": 1.0}, target_speedup=2.0)
+    b = doc["budget"]
+    self.assertEqual(b["allocation"], "latency")
+    self.assertLen(b["refinements"], 1)
+    self.assertAlmostEqual(b["predicted_speedup"], b["measured_speedup"], places=3)
+    self.assertLessEqual(abs(b["measured_speedup"] / 2.0 - 1), 0.05)
+    self.assertGreaterEqual(b["measured_speedup"], 2.0)
+    self.assertTrue(doc["verify"]["passed"])
+
+  def test_expensive_layer_decides_what_goes(self):
+    # conv1's planted filters are the least important of the model, and a FLOPs
+    # budget under a global ranking takes them first; but when the dense layer,
+    # which reads conv2's channels, costs a thousand times more per width, the
+    # milliseconds are in conv2's group, and that is what latency allocation cuts.
+    doc = self._latency({"conv1": 1.0, "conv2": 1.0, "gemm1": 1000.0}, target_speedup=2.0)
+    kept = self._kept(doc)
+    self.assertLess(kept["conv2"], 10)
+    self.assertGreater(kept.get("conv1", 16), kept["conv2"])
+    flops = self._prune(allocation="global", target_flops=0.62)
+    self.assertLess(self._kept(flops)["conv1"], self._kept(flops).get("conv2", 16))
+
+  def test_overhead_is_refined_away(self):
+    # A fixed 10 ms the layer model does not see: the first allocation falls short
+    # of the measured target, the refinements aim higher until within 5 %.
+    doc = self._latency({"conv1": 0.05, "conv2": 0.05, "gemm1": 0.05}, overhead=10.0,
+                        target_speedup=1.5)
+    b = doc["budget"]
+    self.assertGreater(len(b["refinements"]), 1, b["refinements"])
+    first = b["refinements"][0]
+    self.assertLess(first["measured_speedup"], first["predicted_speedup"])
+    self.assertLessEqual(abs(b["measured_speedup"] / 1.5 - 1), 0.05)
+
+  def test_a_cliff_in_measured_speed_ends_on_a_candidate_that_meets_the_target(self):
+    # Aiming at 1.5 measures 2.2 (over), scaling the aim down by the miss measures
+    # 1.0 (under), and scaling by the miss again would swing between the two; the
+    # bracket is halved instead, and a candidate that meets the target wins over
+    # a closer one that does not.
+    doc = self._latency({"conv1": 1.0, "conv2": 1.0, "gemm1": 1.0}, session=_CliffSession,
+                        target_speedup=1.5)
+    b = doc["budget"]
+    self.assertEqual(b["measured_speedup"], 2.2)
+    measured = [t["measured_speedup"] for t in b["refinements"]]
+    self.assertIn(1.0, measured)
+    aims = [t["aimed_speedup"] for t in b["refinements"]]
+    self.assertLess(max(aims[2:] or [0]), aims[0])          # bisected below the first aim
+    self.assertGreater(min(aims[2:] or [9]), aims[1])       # ... and above the second
+
+  def test_impossible_and_bad_requests(self):
+    with self.assertRaisesRegex(errors.UsageError, r"--target_speedup=1000 cannot be met: "
+                                r"removing all that --allocation=latency may remove"):
+      self._latency({"conv1": 1.0, "conv2": 1.0, "gemm1": 1.0}, target_speedup=1000)
+    with self.assertRaisesRegex(errors.UsageError, "takes a latency budget instead of --ratio"):
+      self._latency({"conv1": 1.0}, ratio=0.5)
+    with self.assertRaisesRegex(errors.UsageError, "not --target_flops"):
+      self._latency({"conv1": 1.0}, target_flops=0.5)
 
 
 class CommandTest(absltest.TestCase):

@@ -33,12 +33,13 @@ class Net:
     self.nodes.append(helper.make_node(op_type, inputs, [out], name=out, **attrs))
     return out
 
-  def conv(self, x, cin, cout, k=3, group=1, bias=True):
+  def conv(self, x, cin, cout, k=3, group=1, bias=True, stride=1):
     """Conv node 'convK' with weight 'convK_w' and bias 'convK_b'."""
     name = f"conv{self.counts.get('conv', 0) + 1}"
     w = self.weight((cout, cin // group, k, k), name=name + "_w")
     ins = [x, w] + ([self.weight((cout,), name=name + "_b")] if bias else [])
-    return self.op("Conv", ins, pads=[k // 2] * 4, group=group)
+    extra = {"strides": [stride, stride]} if stride != 1 else {}
+    return self.op("Conv", ins, pads=[k // 2] * 4, group=group, **extra)
 
   def dense(self, x, shape, trans_b=0):
     """Gemm node 'gemmK' with weight 'gemmK_w' and bias 'gemmK_b'."""

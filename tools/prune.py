@@ -23,9 +23,11 @@ _CRITERION = flags.DEFINE_string("criterion", "l1", "l1, l2, bn_scale, fpgm, ran
                                  "with --calibration_data activation, apoz, wanda or taylor "
                                  "(TensorFlow).")
 _ALLOCATION = flags.DEFINE_string(
-    "allocation", "uniform", "uniform (every group loses --ratio) or global (one ranking of "
+    "allocation", "uniform", "uniform (every group loses --ratio), global (one ranking of "
     "each group's scores over their mean across all groups; every group keeps at least a "
-    "tenth of its channels).")
+    "tenth of its channels) or latency (with --target_speedup or --target_latency_ms: every "
+    "layer timed across its widths on this device, cached in --widths_cache; the widths "
+    "losing least importance per millisecond saved, then measured and refined).")
 _TARGET_FLOPS = flags.DEFINE_float(
     "target_flops", None, "A budget instead of --ratio: the fraction of FLOPs kept, e.g. 0.5; "
     "the least pruning that meets it (by --allocation) is found by bisection.")
@@ -47,8 +49,9 @@ _BENCH = cli.BenchFlags()
 _ROUND_TO = flags.DEFINE_string(
     "round_to", "1", "Keep a multiple of this many channels, or 'auto': 128 on TPU, 8 on GPU, "
     "on CPU the multiple measured from a convolution's latency staircase (cached).")
-_WIDTHS_CACHE = flags.DEFINE_string("widths_cache", None,
-                                    "Latency table for --round_to=auto (default: user cache).")
+_WIDTHS_CACHE = flags.DEFINE_string(
+    "widths_cache", None, "Latency tables for --round_to=auto and --allocation=latency "
+    "(default: user cache).")
 _LAYER_RATIO = flags.DEFINE_multi_string(
     "layer_ratio", [], "PATTERN=RATIO: ratio for groups with a source node matching the glob.")
 _EXCLUDE = flags.DEFINE_multi_string("exclude", [], "Node-name glob; matching groups stay whole.")
@@ -145,7 +148,8 @@ def _latency_probe():
     raise errors.UsageError("a latency budget is timed at one batch size; give one "
                             f"--batch_sizes, not {','.join(map(str, sizes))}")
   probe = latency.Probe(device=_BENCH.device.value, xla=_BENCH.xla.value, batch=sizes[0],
-                        settings=_BENCH.timing(), seed=_SEED.value)
+                        settings=_BENCH.timing(), seed=_SEED.value,
+                        cache=cli.path(_WIDTHS_CACHE.value))
   latency.check(probe)
   return probe
 

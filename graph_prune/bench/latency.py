@@ -35,10 +35,18 @@ class Probe:
   batch: int = 1
   settings: timing.Settings = timing.Settings(max_seconds=3.0, target_rse=0.01)
   seed: int = 0
+  cache: Optional[str] = None   # the per-layer latency table (default: the user cache)
 
   def describe(self) -> dict[str, Any]:
     return {"device_requested": self.device, "xla": self.xla, "batch": self.batch,
             "max_seconds": self.settings.max_seconds, "target_rse": self.settings.target_rse}
+
+  def profile(self, graph, ops, fmt: str):
+    """Every linear layer of the view timed across its widths on this device
+    (bench/layer_latency.py; cached): the latency model of --allocation=latency."""
+    from graph_prune.bench import layer_latency  # pylint: disable=g-import-not-at-top
+    return layer_latency.profile(graph, ops, fmt, self.device, self.xla, self.batch,
+                                 self.cache)
 
   def session(self, model: Any) -> "Session":
     """Times candidates against `model` (a loaded TensorFlow or ONNX model)."""

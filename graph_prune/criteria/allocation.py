@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import math
-from typing import Mapping
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -65,7 +65,7 @@ def allocate(analysis: groups_lib.Analysis, scores: importance.Scores, spec: Spe
   return plan_lib.Plan(tuple(out), criterion, spec.ratio, spec.round_to)
 
 
-ALLOCATIONS = ("uniform", "global")
+ALLOCATIONS = ("uniform", "global", "latency")
 # Global allocation keeps at least this fraction of every group (and one unit).
 MIN_KEEP = 0.1
 
@@ -165,3 +165,113 @@ def schedule(channels: int, final: int, steps: int, step: int, round_to: int) ->
   keep = channels * (final / channels) ** (step / steps)
   keep = math.ceil(round(keep, 6) / round_to) * round_to
   return int(min(channels, max(final, keep)))
+
+
+# --- latency-aware allocation --------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCost:
+  """A linear layer's latency as a function of its input and output widths."""
+  x: str                                 # input activation
+  z: str                                 # output activation
+  cin: int
+  cout: int
+  cost: Callable[[float, float], float]  # (input width, output width) -> ms
+
+
+class _Width:
+  """A tensor's channel count for given per-group kept counts, each group keeping
+  its units best first (rank 0 = highest normalised score)."""
+
+  def __init__(self, analysis: groups_lib.Analysis, tensor: str, full: int,
+               ranks: Mapping[int, np.ndarray]):
+    self.fixed, self.parts = full, {}
+    dim = analysis.dims.get(tensor)
+    if dim is None:
+      return
+    self.fixed = 0
+    parts: dict[int, list[int]] = {}
+    for e in dim.units:
+      g = int(analysis.element_group[e])
+      if g in ranks:
+        parts.setdefault(g, []).append(int(ranks[g][analysis.element_unit[e]]))
+      else:
+        self.fixed += 1
+    self.parts = {g: np.sort(np.array(r)) for g, r in parts.items()}
+
+  def __call__(self, kept: Mapping[int, int]) -> int:
+    return self.fixed + sum(int(np.searchsorted(r, kept[g])) for g, r in self.parts.items())
+
+
+def allocate_latency(analysis: groups_lib.Analysis, scores: importance.Scores, spec: Spec,
+                     criterion: str, layers: Sequence[LayerCost], target_ms: float
+                     ) -> tuple[plan_lib.Plan, float]:
+  """Kept counts whose predicted latency (the sum of the layers' costs) is at most
+  target_ms, losing the least normalised importance per millisecond saved: a
+  greedy that repeatedly takes the next step of one group -- its lowest-ranked
+  units, 1/32 of its channels or round_to -- whichever step loses least
+  importance per predicted millisecond saved (a step that saves nothing looks
+  further, up to the group's floor). Greedy, not a knapsack: a layer's latency
+  depends on its input and its output width together, so a group's saving is
+  not a fixed item cost; the greedy re-prices every group after each step
+  (NetAdapt and HALP choose per-layer widths the same way). Every group keeps
+  at least MIN_KEEP of its units and one, round_to respected. Returns the plan
+  and its predicted latency (the floor's when target_ms cannot be reached)."""
+  groups = _global_groups(analysis, spec)
+  r = spec.round_to
+  norm = {g.id: normalised(scores, g.id) for g in groups}
+  ranks, csum = {}, {}
+  for g in groups:
+    order = np.argsort(-norm[g.id], kind="stable")
+    rank = np.empty(len(order), np.int64)
+    rank[order] = np.arange(len(order))
+    ranks[g.id] = rank
+    csum[g.id] = np.concatenate([[0.0], np.cumsum(norm[g.id][order])])
+  kept = {g.id: g.channels for g in groups}
+  floor = {g.id: _rounded(g.channels, math.ceil(MIN_KEEP * g.channels), r) for g in groups}
+  step = {g.id: r if r > 1 else max(1, math.ceil(g.channels / 32)) for g in groups}
+  widths = [(_Width(analysis, l.x, l.cin, ranks), _Width(analysis, l.z, l.cout, ranks))
+            for l in layers]
+  touching: dict[int, list[int]] = {g.id: [] for g in groups}
+  for i, (a, b) in enumerate(widths):
+    for gid in set(a.parts) | set(b.parts):
+      touching[gid].append(i)
+
+  def cost(i: int, k: Mapping[int, int]) -> float:
+    a, b = widths[i]
+    return layers[i].cost(a(k), b(k))
+
+  now = [cost(i, kept) for i in range(len(layers))]
+  total = float(sum(now))
+  while total > target_ms:
+    best = None
+    for g in groups:
+      gid = g.id
+      nk = kept[gid]
+      while nk > floor[gid]:
+        nk = max(floor[gid], (nk - step[gid]) if r == 1 else ((nk - 1) // r) * r)
+        trial = dict(kept)
+        trial[gid] = nk
+        new = {i: cost(i, trial) for i in touching[gid]}
+        saved = sum(now[i] - new[i] for i in new)
+        if saved > 1e-12:
+          price = (csum[gid][kept[gid]] - csum[gid][nk]) / saved
+          if best is None or price < best[0]:
+            best = (price, gid, nk, new)
+          break
+    if best is None:
+      break
+    _, gid, nk, new = best
+    kept[gid] = nk
+    for i, v in new.items():
+      total += v - now[i]
+      now[i] = v
+  out = []
+  for g in groups:
+    keep = choose(scores.per_group[g.id], kept[g.id], analysis.needs.get(g.id, ()))
+    out.append(plan_lib.GroupPlan(g.id, g.sources, g.channels, keep, scores.used[g.id]))
+  channels = sum(g.channels for g in out)
+  removed = sum(g.channels - len(g.keep) for g in out)
+  return (plan_lib.Plan(tuple(out), criterion, round(removed / channels, 6) if channels else 0.0,
+                        r), total)

@@ -1,0 +1,112 @@
+"""Latency budgets, measured: //tools:prune --target_speedup=X with uniform and
+latency-aware allocation, each written model then timed again by //tools:bench
+against the original (a separate A/B run, not the command's own measurement),
+with its FLOPs ratio and efficiency (measured speedup over the FLOPs ratio), the
+whole command's wall time and, for latency allocation, the per-layer profile
+(points timed and from the cache, seconds) and the predicted speedup.
+
+  bazel run //benchmarks:latency_budget -- [--models=default,/path/ResNet50_224.pb]
+      [--batch_sizes=1,32] [--targets=1.5,2,3] [--allocations=uniform,latency]
+      [--json=rows.json]
+
+A model is `default` (the built-in model) or the path of a frozen GraphDef or
+ONNX file (e.g. the Keras applications //benchmarks:whole_command freezes).
+Target met: the re-measured speedup within +-7 % of the target.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+
+_MODELS = flags.DEFINE_list("models", ["default"], "default, or model paths.")
+_BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "32"], "Batch sizes (one run each).")
+_TARGETS = flags.DEFINE_list("targets", ["1.5", "2", "3"], "Target speedups.")
+_ALLOCATIONS = flags.DEFINE_list("allocations", ["uniform", "latency"], "Allocations.")
+_MAX_SECONDS = flags.DEFINE_float("max_seconds", 3.0, "Timing budget per candidate.")
+_CACHE = flags.DEFINE_string("widths_cache", None, "Per-layer latency cache (default: a "
+                             "fresh one in the work directory, so the first profile is timed).")
+_JSON = flags.DEFINE_string("json", None, "Write the rows as JSON here.")
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_DEFAULT = os.path.join(_ROOT, "models", "default", "fmnist_vgg_bn.pb")
+_ENV = dict(os.environ, PYTHONPATH=_ROOT, TF_CPP_MIN_LOG_LEVEL="3")
+
+
+def _run(tool: str, *args) -> tuple[float, subprocess.CompletedProcess]:
+  cmd = [sys.executable, os.path.join(_ROOT, "tools", f"{tool}.py"), *args]
+  t0 = time.perf_counter()
+  res = subprocess.run(cmd, capture_output=True, text=True, env=_ENV, check=False)
+  return time.perf_counter() - t0, res
+
+
+def main(argv):
+  del argv
+  work = tempfile.mkdtemp(prefix="gp_latency_budget_")
+  cache = _CACHE.value or os.path.join(work, "widths.json")
+  rows = []
+  print(f"{'model':<22} {'b':>3} {'alloc':<8} {'target':>6} {'in-cmd':>7} {'again':>7} "
+        f"{'miss':>6} {'FLOPs':>6} {'eff':>5} {'pred':>6} {'cmd s':>6} {'prof s':>6}")
+  for model in _MODELS.value:
+    src = _DEFAULT if model == "default" else model
+    name = "default" if model == "default" else os.path.splitext(os.path.basename(model))[0]
+    ext = os.path.splitext(src)[1]
+    for batch in _BATCH_SIZES.value:
+      for target in _TARGETS.value:
+        for how in _ALLOCATIONS.value:
+          out = os.path.join(work, f"{name}_b{batch}_{target}_{how}{ext}")
+          report = out + ".json"
+          seconds, res = _run("prune", f"--in={src}", f"--out={out}", f"--target_speedup={target}",
+                              f"--allocation={how}", f"--batch_sizes={batch}", "--device=cpu",
+                              f"--max_seconds={_MAX_SECONDS.value}", f"--widths_cache={cache}",
+                              f"--report={report}", "--overwrite")
+          row = {"model": name, "batch": int(batch), "allocation": how, "target": float(target),
+                 "command_s": round(seconds, 1)}
+          if res.returncode:
+            row["error"] = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "failed"
+            rows.append(row)
+            print(f"{name:<22} {batch:>3} {how:<8} {target:>6} failed: {row['error']}")
+            continue
+          with open(report, encoding="utf-8") as f:
+            doc = json.load(f)
+          budget = doc["budget"]
+          bench_report = out + ".bench.json"
+          _, b = _run("bench", f"--baseline={src}", f"--model={out}", f"--batch_sizes={batch}",
+                      "--device=cpu", f"--max_seconds={max(_MAX_SECONDS.value, 5.0)}",
+                      "--memory=false", f"--report={bench_report}", "--overwrite")
+          again = None
+          if b.returncode == 0:
+            with open(bench_report, encoding="utf-8") as f:
+              bench = json.load(f)
+            again = round(bench["pairs"][str(batch)]["speedup"]["median"], 4)
+          flops_ratio = doc["flops_before"] / max(doc["flops_after"], 1)
+          prof = budget.get("latency_profile", {})
+          row.update(in_command=budget.get("measured_speedup"), again=again,
+                     miss=None if again is None else round(again / float(target) - 1, 4),
+                     flops_ratio=round(flops_ratio, 4),
+                     efficiency=None if again is None else round(again / flops_ratio, 4),
+                     predicted=budget.get("predicted_speedup"),
+                     refinements=len(budget.get("refinements", [])) or None,
+                     candidates_timed=budget.get("candidates_timed"),
+                     profile_s=prof.get("seconds"), points_timed=prof.get("points_timed"),
+                     points_cached=prof.get("points_cached"),
+                     widths={g["sources"][0]: [g["channels_before"], g["channels_after"]]
+                             for g in doc["groups"]})
+          rows.append(row)
+          fmt = lambda v, f: "-" if v is None else format(v, f)
+          print(f"{name:<22} {batch:>3} {how:<8} {target:>6} {fmt(row['in_command'], '.3f'):>7} "
+                f"{fmt(again, '.3f'):>7} {fmt(row['miss'], '+.1%'):>6} {flops_ratio:>6.2f} "
+                f"{fmt(row['efficiency'], '.2f'):>5} {fmt(row['predicted'], '.2f'):>6} "
+                f"{seconds:>6.1f} {fmt(row['profile_s'], '.1f'):>6}", flush=True)
+  if _JSON.value:
+    with open(_JSON.value, "w", encoding="utf-8") as f:
+      json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)
