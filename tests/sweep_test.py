@@ -106,6 +106,26 @@ class ParseTest(parameterized.TestCase):
                      os.path.join("unused", "models", "r0.25_l1_rt1.pb"))
 
 
+  def test_budget_and_allocation_keys(self):
+    settings = config.Config(_MODEL, "unused", (0.5,), ("l1",), (1,),
+                             allocations=("uniform", "latency"), target_speedups=(1.5, 2.0))
+    self.assertEqual([s.key for s in config.plan_runs(settings)],
+                     ["s1.5_l1_rt1", "s1.5_l1_rt1_alatency", "s2_l1_rt1", "s2_l1_rt1_alatency"])
+    self.assertEqual(config.plan_runs(settings)[1].target_speedup, 1.5)
+    # Without budgets or other allocations, keys and definitions are as before.
+    plain = config.Config(_MODEL, "unused", (0.5,), ("l1",), (1,))
+    self.assertFalse(plain.budgeted)
+    self.assertEqual([s.key for s in config.plan_runs(plain)], ["r0.5_l1_rt1"])
+    self.assertEqual(config.parse_allocations(["global", "latency"]), ("global", "latency"))
+    self.assertEqual(config.parse_target_speedups(["1.5", "3"]), (1.5, 3.0))
+    for bad in (["knapsack"], ["global", "global"]):
+      with self.assertRaises(errors.UsageError):
+        config.parse_allocations(bad)
+    for bad in (["1"], ["0.5"], ["x"], ["2", "2"]):
+      with self.assertRaises(errors.UsageError):
+        config.parse_target_speedups(bad)
+
+
 class RowsFileTest(absltest.TestCase):
   """The JSONL file: durable appends, a torn tail dropped, corruption refused."""
 
@@ -530,6 +550,27 @@ class SweepTest(parameterized.TestCase):
     self.assertGreater(row["top1"], 0.8)
     self.assertEqual(tuple(row), rows_lib.columns((1,), accuracy=True, reconstruct=True))
 
+  def test_target_speedups_and_allocations(self):
+    # A measured budget per run, uniform and latency-aware, timed at batch 32 as
+    # //tools:prune --target_speedup does; the rows carry what the command measured.
+    out = self.create_tempdir().full_path
+    r = _cli(f"--in={_MODEL}", f"--out_dir={out}", "--target_speedups=1.5",
+             "--allocations=uniform,latency", "--criteria=l1", "--batch_sizes=32",
+             "--max_seconds=0.5", "--min_runs=3", "--nomemory",
+             f"--widths_cache={os.path.join(out, 'widths.json')}")
+    self.assertEqual(r.returncode, 0, r.stderr[-3000:])
+    rows = [json.loads(l) for l in _lines(os.path.join(out, "rows.jsonl"))]
+    self.assertEqual([row["key"] for row in rows], ["s1.5_l1_rt1", "s1.5_l1_rt1_alatency"])
+    for row, how in zip(rows, ("uniform", "latency")):
+      self.assertEqual(row["status"], "ok", row["error"])
+      self.assertEqual((row["allocation"], row["target_speedup"]), (how, 1.5))
+      self.assertGreaterEqual(row["budget_speedup"], 1.5 * 0.95)
+      self.assertGreater(row["ratio"], 0)          # the chosen plan's fraction removed
+      self.assertIsNotNone(row["b32_speedup_median"])
+    self.assertIsNone(rows[0]["budget_predicted_speedup"])
+    self.assertGreater(rows[1]["budget_predicted_speedup"], 1.0)
+    self.assertEqual(tuple(rows[0]), rows_lib.columns((32,), accuracy=False, budget=True))
+
   def _check_error(self, r, needle):
     self.assertEqual(r.returncode, 2, r.stderr[-3000:])
     lines = [l for l in r.stderr.splitlines() if l.startswith("sweep: ")]
@@ -556,6 +597,10 @@ class SweepTest(parameterized.TestCase):
       ("calibrated_without_data", ["--criteria=l1,apoz"], "apoz: give --calibration_data"),
       ("reconstruct_without_data", ["--reconstruct=bias"],
        "--reconstruct: give --calibration_data"),
+      ("unknown_allocation", ["--allocations=uniform,knapsack"], "unknown allocation 'knapsack'"),
+      ("latency_without_targets", ["--allocations=latency"], "give --target_speedups"),
+      ("targets_with_ratios", ["--ratios=0.5", "--target_speedups=2"], "replace --ratios"),
+      ("target_not_above_one", ["--target_speedups=1,2"], "1 is not above 1"),
   )
   def test_bad_input(self, args, needle):
     tmp = self.create_tempdir().full_path

@@ -43,6 +43,13 @@ _RATIOS = flags.DEFINE_list("ratios", ["0.1", "0.2", "...", "0.9"],
                             "Ratios; '...' continues the step up to the next value.")
 _CRITERIA = flags.DEFINE_list("criteria", ["l1", "l2", "bn_scale", "fpgm", "random"],
                               "Criteria: l1, l2, bn_scale, fpgm, random.")
+_ALLOCATIONS = flags.DEFINE_list(
+    "allocations", ["uniform"], "How kept counts are chosen, a run each: uniform, global, "
+    "latency (latency needs --target_speedups).")
+_TARGET_SPEEDUPS = flags.DEFINE_list(
+    "target_speedups", [], "Measured speedup budgets instead of --ratios, a run each (e.g. "
+    "1.5,2,3): each plan timed beside the original at the first --batch_sizes, as "
+    "//tools:prune --target_speedup does.")
 _ROUND_TO = flags.DEFINE_list("round_to", ["1"],
                               "Channel multiples: positive integers and/or 'auto' (resolved "
                               "once per sweep, as //tools:prune does).")
@@ -104,6 +111,23 @@ def _progress(i, n, row, total_s):
   _say(sweep.progress_line(i, n, row, total_s))
 
 
+def _latency_probe():
+  """bench.latency.Probe for --target_speedups (the first batch size and the
+  benchmark flags), else None; --ratios and --target_speedups are exclusive."""
+  if not _TARGET_SPEEDUPS.value:
+    return None
+  if flags.FLAGS["ratios"].present:
+    raise errors.UsageError("--target_speedups replace --ratios; give one of them")
+  from graph_prune.bench import benchmark  # pylint: disable=g-import-not-at-top
+  from graph_prune.bench import latency  # pylint: disable=g-import-not-at-top
+  sizes = benchmark.parse_batch_sizes(_BENCH.batch_sizes.value)
+  probe = latency.Probe(device=_BENCH.device.value, xla=_BENCH.xla.value, batch=sizes[0],
+                        settings=_BENCH.timing(), seed=_SEED.value,
+                        cache=cli.path(_WIDTHS_CACHE.value))
+  latency.check(probe)
+  return probe
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -137,7 +161,10 @@ def main(argv):
         overwrite=_OVERWRITE.value, reconstruct=calibration_flags.reconstruct(_SEED.value),
         quantize=config.parse_quantize(calibration_flags.QUANTIZE.value.split(",")),
         quantize_calibration=calibration_flags.QUANTIZE_CALIBRATION.value,
-        min_agreement=calibration_flags.MIN_AGREEMENT.value)
+        min_agreement=calibration_flags.MIN_AGREEMENT.value,
+        allocations=config.parse_allocations(_ALLOCATIONS.value),
+        target_speedups=config.parse_target_speedups(_TARGET_SPEEDUPS.value),
+        latency=_latency_probe())
     steps = []
     data = settings.data
     prep = (preprocess.Preprocess(resize=data.resize, scale=data.scale, mean=data.mean,

@@ -15,6 +15,7 @@ from graph_prune import errors
 from graph_prune.bench import benchmark
 from graph_prune.bench import runners
 from graph_prune.bench import timing
+from graph_prune.criteria import allocation as allocation_lib
 from graph_prune.criteria import importance
 
 AUTO = "auto"
@@ -70,6 +71,17 @@ class Config:
   quantize: tuple[str, ...] = ("none",)
   quantize_calibration: str = "minmax"
   min_agreement: float = 0.99
+  # How kept counts are chosen, one run each (criteria/allocation.py); and measured
+  # speedup budgets, which replace the ratios (one run each, timed by `latency`
+  # at the first batch size: a bench.latency.Probe the tool builds).
+  allocations: tuple[str, ...] = ("uniform",)
+  target_speedups: tuple[float, ...] = ()
+  latency: Any = None
+
+  @property
+  def budgeted(self) -> bool:
+    """Whether the sweep has the allocation or budget dimensions (their columns)."""
+    return self.allocations != ("uniform",) or bool(self.target_speedups)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +91,8 @@ class RunSpec:
   criterion: str
   round_to: RoundTo          # as requested
   quantize: str = "none"
+  allocation: str = "uniform"
+  target_speedup: Optional[float] = None   # a budget instead of the ratio
 
 
 # --- parsing of list flags --------------------------------------------------------
@@ -166,16 +180,44 @@ def _no_repeats(values: Sequence[Any], flag: str) -> None:
 # --- the runs and the sweep's files --------------------------------------------
 
 
-def key_of(ratio: float, criterion: str, round_to: RoundTo, quantize: str = "none") -> str:
-  return f"r{ratio:.10g}_{criterion}_rt{round_to}" + (f"_q{quantize}" if quantize != "none"
-                                                      else "")
+def key_of(ratio: float, criterion: str, round_to: RoundTo, quantize: str = "none",
+           allocation: str = "uniform", target_speedup: Optional[float] = None) -> str:
+  head = f"s{target_speedup:.10g}" if target_speedup is not None else f"r{ratio:.10g}"
+  return (f"{head}_{criterion}_rt{round_to}" +
+          (f"_a{allocation}" if allocation != "uniform" else "") +
+          (f"_q{quantize}" if quantize != "none" else ""))
 
 
 def plan_runs(config: Config) -> list[RunSpec]:
-  """Every run in order: ratio, then criterion, then round_to, then quantization."""
-  return [RunSpec(key_of(r, c, t, q), r, c, t, q)
-          for r in config.ratios for c in config.criteria for t in config.round_to
-          for q in config.quantize]
+  """Every run in order: ratio (or target speedup), then criterion, then round_to,
+  then allocation, then quantization."""
+  points = ([(0.0, s) for s in config.target_speedups] if config.target_speedups
+            else [(r, None) for r in config.ratios])
+  return [RunSpec(key_of(r, c, t, q, a, s), r, c, t, q, a, s)
+          for r, s in points for c in config.criteria for t in config.round_to
+          for a in config.allocations for q in config.quantize]
+
+
+def parse_allocations(values: Sequence[str]) -> tuple[str, ...]:
+  """'uniform,latency' -> ('uniform', 'latency'), each one known."""
+  out = tuple(str(v).strip() for v in values if str(v).strip()) or ("uniform",)
+  for a in out:
+    if a not in allocation_lib.ALLOCATIONS:
+      raise errors.UsageError(f"--allocations: unknown allocation '{a}'; choose from "
+                              f"{', '.join(allocation_lib.ALLOCATIONS)}")
+  _no_repeats(out, "--allocations")
+  return out
+
+
+def parse_target_speedups(values: Sequence[str]) -> tuple[float, ...]:
+  """'1.5,2,3' -> (1.5, 2.0, 3.0): measured speedups, each above 1."""
+  out = tuple(_number(str(v).strip(), "--target_speedups") for v in values if str(v).strip())
+  for v in out:
+    if v <= 1:
+      raise errors.UsageError(f"--target_speedups: {v:g} is not above 1; give e.g. "
+                              "--target_speedups=1.5,2,3")
+  _no_repeats(out, "--target_speedups")
+  return out
 
 
 def parse_quantize(values: Sequence[str]) -> tuple[str, ...]:
@@ -244,6 +286,11 @@ def definition(config: Config, step_names: Sequence[str] = ()) -> dict[str, Any]
       # Only where quantized, so that sweeps from before keep their definition.
       **({"quantize": list(config.quantize), "quantize_calibration": config.quantize_calibration,
           "min_agreement": config.min_agreement} if config.quantize != ("none",) else {}),
+      # Likewise only with allocations or budgets.
+      **({"allocations": list(config.allocations),
+          "target_speedups": list(config.target_speedups),
+          "latency": config.latency.describe() if config.latency else None}
+         if config.budgeted else {}),
   }))
 
 
@@ -261,6 +308,13 @@ def check(config: Config) -> None:
     what = ", ".join(calibrated + (["--reconstruct"] if config.reconstruct else []))
     raise errors.UsageError(f"{what}: give --calibration_data (unlabelled samples)")
   parse_round_to([str(t) for t in config.round_to])
+  parse_allocations(config.allocations)
+  parse_target_speedups([str(t) for t in config.target_speedups])
+  if "latency" in config.allocations and not config.target_speedups:
+    raise errors.UsageError("--allocations=latency allocates for a measured budget: give "
+                            "--target_speedups (which replace --ratios)")
+  if config.target_speedups and config.latency is None:
+    raise errors.UsageError("--target_speedups: no timing probe handed in (Config.latency)")
   quantized = [q for q in parse_quantize(config.quantize) if q != "none"]
   if quantized and not config.model.endswith(".onnx"):
     raise errors.UsageError("--quantize in a sweep quantizes ONNX models (benchmarked against "

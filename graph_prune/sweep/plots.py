@@ -32,22 +32,26 @@ _STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"))
 
 
 def _series(rows: Sequence[dict[str, Any]]) -> list[tuple[str, dict, list[dict[str, Any]]]]:
-  """(label, line style, rows sorted by ratio) per criterion and round_to, in order of
-  first appearance."""
+  """(label, line style, rows sorted by ratio) per criterion, round_to and allocation,
+  in order of first appearance."""
   criteria, round_tos, groups = [], [], {}
   for r in rows:
     if r["criterion"] not in criteria:
       criteria.append(r["criterion"])
     if r["round_to"] not in round_tos:
       round_tos.append(r["round_to"])
-    groups.setdefault((r["criterion"], r["round_to"]), []).append(r)
+    groups.setdefault((r["criterion"], r["round_to"], r.get("allocation")), []).append(r)
+  allocations = list(dict.fromkeys(k[2] for k in groups))
   out = []
-  for (criterion, round_to), members in groups.items():
+  for (criterion, round_to, allocation), members in groups.items():
     used = members[0].get("round_to_used")
     label = f"{criterion}, round_to {round_to}"
     if str(round_to) == "auto" and used is not None:
       label += f" ({used})"
-    line, marker = _STYLES[round_tos.index(round_to) % len(_STYLES)]
+    if allocation and allocations != ["uniform"]:
+      label += f", {allocation}"
+    line, marker = _STYLES[(round_tos.index(round_to) + allocations.index(allocation))
+                           % len(_STYLES)]
     style = {"color": _COLOURS[criteria.index(criterion) % len(_COLOURS)], "linestyle": line,
              "marker": marker, "markersize": 4, "linewidth": 1.2}
     out.append((label, style, sorted(members, key=lambda r: r["ratio"])))

@@ -4,9 +4,12 @@ One row per run (ratio x criterion x round_to), flat, JSON-ready. Every row has
 every column of its sweep (null where a figure does not apply: a failed run, no
 --data). Columns, in order:
 
-  key              "r<ratio>_<criterion>_rt<round_to>", e.g. r0.5_l1_rtauto
+  key              "r<ratio>_<criterion>_rt<round_to>", e.g. r0.5_l1_rtauto ("s<target
+                   speedup>" instead of "r<ratio>" for a budget; "_a<allocation>"
+                   after it when not uniform; "_q<scheme>" when quantized)
   model            name of the input model (file or SavedModel directory stem)
-  ratio            requested fraction of channels removed per group
+  ratio            requested fraction of channels removed per group (for a budget:
+                   the chosen plan's fraction of all channels)
   criterion        l1, l2, bn_scale, fpgm or random
   round_to         requested multiple: an integer, or "auto"
   round_to_used    the multiple pruned with ("auto" resolved once per sweep)
@@ -68,6 +71,11 @@ every column of its sweep (null where a figure does not apply: a failed run, no
                    top1_recovered_drop (top1_orig - top1_recovered),
                    agreement_recovered, holdout_agreement_before/after (on the
                    samples kept out of recovery), recover_s
+  allocation, target_speedup, budget_speedup, budget_predicted_speedup
+                   (sweeps with --allocations or --target_speedups) how kept counts
+                   were chosen, the budget, the speedup the command measured for its
+                   plan (at the first batch size) and, for latency allocation, the
+                   speedup its latency model predicted
   elapsed_s        seconds of the whole run
   finished_at      UTC time the row was written, ISO 8601
 
@@ -112,6 +120,7 @@ RECONSTRUCT_COLUMNS = ("reconstruct_method", "reconstruct_layers", "reconstruct_
                        "holdout_rel_error_sliced", "holdout_rel_error_reconstructed")
 QUANTIZE_COLUMNS = ("quantize", "quantize_bytes_float", "quantize_bytes", "quantize_agreement",
                     "quantize_rel_error", "quantize_s")
+BUDGET_COLUMNS = ("allocation", "target_speedup", "budget_speedup", "budget_predicted_speedup")
 TAIL_COLUMNS = ("elapsed_s", "finished_at")
 
 
@@ -121,9 +130,11 @@ def batch_column(batch: int, name: str) -> str:
 
 def columns(batch_sizes: Sequence[int], accuracy: bool,
             extra: Sequence[str] = (), reconstruct: bool = False,
-            quantize: bool = False) -> tuple[str, ...]:
+            quantize: bool = False, budget: bool = False) -> tuple[str, ...]:
   """Every column of a sweep, in order."""
   out = list(BASE_COLUMNS)
+  if budget:
+    out += BUDGET_COLUMNS
   if reconstruct:
     out += RECONSTRUCT_COLUMNS
   if quantize:

@@ -283,6 +283,8 @@ def _prune(config: config_lib.Config, spec: config_lib.RunSpec, used: int, how: 
            row: dict) -> None:
   options = pipeline.Options(
       ratio=spec.ratio, criterion=spec.criterion, round_to=used, round_to_how=how,
+      allocation=spec.allocation, target_speedup=spec.target_speedup,
+      latency=config.latency if spec.target_speedup is not None else None,
       seed=config.seed, verify=True, tolerance=config.tolerance, signature=config.signature,
       inputs=tuple(config.inputs), outputs=tuple(config.outputs), overwrite=True,
       reconstruct=config.reconstruct, calibration=config.calibration, taylor=config.taylor,
@@ -310,6 +312,10 @@ def _prune(config: config_lib.Config, spec: config_lib.RunSpec, used: int, how: 
       groups_pruned=report["groups_pruned"], groups_total=report["groups_total"],
       verify_max_abs_diff=v.get("max_abs_diff"), verify_max_rel_diff=v.get("max_rel_diff"),
       output_change_max_rel=v.get("effect_max_rel"), round_to_used=report["round_to"])
+  if spec.target_speedup is not None:
+    b = report.get("budget") or {}
+    row.update(ratio=report["ratio"], budget_speedup=b.get("measured_speedup"),
+               budget_predicted_speedup=b.get("predicted_speedup"))
   q = report.get("quantization")
   if q:
     row.update(quantize_bytes_float=q["model_bytes_before"], quantize_bytes=q["model_bytes_after"],
@@ -405,6 +411,8 @@ def prepare_run(config: config_lib.Config, spec: config_lib.RunSpec, state: Mapp
   row.update(key=spec.key, model=config_lib.model_name(config.model), ratio=spec.ratio,
              criterion=spec.criterion, round_to=spec.round_to, round_to_used=used,
              **({"quantize": spec.quantize} if config.quantize != ("none",) else {}),
+             **({"allocation": spec.allocation, "target_speedup": spec.target_speedup}
+                if config.budgeted else {}),
              device=baseline["device"], device_name=baseline["device_name"], xla=config.xla,
              runtime=baseline["runtime"])
   path = config_lib.model_path(config, spec.key)
@@ -540,7 +548,7 @@ def _run(config: config_lib.Config, steps: Sequence[Step], progress: Progress, n
   cols = rows_lib.columns(config.batch_sizes, config.data is not None,
                           [c for s in steps for c in s.columns],
                           reconstruct=config.reconstruct is not None,
-                          quantize=config.quantize != ("none",))
+                          quantize=config.quantize != ("none",), budget=config.budgeted)
   rows_lib.write_csv(csv_path, done, cols)  # a kill may have come between the two writes
   finished = {r["key"] for r in done}
   skipped = len(finished)
