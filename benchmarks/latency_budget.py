@@ -51,9 +51,15 @@ def _run(tool: str, *args) -> tuple[float, subprocess.CompletedProcess]:
   return time.perf_counter() - t0, res
 
 
-def _recovered(src: str, plan: str, out: str) -> dict:
-  """The plan applied again with lsq reconstruction and distillation; test top-1."""
-  seconds, res = _run("prune", f"--in={src}", f"--out={out}", f"--plan_in={plan}",
+def _recovered(src: str, doc: dict, out: str) -> dict:
+  """The report's widths pruned again (each pruned group at its own ratio, the
+  same criterion, so the same channels), with lsq reconstruction and
+  distillation; test top-1."""
+  ratios = [f"--layer_ratio={g['sources'][0]}="
+            f"{(g['channels_before'] - g['channels_after']) / g['channels_before']!r}"
+            for g in doc["groups"]]
+  seconds, res = _run("prune", f"--in={src}", f"--out={out}", "--ratio=0", *ratios,
+                      f"--criterion={doc['criterion']}",
                       "--calibration_data=fashion-mnist:train", "--calibration_samples=2000",
                       "--calibration_holdout=500", "--scale=1/255", "--reconstruct=lsq",
                       "--recover=distill", "--recover_data=fashion-mnist:train",
@@ -87,9 +93,7 @@ def main(argv):
         for how in _ALLOCATIONS.value:
           out = os.path.join(work, f"{name}_b{batch}_{target}_{how}{ext}")
           report = out + ".json"
-          plan = out + ".plan.json"
           seconds, res = _run("prune", f"--in={src}", f"--out={out}", f"--target_speedup={target}",
-                              f"--plan_out={plan}",
                               f"--allocation={how}", f"--batch_sizes={batch}", "--device=cpu",
                               f"--max_seconds={_MAX_SECONDS.value}", f"--widths_cache={cache}",
                               f"--report={report}", "--overwrite")
@@ -126,7 +130,7 @@ def main(argv):
                      widths={g["sources"][0]: [g["channels_before"], g["channels_after"]]
                              for g in doc["groups"]})
           if _RECOVER_STEPS.value and model == "default":
-            row.update(_recovered(src, plan, out + ".recovered.pb"))
+            row.update(_recovered(src, doc, out + ".recovered.pb"))
           rows.append(row)
           fmt = lambda v, f: "-" if v is None else format(v, f)
           print(f"{name:<22} {batch:>3} {how:<8} {target:>6} {fmt(row['in_command'], '.3f'):>7} "
