@@ -300,16 +300,10 @@ def plan_for_budget(prepared: Prepared, options: Options, spec: allocation.Spec,
   if timed:
     m = trials[id(most)]
     if what == "latency_ms" and target >= m.original_ms:
-      raise errors.UsageError(
-          f"--target_latency_ms={target:g}: the original already runs in {m.original_ms:.3g} ms "
-          f"({session.device_label}, batch {options.latency.batch}); nothing to remove")
+      raise _already_met(target, m, session, options.latency.batch)
     if least > target:
-      asked = (f"--target_speedup={1 / target:g}" if what == "speedup"
-               else f"--target_latency_ms={target:g}")
-      raise errors.UsageError(
-          f"{asked} cannot be met: removing all that --allocation={options.allocation} may "
-          f"remove measures {m.speedup:.2f}x ({m.latency_ms:.3g} ms against "
-          f"{m.original_ms:.3g} ms; {session.device_label}, batch {options.latency.batch})")
+      raise _unmet(what, 1 / target if what == "speedup" else target, options.allocation, m,
+                   session, options.latency.batch)
   elif least > target:
     raise errors.UsageError(
         f"--target_{what}={target:g} cannot be met: removing all that --allocation="
@@ -323,13 +317,32 @@ def plan_for_budget(prepared: Prepared, options: Options, spec: allocation.Spec,
     else:
       lo = mid
   if timed and measured is not None:
-    m = trials[id(plan)]
-    measured.update(
-        measured_speedup=round(m.speedup, 4), measured_speedup_p10=round(m.speedup_p10, 4),
-        measured_speedup_p90=round(m.speedup_p90, 4), latency_ms=round(m.latency_ms, 4),
-        original_latency_ms=round(m.original_ms, 4), candidates_timed=session.measured,
-        device=session.device_label, **options.latency.describe())
+    measured.update(_measured_doc(trials[id(plan)], session, options.latency))
   return plan
+
+
+def _unmet(what: str, value: float, allocation: str, m, session, batch: int) -> errors.UsageError:
+  """The error for a measured budget that the most pruning does not meet (m: its
+  measurement)."""
+  return errors.UsageError(
+      f"--target_{what}={value:g} cannot be met: removing all that --allocation={allocation} "
+      f"may remove measures {m.speedup:.2f}x ({m.latency_ms:.3g} ms against "
+      f"{m.original_ms:.3g} ms; {session.device_label}, batch {batch})")
+
+
+def _already_met(value: float, m, session, batch: int) -> errors.UsageError:
+  return errors.UsageError(
+      f"--target_latency_ms={value:g}: the original already runs in {m.original_ms:.3g} ms "
+      f"({session.device_label}, batch {batch}); nothing to remove")
+
+
+def _measured_doc(m, session, probe) -> dict:
+  """The chosen plan's measurement, for the report's budget block."""
+  return dict(
+      measured_speedup=round(m.speedup, 4), measured_speedup_p10=round(m.speedup_p10, 4),
+      measured_speedup_p90=round(m.speedup_p90, 4), latency_ms=round(m.latency_ms, 4),
+      original_latency_ms=round(m.original_ms, 4), candidates_timed=session.measured,
+      device=session.device_label, **probe.describe())
 
 
 # --allocation=latency: the measured speedup may miss the target by this much
@@ -364,9 +377,7 @@ def plan_for_latency(prepared: Prepared, options: Options, spec: allocation.Spec
   if what == "latency_ms":
     base = session.measure(prepared.model)
     if target >= base.original_ms:
-      raise errors.UsageError(
-          f"--target_latency_ms={target:g}: the original already runs in {base.original_ms:.3g} "
-          f"ms ({session.device_label}, batch {probe.batch}); nothing to remove")
+      raise _already_met(target, base, session, probe.batch)
     speedup = base.original_ms / target
   else:
     speedup = target
@@ -412,20 +423,12 @@ def plan_for_latency(prepared: Prepared, options: Options, spec: allocation.Spec
   # closest one (the most that may go, which the error below reports).
   plan, m, miss, predicted_speedup = min(meeting or results, key=lambda r: abs(r[2]))
   if not meeting and predicted_speedup >= most * (1 - 1e-9):
-    asked = (f"--target_speedup={target:g}" if what == "speedup"
-             else f"--target_latency_ms={target:g}")
-    raise errors.UsageError(
-        f"{asked} cannot be met: removing all that --allocation=latency may remove measures "
-        f"{m.speedup:.2f}x ({m.latency_ms:.3g} ms against {m.original_ms:.3g} ms; "
-        f"{session.device_label}, batch {probe.batch})")
+    raise _unmet(what, target, "latency", m, session, probe.batch)
   if measured is not None:
     measured.update(
-        measured_speedup=round(m.speedup, 4), measured_speedup_p10=round(m.speedup_p10, 4),
-        measured_speedup_p90=round(m.speedup_p90, 4), latency_ms=round(m.latency_ms, 4),
-        original_latency_ms=round(m.original_ms, 4), predicted_speedup=round(predicted_speedup, 4),
+        _measured_doc(m, session, probe), predicted_speedup=round(predicted_speedup, 4),
         predicted_layers_ms=round(full / predicted_speedup, 4), original_layers_ms=round(full, 4),
-        refinements=tries, candidates_timed=session.measured, device=session.device_label,
-        latency_profile=profile.doc, **probe.describe())
+        refinements=tries, latency_profile=profile.doc)
   return plan
 
 
