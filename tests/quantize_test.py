@@ -363,6 +363,8 @@ class CommandTest(absltest.TestCase):
         (["--quantize=int8", "--quantize_calibration=mse", calib],
          "unknown --quantize_calibration 'mse'"),
         (["--quantize=int8", "--min_agreement=1.5", calib], "--min_agreement is 1.5"),
+        (["--quantize=codebook4", "--codebook_fit=gptq", calib],
+         "unknown --codebook_fit 'gptq'; choose outputs or kmeans"),
     ]
     for extra, message in cases:
       out = os.path.join(tmp, "out.onnx")
