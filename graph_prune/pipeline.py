@@ -383,22 +383,28 @@ def plan_for_latency(prepared: Prepared, options: Options, spec: allocation.Spec
     speedup = target
   _, floor_ms = allocation.allocate_latency(analysis, scores, spec, options.criterion, layers, 0.0)
   most = full / floor_ms
-  aim, tries, results = speedup, [], []
-  low, high = None, None     # aims measured below and at or above the target
-  for _ in range(1 + LATENCY_REFINEMENTS):
+  tries, results = [], []
+
+  def attempt(aim: float):
+    """The allocation for a predicted speedup of `aim` (`most`: all that may go), timed."""
     plan, predicted = allocation.allocate_latency(analysis, scores, spec, options.criterion,
-                                                  layers, full / aim)
+                                                  layers, full / aim if aim < most else 0.0)
     m = session.measure(rewrite(prepared, plan))
     tries.append({"aimed_speedup": round(aim, 4), "predicted_speedup": round(full / predicted, 4),
                   "measured_speedup": round(m.speedup, 4), "latency_ms": round(m.latency_ms, 4)})
     logging.info("latency allocation: predicted %.3fx, measured %.3fx (target %.3fx)",
                  full / predicted, m.speedup, speedup)
-    miss = m.speedup / speedup - 1
-    results.append((plan, m, miss, full / predicted))
+    results.append((plan, m, m.speedup / speedup - 1, full / predicted))
+    return results[-1]
+
+  aim = min(speedup, most)
+  low, high = None, None     # aims measured below and at or above the target
+  for _ in range(1 + LATENCY_REFINEMENTS):
+    _, m, miss, predicted_speedup = attempt(aim)
     if abs(miss) <= LATENCY_TOLERANCE:
       break
     if miss < 0:
-      if full / predicted >= most * (1 - 1e-9):
+      if predicted_speedup >= most * (1 - 1e-9):
         break     # already the most that may go
       low = aim if low is None else max(low, aim)
     else:
@@ -411,19 +417,14 @@ def plan_for_latency(prepared: Prepared, options: Options, spec: allocation.Spec
     else:
       aim = min(aim * speedup / m.speedup, most)
   meeting = [r for r in results if r[2] >= -LATENCY_TOLERANCE]
-  if not meeting and max(r[3] for r in results) < most * (1 - 1e-9):
-    plan, predicted = allocation.allocate_latency(analysis, scores, spec, options.criterion,
-                                                  layers, 0.0)   # the most that may go
-    m = session.measure(rewrite(prepared, plan))
-    tries.append({"aimed_speedup": round(most, 4), "predicted_speedup": round(full / predicted, 4),
-                  "measured_speedup": round(m.speedup, 4), "latency_ms": round(m.latency_ms, 4)})
-    results.append((plan, m, m.speedup / speedup - 1, full / predicted))
-    meeting = [r for r in results if r[2] >= -LATENCY_TOLERANCE]
-  # The closest candidate that meets the target (within the tolerance), else the
-  # closest one (the most that may go, which the error below reports).
-  plan, m, miss, predicted_speedup = min(meeting or results, key=lambda r: abs(r[2]))
-  if not meeting and predicted_speedup >= most * (1 - 1e-9):
-    raise _unmet(what, target, "latency", m, session, probe.batch)
+  if not meeting:
+    # All that may go, if not tried yet: it meets the target, or nothing does.
+    floor = next((r for r in results if r[3] >= most * (1 - 1e-9)), None) or attempt(most)
+    if floor[2] < -LATENCY_TOLERANCE:
+      raise _unmet(what, target, "latency", floor[1], session, probe.batch)
+    meeting = [floor]
+  # The closest candidate that meets the target (within the tolerance).
+  plan, m, _, predicted_speedup = min(meeting, key=lambda r: abs(r[2]))
   if measured is not None:
     measured.update(
         _measured_doc(m, session, probe), predicted_speedup=round(predicted_speedup, 4),
