@@ -214,7 +214,7 @@ class Profiler:
     if self.format == runners.ONNX:
       import onnxruntime  # pylint: disable=g-import-not-at-top
       self.device_key = (f"{runners.describe(self.device, self.format)}|onnxruntime "
-                         f"{onnxruntime.__version__}|{_cpu()}")
+                         f"{onnxruntime.__version__}|{widths_lib.cpu_name()}")
     else:
       self.device_key = widths_lib.device_key(xla) + f"|{self.device.kind}"
     self.timed = 0
@@ -246,14 +246,6 @@ class Profiler:
 
   def save(self) -> None:
     self.cache.save()
-
-
-def _cpu() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      return next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-  except (OSError, StopIteration):
-    return "cpu"
 
 
 @dataclasses.dataclass(frozen=True)

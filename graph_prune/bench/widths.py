@@ -50,18 +50,22 @@ REPRESENTATIVE_WIDTHS = tuple(range(97, 161))
 REPRESENTATIVE_BATCH = 8
 
 
+def cpu_name() -> str:
+  """The CPU model (/proc/cpuinfo), else what the platform says."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      return next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+  except (OSError, StopIteration):
+    return platform.processor() or platform.machine()
+
+
 def device_key(xla: bool) -> str:
   """Which machine a latency belongs to: CPU model, runtime and TensorFlow version."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-  except (OSError, StopIteration):
-    pass
   gpus = tf.config.list_physical_devices("GPU")
   kind = "gpu" if gpus else "cpu"
-  return f"{kind}|{cpu}|{os.cpu_count()} cores|{'xla' if xla else 'tf'}|tf {tf.__version__}"
+  return (f"{kind}|{cpu_name()}|{os.cpu_count()} cores|{'xla' if xla else 'tf'}|"
+          f"tf {tf.__version__}")
 
 
 def default_cache() -> str:

@@ -121,11 +121,8 @@ def _fit_outputs(fmt, model, graph, kmeans: dict, samples, options: Options):
   def solve(site, normal, w_now):
     layer = site.pruned
     name = layer.lin.weight
-    gram, cross = normal.centred()
-    lam = normal.damping(gram, rec.ridge)
-    h = gram + lam[:, None, None] * np.eye(gram.shape[-1])[np.newaxis]
-    w_star = np.linalg.solve(h, cross + lam[:, None, None] *
-                             geometry.matrix(w_now, layer).astype(np.float64))
+    h, rhs = normal.system(geometry.matrix(w_now, layer), rec.ridge)
+    w_star = np.linalg.solve(h, rhs)
     fit = codebook_lib.fit_outputs(w_star, h, options.bits, iterations=options.kmeans_iterations)
     table = codebook_lib.Table(fit.codebook.astype(w_now.dtype),
                                geometry.weight(fit.assign, layer, np.uint8).reshape(-1),

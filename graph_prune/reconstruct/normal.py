@@ -66,17 +66,13 @@ class Normal:
   def solve(self, prior: np.ndarray, ridge: float) -> Fit:
     """The fit; `prior` [G, F, O] is the sliced weight the ridge pulls towards.
     `ridge` is relative: lam = ridge x the mean diagonal of the group's P^T P."""
-    g, f, o = self.cross.shape
+    g, _, o = self.cross.shape
     n = self.rows
     prior = np.asarray(prior, np.float64)
     zero = np.zeros((g, o))
     if n == 0:
       return Fit(prior, zero, 0.0, 0.0, 0)
-    gram, cross = self.centred()
-    lam = self.damping(gram, ridge)
-    eye = np.eye(f)[np.newaxis]
-    lhs = gram + lam[:, None, None] * eye
-    rhs = cross + lam[:, None, None] * prior
+    lhs, rhs = self.system(prior, ridge)
     try:
       if ridge <= 0:
         raise np.linalg.LinAlgError("no ridge: the minimum-norm solution")
@@ -96,11 +92,14 @@ class Normal:
     return (self.gram - n * np.einsum("gf,gh->gfh", mp, mp),
             self.cross - n * np.einsum("gf,go->gfo", mp, my))
 
-  @staticmethod
-  def damping(gram: np.ndarray, ridge: float) -> np.ndarray:
-    """lam per group: `ridge` x the mean diagonal of the group's Gram matrix."""
+  def system(self, prior: np.ndarray, ridge: float) -> tuple[np.ndarray, np.ndarray]:
+    """(P^T P + lam I, P^T Y + lam prior), centred as `centred` is, with lam per
+    group `ridge` x the mean diagonal of its Gram matrix: the fit is lhs^-1 rhs."""
+    gram, cross = self.centred()
     scale = np.einsum("gff->g", gram) / gram.shape[-1]
-    return ridge * np.where(scale > 0, scale, 1.0)
+    lam = (ridge * np.where(scale > 0, scale, 1.0))[:, None, None]
+    return (gram + lam * np.eye(gram.shape[-1])[np.newaxis],
+            cross + lam * np.asarray(prior, np.float64))
 
   def intercept_for(self, w: np.ndarray) -> np.ndarray:
     """[G, O]: the best intercept for weight w (zeros without an intercept)."""

@@ -141,15 +141,21 @@ def parse_ratios(values: Sequence[str], flag: str = "--ratios") -> tuple[float, 
   return tuple(out)
 
 
-def parse_criteria(values: Sequence[str]) -> tuple[str, ...]:
+def _choices(values: Sequence[str], known: Sequence[str], flag: str, what: str
+             ) -> tuple[str, ...]:
+  """The listed names, each one of `known`, none twice (may be empty)."""
   out = tuple(str(v).strip() for v in values if str(v).strip())
+  for c in out:
+    if c not in known:
+      raise errors.UsageError(f"{flag}: unknown {what} '{c}'; choose from {', '.join(known)}")
+  _no_repeats(out, flag)
+  return out
+
+
+def parse_criteria(values: Sequence[str]) -> tuple[str, ...]:
+  out = _choices(values, importance.CRITERIA, "--criteria", "criterion")
   if not out:
     raise errors.UsageError(f"--criteria is empty; choose from {', '.join(importance.CRITERIA)}")
-  for c in out:
-    if c not in importance.CRITERIA:
-      raise errors.UsageError(f"--criteria: unknown criterion '{c}'; choose from "
-                              f"{', '.join(importance.CRITERIA)}")
-  _no_repeats(out, "--criteria")
   return out
 
 
@@ -200,13 +206,8 @@ def plan_runs(config: Config) -> list[RunSpec]:
 
 def parse_allocations(values: Sequence[str]) -> tuple[str, ...]:
   """'uniform,latency' -> ('uniform', 'latency'), each one known."""
-  out = tuple(str(v).strip() for v in values if str(v).strip()) or ("uniform",)
-  for a in out:
-    if a not in allocation_lib.ALLOCATIONS:
-      raise errors.UsageError(f"--allocations: unknown allocation '{a}'; choose from "
-                              f"{', '.join(allocation_lib.ALLOCATIONS)}")
-  _no_repeats(out, "--allocations")
-  return out
+  return _choices(values, allocation_lib.ALLOCATIONS, "--allocations", "allocation") or (
+      "uniform",)
 
 
 def parse_target_speedups(values: Sequence[str]) -> tuple[float, ...]:
