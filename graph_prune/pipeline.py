@@ -266,16 +266,18 @@ def plan_for_budget(prepared: Prepared, options: Options, spec: allocation.Spec,
   timed = what in MEASURED_BUDGETS
   if timed:
     session = options.latency.session(prepared.model)
-    trials: dict[int, Any] = {}
+    trials: dict[int, Any] = {}   # candidate index -> its measurement
     # Kept is the fraction of the latency: 1 / speedup, or milliseconds.
     target = 1.0 / target if what == "speedup" else target
   else:
     base = getattr(cost_lib.measure(prepared.graph, ops), what)
 
-  def kept(plan: plan_lib.Plan) -> float:
+  plans: dict[int, plan_lib.Plan] = {}
+
+  def kept(i: int) -> float:
+    plan = plans[i] = make(i)
     if timed:
-      m = session.measure(rewrite(prepared, plan))
-      trials[id(plan)] = m
+      m = trials[i] = session.measure(rewrite(prepared, plan))
       logging.info("budget: candidate measured %.3fx (%.3g ms; original %.3g ms)", m.speedup,
                     m.latency_ms, m.original_ms)
       return 1.0 / m.speedup if what == "speedup" else m.latency_ms
@@ -288,17 +290,16 @@ def plan_for_budget(prepared: Prepared, options: Options, spec: allocation.Spec,
     thresholds = list(allocation.global_thresholds(analysis, scores, spec)) + [np.inf]
     make = lambda i: allocation.allocate_global(analysis, scores, spec, options.criterion,
                                                 thresholds[i])
-    lo, hi = 0, len(thresholds) - 1
+    hi = len(thresholds) - 1
   else:
     steps = 1000
     make = lambda i: allocation.allocate(
         analysis, scores, dataclasses.replace(spec, ratio=min(i / steps, 0.999)),
         options.criterion)
-    lo, hi = 0, steps
-  most = make(hi)
-  least = kept(most)
+    hi = steps
+  least = kept(hi)
   if timed:
-    m = trials[id(most)]
+    m = trials[hi]
     if what == "latency_ms" and target >= m.original_ms:
       raise _already_met(target, m, session, options.latency.batch)
     if least > target:
@@ -308,26 +309,21 @@ def plan_for_budget(prepared: Prepared, options: Options, spec: allocation.Spec,
     raise errors.UsageError(
         f"--target_{what}={target:g} cannot be met: removing all that --allocation="
         f"{options.allocation} may remove keeps {least:.3f} of the {what}")
-  plan = most
-  while hi - lo > 1:   # kept(make(lo)) > target >= kept(make(hi))
-    mid = (lo + hi) // 2
-    candidate = make(mid)
-    if kept(candidate) <= target:
-      hi, plan = mid, candidate
-    else:
-      lo = mid
+  chosen = _least_meeting(0, hi, kept, target)
   if timed and measured is not None:
-    measured.update(_measured_doc(trials[id(plan)], session, options.latency))
-  return plan
+    measured.update(_measured_doc(trials[chosen], session, options.latency))
+  return plans[chosen]
 
 
-def _unmet(what: str, value: float, allocation: str, m, session, batch: int) -> errors.UsageError:
+def _unmet(what: str, value: float, allocation: str, m, session, batch: int,
+           most: str = "") -> errors.UsageError:
   """The error for a measured budget that the most pruning does not meet (m: its
   measurement)."""
+  most = most or f"all that --allocation={allocation} may remove"
   return errors.UsageError(
-      f"--target_{what}={value:g} cannot be met: removing all that --allocation={allocation} "
-      f"may remove measures {m.speedup:.2f}x ({m.latency_ms:.3g} ms against "
-      f"{m.original_ms:.3g} ms; {session.device_label}, batch {batch})")
+      f"--target_{what}={value:g} cannot be met: removing {most} measures {m.speedup:.2f}x "
+      f"({m.latency_ms:.3g} ms against {m.original_ms:.3g} ms; {session.device_label}, "
+      f"batch {batch})")
 
 
 def _already_met(value: float, m, session, batch: int) -> errors.UsageError:
@@ -864,14 +860,22 @@ def prune(in_path: str, out_path: str, options: Options = Options()) -> report_l
   _check_not_quantized(prepared, options)
   samples = None
   if options.calibration is not None and (options.reconstruct is not None or
-                                          options.criterion in importance.CALIBRATED):
+                                          options.criterion in importance.CALIBRATED or
+                                          options.mode == "mixed"):
     samples = options.calibration.load(prepared.format, prepared.graph)
   timings["load_s"] = time.perf_counter() - t0
   measured: dict = {}
   if options.mode == "layer":
-    result, layers = prune_layers(prepared, options, timings)
+    result, layers = prune_layers(prepared, options, timings, measured)
     doc = assemble_report(in_path, out_path, prepared, result, spec, options, timings,
-                          layers=layers)
+                          measured, layers=layers)
+    return write_outputs(prepared, result, out_path, doc, options, samples)
+  if options.mode == "mixed":
+    without, result, layers = prune_mixed(prepared, options, timings, measured, samples)
+    # The groups and the plan are those of the model without the layers; the
+    # figures before are the original's.
+    doc = assemble_report(in_path, out_path, dataclasses.replace(without, graph=prepared.graph),
+                          result, spec, options, timings, measured, layers=layers)
     return write_outputs(prepared, result, out_path, doc, options, samples)
   plan = make_plan(prepared, options, samples, measured)
   removes = any(g.removed for g in plan.groups)
@@ -887,104 +891,320 @@ def prune(in_path: str, out_path: str, options: Options = Options()) -> report_l
   return write_outputs(prepared, result, out_path, doc, options, samples)
 
 
-MODES = ("filter", "layer")
+MODES = ("filter", "layer", "mixed")
 # Recovery after removing blocks: training against the original (no channel map needed).
 LAYER_RECOVERY = ("distill", "finetune")
 
 
 def _check_mode(options: Options) -> None:
   if options.mode not in MODES:
-    raise errors.UsageError(f"unknown --mode '{options.mode}'; choose filter or layer")
+    raise errors.UsageError(f"unknown --mode '{options.mode}'; choose filter, layer or mixed")
   if options.mode == "filter":
     return
   method = getattr(getattr(options.recover, "options", None), "method", None)
+  mixed = options.mode == "mixed"
   other = [flag for flag, given in (
-      ("a budget", budget_of(options) is not None), ("--plan_in", bool(options.plan_in)),
+      ("--plan_in", bool(options.plan_in)),
       ("--steps", options.steps != 1),
       (f"--recover={method}", options.recover is not None and method not in LAYER_RECOVERY),
       ("--reconstruct", options.reconstruct is not None),
-      ("--allocation=global", options.allocation != "uniform"),
+      (f"--allocation={options.allocation}", options.allocation != "uniform" and not mixed),
       ("--layer_ratio/--exclude", bool(options.overrides or options.exclude))) if given]
   if other:
-    raise errors.UsageError(f"--mode=layer removes --ratio of the removable residual blocks; "
-                            f"{', '.join(other)} with it is not built yet")
+    what = ("chooses layers and filters together for a budget" if mixed else
+            "removes whole residual blocks and layers (--ratio of them, or as many as a "
+            "budget needs)")
+    raise errors.UsageError(f"--mode={options.mode} {what}; {', '.join(other)} with it is not "
+                            "built yet")
+  if mixed and budget_of(options) is None:
+    raise errors.UsageError("--mode=mixed chooses layers and filters together for a budget: "
+                            "give --target_speedup, --target_latency_ms, --target_flops or "
+                            "--target_params instead of --ratio")
+  if mixed and options.calibration is None:
+    raise errors.UsageError("--mode=mixed compares its candidates by how far their outputs "
+                            "move from the original's on calibration samples: give "
+                            "--calibration_data (images or a .npz of inputs; no labels needed)")
 
 
 def layer_edits(graph, chosen: Sequence[blocks_lib.Block]) -> Edits:
-  """Every reader of a removed block's addition reads its shortcut instead (through
-  chains of removed blocks), and the branches and additions go."""
-  replace = {graph.node(b.add).outputs[0]: b.shortcut for b in chosen}
+  """Every reader of a removed block's addition (or a removed layer's last node)
+  reads its shortcut instead (through chains of removed ones), and the branches,
+  layers and additions go."""
+  replace = {graph.node(b.end).outputs[0]: b.shortcut for b in chosen}
 
   def resolve(t: str) -> str:
     while t in replace:
       t = replace[t]
     return t
-  drop = {name for b in chosen for name in (*b.nodes, b.add)}
+  drop = {name for b in chosen for name in (*b.nodes, b.end)}
   rewires = []
-  for add_out in replace:
-    for reader, index in graph.consumers(add_out):
+  for end_out in replace:
+    for reader, index in graph.consumers(end_out):
       if reader.name not in drop:
-        rewires.append((reader.name, index, resolve(add_out)))
+        rewires.append((reader.name, index, resolve(end_out)))
   order = [n.name for n in graph.nodes if n.name in drop]
   return Edits({}, {}, tuple(rewires), drop=tuple(order))
 
 
-def prune_layers(prepared: Prepared, options: Options,
-                 timings: dict[str, float]) -> tuple[_Pruned, dict]:
-  """--mode=layer: the least important --ratio of the removable residual blocks
-  removed, the result validated and checked by the oracle against the original
-  with those branches' last layers zeroed (exact)."""
-  t0 = time.perf_counter()
-  graph, adapter = prepared.graph, prepared.format.adapter
-  found = blocks_lib.find(graph, prepared.format.ops)
+def _removable(prepared: Prepared) -> blocks_lib.Found:
+  found = blocks_lib.find(prepared.graph, prepared.format.ops)
   if not found.blocks:
     why = "; ".join(f"{add}: {reason}" for add, reason in found.skipped[:3])
     raise errors.NothingToPruneError(
-        "--mode=layer: no removable residual block" + (f" ({why})" if why else
-                                                       " (no addition of two computed tensors)"))
-  chosen = blocks_lib.choose(found, options.ratio)
+        "--mode=layer: nothing removable: no same-shape residual block and no layer that can "
+        "be the identity" + (f" ({why})" if why else ""))
+  return found
+
+
+def layers_for_budget(prepared: Prepared, options: Options, ranked: Sequence[blocks_lib.Block],
+                      measured: Optional[dict] = None) -> int:
+  """How many of `ranked` (least important first) go for the budget: the fewest
+  whose removal meets it, by bisection over the count; each candidate is rewritten
+  and measured by the cost model, or timed beside the original (as
+  plan_for_budget does for channels)."""
+  what, target = budget_of(options)
+  adapter, graph = prepared.format.adapter, prepared.graph
+  timed = what in MEASURED_BUDGETS
+  trials: dict[int, Any] = {}
+  if timed:
+    session = options.latency.session(prepared.model)
+    target = 1.0 / target if what == "speedup" else target
+  else:
+    base = getattr(cost_lib.measure(graph, prepared.format.ops), what)
+
+  def kept(count: int) -> float:
+    pruned = adapter.apply_edits(prepared.model, layer_edits(graph, ranked[:count]))
+    if timed:
+      m = trials[count] = session.measure(pruned)
+      logging.info("budget: %d removed, measured %.3fx", count, m.speedup)
+      return 1.0 / m.speedup if what == "speedup" else m.latency_ms
+    view = adapter.to_view(pruned)
+    return getattr(cost_lib.measure(view, prepared.format.ops), what) / base if base else 1.0
+
+  least = kept(len(ranked))
+  if timed:
+    m = trials[len(ranked)]
+    if what == "latency_ms" and target >= m.original_ms:
+      raise _already_met(target, m, session, options.latency.batch)
+    if least > target:
+      raise _unmet(what, 1 / target if what == "speedup" else target, "uniform", m, session,
+                   options.latency.batch, f"all {len(ranked)} removable layers and blocks")
+  elif least > target:
+    raise errors.UsageError(
+        f"--target_{what}={target:g} cannot be met: removing all {len(ranked)} removable layers "
+        f"and blocks keeps {least:.3f} of the {what}")
+  count = _least_meeting(0, len(ranked), kept, target)
+  if timed and measured is not None:
+    measured.update(_measured_doc(trials[count], session, options.latency))
+  return count
+
+
+def _least_meeting(lo: int, hi: int, kept, target: float) -> int:
+  """The least i in (lo, hi] with kept(i) <= target, by bisection, given kept(lo) >
+  target >= kept(hi) and kept falling with i."""
+  while hi - lo > 1:
+    mid = (lo + hi) // 2
+    if kept(mid) <= target:
+      hi = mid
+    else:
+      lo = mid
+  return hi
+
+
+def prune_layers(prepared: Prepared, options: Options, timings: dict[str, float],
+                 measured: Optional[dict] = None) -> tuple[_Pruned, dict]:
+  """--mode=layer: the least important of the removable residual blocks and plain
+  layers removed (--ratio of them, or as many as the budget needs), the result
+  validated and checked by the oracle against the original with those branches'
+  last layers zeroed and those layers' weights the identity (exact)."""
+  t0 = time.perf_counter()
+  found = _removable(prepared)
+  ranked = blocks_lib.order(found)
+  if budget_of(options) is not None:
+    chosen = ranked[:layers_for_budget(prepared, options, ranked, measured)]
+  else:
+    chosen = blocks_lib.choose(found, options.ratio)
   if not chosen:
     raise errors.NothingToPruneError(
         f"--mode=layer --ratio={options.ratio:g} removes none of the {len(found.blocks)} "
-        "removable residual blocks; raise --ratio")
-  pruned = adapter.apply_edits(prepared.model, layer_edits(graph, chosen))
-  pruned_view = validated_view(adapter, pruned)
-  timings["plan_and_rewrite_s"] += time.perf_counter() - t0
-  verification = None
-  if options.verify:
-    t1 = time.perf_counter()
-    zeroed = {c: graph.constants[c] for b in chosen for c in b.zero}
-    # Recorded as a mask that cuts every channel, so that a quantized weight is
-    # zeroed in its codes (they become the zero point).
-    masked = masked_from(adapter, prepared.model, Edits(
-        {c: np.zeros_like(v) for c, v in zeroed.items()}, {}, (), selections={
-            c: (slicing.MASK, ((0, np.zeros(v.shape[0], bool)),)) for c, v in zeroed.items()
-            if np.ndim(v)}))
-    verification = run_oracle(adapter, prepared.model, masked, pruned, graph, options,
-                              frozenset(), pruned_view)
-    timings["verify_s"] += time.perf_counter() - t1
+        "removable layers and blocks; raise --ratio")
+  pruned, pruned_view, verification = _remove_checked(prepared, chosen, options, timings, t0)
   increments = []
   if options.recover is not None:
-    t2 = time.perf_counter()
-    pruned, recovery = options.recover(prepared.model, pruned, {},
-                                       options.recover.checkpoint_dir)
-    pruned_view = adapter.to_view(pruned)
-    increments.append({"step": 1, "groups": 0, "recovery": recovery,
-                       "verify": dataclasses.asdict(verification) if verification else None})
-    timings["recover_s"] += time.perf_counter() - t2
-  removed = {b.add for b in chosen}
-  layers = {
-      "mode": "layer", "removable": len(found.blocks), "removed": len(chosen),
-      "score": "branch gain: mean over the last layer's output channels of mean |weight| "
-               "times the |scale| after it",
-      "oracle": "original with each removed branch's last layer (weight, bias, shifts or "
-                "batch-norm scale and shift) zeroed",
-      "blocks": [{"add": b.add, "shortcut": b.shortcut, "branch_nodes": len(b.nodes),
-                  "linear_layers": b.linears, "score": round(b.score, 8),
-                  "removed": b.add in removed} for b in found.blocks],
-      "not_removable": [{"add": add, "reason": reason} for add, reason in found.skipped]}
+    pruned, pruned_view, increment = _recover_whole(prepared, pruned, options, timings)
+    increments.append(dict(increment, verify=dataclasses.asdict(verification)
+                           if verification else None))
   empty = plan_lib.empty(prepared.analysis)
-  return _Pruned(pruned, pruned_view, empty, verification, increments, []), layers
+  return (_Pruned(pruned, pruned_view, empty, verification, increments, []),
+          _layers_doc(found, ranked, chosen))
+
+
+def _remove_checked(prepared: Prepared, chosen: Sequence[blocks_lib.Block], options: Options,
+                    timings: dict[str, float], t0: float):
+  """The model without `chosen`, its validated view, and the oracle's verification
+  against the original with the removed branches zeroed and the removed layers the
+  identity (None with --noverify)."""
+  graph, adapter = prepared.graph, prepared.format.adapter
+  edits = layer_edits(graph, chosen)
+  pruned = adapter.apply_edits(prepared.model, edits)
+  pruned_view = validated_view(adapter, pruned)
+  timings["plan_and_rewrite_s"] += time.perf_counter() - t0
+  if not options.verify:
+    return pruned, pruned_view, None
+  t1 = time.perf_counter()
+  values = blocks_lib.masked_constants(graph, chosen)
+  # A zeroed branch is recorded as a mask that cuts every channel, so that a
+  # quantized weight is zeroed in its codes (they become the zero point).
+  zeroed = {c for b in chosen if b.kind == blocks_lib.BLOCK for c in b.masked}
+  masked = masked_from(adapter, prepared.model, Edits(values, {}, (), selections={
+      c: (slicing.MASK, ((0, np.zeros(values[c].shape[0], bool)),)) for c in zeroed
+      if np.ndim(values[c])}))
+  # The tensors that went are not compared (a removed layer may have fed the outputs).
+  gone = frozenset(t for name in edits.drop for t in graph.node(name).outputs)
+  verification = run_oracle(adapter, prepared.model, masked, pruned, graph, options, gone,
+                            pruned_view)
+  timings["verify_s"] += time.perf_counter() - t1
+  return pruned, pruned_view, verification
+
+
+def _recover_whole(prepared: Prepared, pruned: Any, options: Options,
+                   timings: dict[str, float]):
+  """options.recover after removing layers: the smaller model trained against the
+  original (no channel map)."""
+  t0 = time.perf_counter()
+  pruned, recovery = options.recover(prepared.model, pruned, {}, options.recover.checkpoint_dir)
+  view = prepared.format.adapter.to_view(pruned)
+  timings["recover_s"] += time.perf_counter() - t0
+  return pruned, view, {"step": 1, "groups": 0, "recovery": recovery}
+
+
+def _layers_doc(found: blocks_lib.Found, ranked: Sequence[blocks_lib.Block],
+                chosen: Sequence[blocks_lib.Block], mode: str = "layer") -> dict:
+  removed = {b.end for b in chosen}
+  counts = found.counts
+  return {
+      "mode": mode, "removable": len(found.blocks), "removed": len(chosen),
+      "removable_blocks": counts[blocks_lib.BLOCK], "removable_layers": counts[blocks_lib.LAYER],
+      "removed_blocks": sum(b.kind == blocks_lib.BLOCK for b in chosen),
+      "removed_layers": sum(b.kind == blocks_lib.LAYER for b in chosen),
+      # A layer made the identity computes something else than it did: only
+      # training gives the accuracy back.
+      "needs_recovery": any(b.kind == blocks_lib.LAYER for b in chosen),
+      "score": "per output channel, the L1 norm of what removal changes: a branch's last "
+               "layer's filter times the |scale| after it; a layer's effective filter minus "
+               "the identity; averaged over output channels",
+      "oracle": "original with each removed branch's last layer (weight, bias, shifts or "
+                "batch-norm scale and shift) zeroed, and each removed layer's weight the "
+                "identity kernel, its bias and shifts 0, its scales 1",
+      "blocks": [{"kind": b.kind, "node": b.end, "shortcut": b.shortcut,
+                  "nodes_removed": len(b.nodes) + 1, "linear_layers": b.linears,
+                  "score": round(b.score, 8), "removed": b.end in removed} for b in ranked],
+      "not_removable": [{"add": add, "reason": reason} for add, reason in found.skipped]}
+
+
+# --mode=mixed: at most this many counts of removed layers are tried (0 and all
+# among them, the rest evenly between).
+MIXED_COUNTS = 5
+
+
+def prune_mixed(prepared: Prepared, options: Options, timings: dict[str, float],
+                measured: dict, samples) -> tuple[Prepared, _Pruned, dict]:
+  """--mode=mixed: layers and filters chosen together for one budget. For each
+  count k of the least important removable layers and blocks (0, all, and evenly
+  between; MIXED_COUNTS at most), the k are removed and the filters of what is
+  left are allocated (--allocation) for the rest of the budget: the budget over
+  what removing the k measured (timed beside the original, or by the cost model).
+  Each candidate's outputs are compared with the original's on the calibration
+  samples, and the candidate that moves them least (relative error) wins, a
+  measured proxy for what recovery can give back. The winner is removed and
+  pruned again, each stage checked by its exact oracle (the layers against the
+  original with them zeroed or the identity, the filters against the model
+  without the layers masked), its speed measured beside the original, and it is
+  recovered against the original where asked. Returns the model without the
+  layers (its groups are what the plan numbers), the result and the report's
+  layers block, which lists every candidate tried."""
+  from graph_prune.calibration import activations  # pylint: disable=g-import-not-at-top
+  from graph_prune.verify import agreement  # pylint: disable=g-import-not-at-top
+  t0 = time.perf_counter()
+  fmt, graph = prepared.format, prepared.graph
+  adapter = fmt.adapter
+  found = _removable(prepared)
+  ranked = blocks_lib.order(found)
+  counts = sorted({round(i * len(ranked) / (MIXED_COUNTS - 1)) for i in range(MIXED_COUNTS)})
+  what, target = budget_of(options)
+  timed = what in MEASURED_BUDGETS
+  session = options.latency.session(prepared.model) if timed else None
+  base = getattr(cost_lib.measure(graph, fmt.ops), what) if not timed else None
+  x = samples.measuring()
+  tries, candidates, last_error = [], [], None
+  for k in counts:
+    model_k = adapter.apply_edits(prepared.model, layer_edits(graph, ranked[:k])) if k else None
+    prep_k = _viewed(fmt, model_k) if k else prepared
+    try_doc = {"layers_removed": k}
+    if timed:
+      m = session.measure(model_k) if k else None
+      gained = m.speedup if k else 1.0
+      rest = {"speedup": target / gained, "latency_ms": target}[what]
+      met = rest <= 1.0 if what == "speedup" else (m is not None and m.latency_ms <= target)
+      try_doc["layers_speedup"] = round(gained, 4)
+    else:
+      kept = getattr(cost_lib.measure(prep_k.graph, fmt.ops), what) / base if k else 1.0
+      rest = target / kept
+      met = rest >= 1.0
+      try_doc[f"layers_{what}_kept"] = round(kept, 6)
+    if met:
+      plan = plan_lib.empty(prep_k.analysis)
+    else:
+      opts_k = dataclasses.replace(options, **{f"target_{what}": rest}, mode="filter",
+                                   recover=None)
+      try:
+        plan = make_plan(prep_k, opts_k, samples)
+      except (errors.UsageError, errors.NothingToPruneError) as e:
+        last_error = e
+        tries.append(dict(try_doc, error=str(e)))
+        continue
+    pruned = rewrite(prep_k, plan) if any(g.removed for g in plan.groups) else prep_k.model
+    view = adapter.to_view(pruned)
+    close = agreement.against_first(
+        [lambda: activations.runner(adapter, prepared.model, (), graph.constants),
+         lambda v=view, p=pruned: activations.runner(adapter, p, (), v.constants)],
+        x, 64, activations.fixed_batch(view))[0]
+    try_doc.update(groups_cut=sum(bool(g.removed) for g in plan.groups),
+                   rel_error=round(close["rel_error"], 6), agreement=close["agreement"])
+    tries.append(try_doc)
+    candidates.append((close["rel_error"], k, prep_k, plan))
+    logging.info("mixed: %d layers removed, %d groups cut: output error %.4f", k,
+                 try_doc["groups_cut"], close["rel_error"])
+    del pruned, view
+  if not candidates:
+    raise errors.UsageError(f"--target_{what}={budget_of(options)[1]:g} "
+                            f"cannot be met by --mode=mixed: with the {counts[-1]} removable "
+                            f"layers and blocks removed, the filters' budget: {last_error}")
+  _, k, prep_k, plan = min(candidates, key=lambda c: (c[0], c[1]))
+  del candidates
+  timings["plan_and_rewrite_s"] += time.perf_counter() - t0
+  chosen = ranked[:k]
+  verifications = {}
+  if k:
+    _, _, verifications["layers"] = _remove_checked(prepared, chosen, options, timings,
+                                                    time.perf_counter())
+  if any(g.removed for g in plan.groups):
+    result = prune_in_increments(prep_k, plan, dataclasses.replace(options, recover=None),
+                                 timings)
+  else:   # the layers alone meet the budget: their check is the model's
+    result = _Pruned(prep_k.model, prep_k.graph, plan, verifications.get("layers"), [], [])
+  if timed:
+    measured.update(_measured_doc(session.measure(result.model), session, options.latency))
+  layers = _layers_doc(found, ranked, chosen, mode="mixed")
+  layers.update(candidates=tries, chosen_by="relative error of the outputs against the "
+                "original's on the calibration samples, before recovery",
+                layers_verify=dataclasses.asdict(verifications["layers"])
+                if verifications.get("layers") else None)
+  if options.recover is not None:
+    model, view, increment = _recover_whole(prepared, result.model, options, timings)
+    result = dataclasses.replace(result, model=model, view=view,
+                                 increments=result.increments + [increment])
+  return prep_k, result, layers
 
 
 def prune_in_increments(prepared: Prepared, plan: plan_lib.Plan, options: Options,

@@ -45,11 +45,15 @@ marked "optional"):
                                 A/B rounds), latency_ms, original_latency_ms,
                                 candidates_timed, device (where they ran),
                                 device_requested, xla, batch, max_seconds, target_rse
-  layers                        optional: with --mode=layer: mode, removable, removed,
-                                score and oracle (how blocks are ranked and checked),
-                                blocks (add, shortcut, branch_nodes, linear_layers,
-                                score, removed; every removable block), not_removable
-                                (add, reason; additions of two computed tensors)
+  layers                        optional: with --mode=layer: mode, removable, removed
+                                (and of them _blocks and _layers), needs_recovery (a
+                                plain layer was made the identity), score and oracle
+                                (how candidates are ranked and checked), blocks (kind
+                                block or layer, node: the addition or the layer's last
+                                node, shortcut, nodes_removed, linear_layers, score,
+                                removed; every candidate, least score first),
+                                not_removable (add, reason; additions of two computed
+                                tensors)
   quantization                  optional: --quantize's report (quantize/quantize.py):
                                 scheme, format, tool, model_bytes_before/after, size_ratio,
                                 holdout_samples, holdout (agreement, rel_error,
@@ -179,9 +183,11 @@ def _pct(before: int, after: int) -> str:
 
 def text(doc) -> str:
   """The report (a Report or its JSON form) as text for stdout."""
-  lines = [f"graph_prune: {doc['input']} -> {doc['output']}  "
-           f"(criterion {doc['criterion'] or 'plan'}, ratio {doc['ratio']}, "
-           f"round_to {doc['round_to']})", ""]
+  lay = doc.get("layers")
+  how = (f"mode {lay['mode']}, {lay['removed']} of {lay['removable']} layers removed" if lay else
+         f"criterion {doc['criterion'] or 'plan'}, ratio {doc['ratio']}, "
+         f"round_to {doc['round_to']}")
+  lines = [f"graph_prune: {doc['input']} -> {doc['output']}  ({how})", ""]
   if doc.get("round_to_auto"):
     lines.insert(1, f"round_to=auto: {doc['round_to_auto']}")
   lines.append(f"{'':14}{'before':>16}{'after':>16}{'removed':>10}")
@@ -190,9 +196,13 @@ def text(doc) -> str:
     lines.append(f"{label:14}{b:>16,}{a:>16,}{_pct(b, a):>10}")
   b = doc.get("budget")
   if b:
-    line = (f"allocation: {b['allocation']}, " + (
-        f"ratio {doc['ratio']:g} in every group" if b["allocation"] == "uniform" else
-        f"{doc['ratio']:.1%} of the channels removed, ranked across groups"))
+    line = ("mode layer: the least important layers and blocks first" if lay and
+            lay["mode"] == "layer" else
+            f"mode mixed: {lay['removed']} layers and blocks removed, then filters by "
+            f"--allocation={b['allocation']}" if lay else
+            f"allocation: {b['allocation']}, " + (
+                f"ratio {doc['ratio']:g} in every group" if b["allocation"] == "uniform" else
+                f"{doc['ratio']:.1%} of the channels removed, ranked across groups"))
     if b["target"] == "speedup":
       line += (f"; budget: {b['target_value']:g}x faster, measured {b['measured_speedup']:.2f}x "
                f"({b['latency_ms']:.3g} ms against {b['original_latency_ms']:.3g} ms, batch "
@@ -206,28 +216,39 @@ def text(doc) -> str:
       line += (f"; budget: keep {b['target_kept']:g} of the {b['target']}, kept "
                f"{b[b['target'] + '_kept']:.3f}")
     lines.append(line)
-  lay = doc.get("layers")
   if lay:
-    lines.append(f"layers: {lay['removed']} of {lay['removable']} removable residual blocks "
-                 f"removed ({len(lay['not_removable'])} additions not removable)")
+    for c in lay.get("candidates", ()):
+      lines.append(f"  mixed candidate: {c['layers_removed']} layers/blocks removed, " + (
+          f"filters refused: {c['error']}" if "error" in c else
+          f"{c['groups_cut']} groups cut, output rel error {c['rel_error']:.4g} on the "
+          "calibration samples"))
+    lines.append(f"layers: {lay['removed']} of {lay['removable']} removed: "
+                 f"{lay['removed_blocks']} of {lay['removable_blocks']} residual blocks, "
+                 f"{lay['removed_layers']} of {lay['removable_layers']} plain layers made the "
+                 f"identity ({len(lay['not_removable'])} additions not removable)")
     for b in lay["blocks"]:
       if b["removed"]:
-        lines.append(f"  removed {b['add']}: branch of {b['branch_nodes']} nodes, "
+        lines.append(f"  removed {b['kind']} {b['node']}: {b['nodes_removed']} nodes, "
                      f"{b['linear_layers']} linear, score {b['score']:.4g}")
-  lines.append("")
-  lines.append(f"groups: {doc['groups_pruned']} pruned, {len(doc['skipped'])} left whole, "
-               f"of {doc['groups_total']}")
-  for g in doc["groups"]:
-    lines.append(f"  pruned  #{g['id']:<4} {g['channels_before']:>5} -> {g['channels_after']:<5}"
-                 f" {g['criterion']:8} {g['sources'][0]}"
-                 + (f" (+{len(g['sources']) - 1} coupled)" if len(g['sources']) > 1 else ""))
-  for g in doc["skipped"]:
-    lines.append(f"  whole   #{g['id']:<4} {g['channels']:>5}          {g['sources'][0]}: "
-                 f"{g['reasons'][0]}" + (f" (+{len(g['reasons']) - 1 + g['more_reasons']} more)"
-                                         if len(g['reasons']) > 1 else ""))
-  for c in doc.get("shared_constants_copied", ()):
-    lines.append(f"  copied  {c['constant']}: {c['copies']} extra "
-                 f"cop{'y' if c['copies'] == 1 else 'ies'} ({c['why']})")
+    if lay["needs_recovery"]:
+      lines.append("  a layer made the identity computes something else: the model needs "
+                   "recovery" + (" (run below)" if doc.get("recovery") else
+                                 " (--recover=distill with unlabelled inputs)"))
+  if not lay or (lay["mode"] == "mixed" and doc["groups_pruned"]):   # layers alone: no channels
+    lines.append("")
+    lines.append(f"groups: {doc['groups_pruned']} pruned, {len(doc['skipped'])} left whole, "
+                 f"of {doc['groups_total']}")
+    for g in doc["groups"]:
+      lines.append(f"  pruned  #{g['id']:<4} {g['channels_before']:>5} -> {g['channels_after']:<5}"
+                   f" {g['criterion']:8} {g['sources'][0]}"
+                   + (f" (+{len(g['sources']) - 1} coupled)" if len(g['sources']) > 1 else ""))
+    for g in doc["skipped"]:
+      lines.append(f"  whole   #{g['id']:<4} {g['channels']:>5}          {g['sources'][0]}: "
+                   f"{g['reasons'][0]}" + (f" (+{len(g['reasons']) - 1 + g['more_reasons']} more)"
+                                           if len(g['reasons']) > 1 else ""))
+    for c in doc.get("shared_constants_copied", ()):
+      lines.append(f"  copied  {c['constant']}: {c['copies']} extra "
+                   f"cop{'y' if c['copies'] == 1 else 'ies'} ({c['why']})")
   v = doc["verify"]
   lines.append("")
   if doc.get("unchanged"):
@@ -235,15 +256,32 @@ def text(doc) -> str:
   elif v is None:
     lines.append("verification: skipped (--noverify)")
   else:
+    # --mode=mixed: the layers' check, then the filters' against the model without
+    # the layers (where filters were cut; else the layers' check is the model's).
+    filters = not lay or (lay["mode"] == "mixed" and doc["groups_pruned"])
+    removed = "those channels removed" if filters else (
+        "those blocks' branches zeroed and those layers the identity")
+    reference = "the model without those layers" if filters and lay and lay[
+        "removed"] else "the original"
+    if filters and lay and lay["removed"]:
+      lv = lay.get("layers_verify")
+      lines.append("verification of the layers removed: " + (
+          "skipped (--noverify)" if lv is None else
+          f"{'PASSED' if lv['passed'] else 'FAILED'}: the model without them computes "
+          "exactly what the original computes with those blocks' branches zeroed and those "
+          f"layers the identity (max rel diff {lv['max_rel_diff']:.3g}); of the filters: "
+          "below, against the model without the layers"))
     lines.append(f"verification: {'PASSED' if v['passed'] else 'FAILED'}: the pruned model "
-                 "computes exactly what the original computes with those channels removed "
+                 f"computes exactly what {reference} computes with {removed} "
                  f"(max abs diff {v['max_abs_diff']:.3g}, max rel diff {v['max_rel_diff']:.3g}, "
                  f"tolerance {v['tolerance']:.0e}, {v['samples']} seeded samples)")
     lines.append(f"  outputs changed by up to {v['effect_max_abs']:.3g} (rel "
-                 f"{v['effect_max_rel']:.3g}) against the unpruned model: expected, channels "
-                 "were removed" + ("; see reconstruction/recovery below for accuracy"
-                                   if doc.get("reconstruction") or doc.get("recovery") else
-                                   "; restore accuracy with --reconstruct or --recover"))
+                 f"{v['effect_max_rel']:.3g}) against the unpruned model: expected, "
+                 f"{'channels' if filters else 'layers'} were removed"
+                 + ("; see reconstruction/recovery below for accuracy"
+                    if doc.get("reconstruction") or doc.get("recovery") else
+                    "; restore accuracy with --recover=distill" if lay else
+                    "; restore accuracy with --reconstruct or --recover"))
   r = doc.get("reconstruction")
   if r:
     b, a = r["holdout_before"], r["holdout_after"]

@@ -11,6 +11,7 @@ import subprocess
 
 from absl.testing import absltest
 from absl.testing import parameterized
+import numpy as np
 import onnx
 from onnx import numpy_helper
 
@@ -19,6 +20,7 @@ from graph_prune import formats
 from graph_prune import pipeline
 from graph_prune.analysis import cost
 from graph_prune.bench import latency
+from graph_prune.calibration import samples as samples_lib
 from tests import binaries
 from tests import onnx_net
 
@@ -155,6 +157,106 @@ class LatencyBudgetTest(_ModelCase):
                         ({"target_latency_ms": -1.0}, "give a positive latency")):
       with self.assertRaisesRegex(errors.UsageError, message):
         self._prune(**kw)
+
+
+class LayerBudgetTest(_ModelCase):
+  """--mode=layer with a measured budget: _model's 16 -> 16 convolution is the one
+  removable layer (made the identity)."""
+  OPTIONS = {"latency": _FlopsProbe(), "mode": "layer"}
+
+  def test_speedup_removes_the_layer(self):
+    doc = self._prune(target_speedup=1.2)
+    b, lay = doc["budget"], doc["layers"]
+    self.assertEqual((lay["removable_layers"], lay["removed"]), (1, 1))
+    self.assertGreaterEqual(b["measured_speedup"], 1.2)
+    self.assertAlmostEqual(b["measured_speedup"], doc["flops_before"] / doc["flops_after"],
+                           places=3)
+    self.assertTrue(doc["verify"]["passed"])
+
+  def test_unmet_and_met_already(self):
+    with self.assertRaisesRegex(errors.UsageError, r"--target_speedup=1000 cannot be met: "
+                                r"removing all 1 removable layers and blocks measures"):
+      self._prune(target_speedup=1000)
+    with self.assertRaisesRegex(errors.UsageError, "the original already runs in"):
+      self._prune(target_latency_ms=1e9)
+
+
+def _near_identity_model():
+  """_model with conv2 (16 -> 16, after a ReLU) the identity kernel plus 1e-3 noise
+  and no bias: making it the identity changes almost nothing, cutting channels
+  does."""
+  model = _model()
+  rng = np.random.default_rng(4)
+  for init in model.graph.initializer:
+    if init.name == "conv2_w":
+      w = np.zeros((16, 16, 3, 3), np.float32)
+      w[np.arange(16), np.arange(16), 1, 1] = 1.0
+      w += 1e-3 * rng.standard_normal(w.shape).astype(np.float32)
+      init.CopyFrom(numpy_helper.from_array(w, init.name))
+    elif init.name == "conv2_b":
+      init.CopyFrom(numpy_helper.from_array(np.zeros(16, np.float32), init.name))
+  return model
+
+
+class MixedBudgetTest(parameterized.TestCase):
+  """--mode=mixed: for each count of removed layers, the filters for the rest of
+  the budget; the candidate whose outputs move least on the calibration samples
+  wins, and both stages pass their oracle."""
+
+  def setUp(self):
+    super().setUp()
+    self.tmp = self.create_tempdir().full_path
+    self.data = os.path.join(self.tmp, "calib.npz")
+    np.savez(self.data, x=np.abs(np.random.default_rng(0).standard_normal(
+        (96, 8, 8, 3))).astype(np.float32))   # images, NHWC
+
+  def _prune(self, model, **kw):
+    src = os.path.join(self.tmp, "in.onnx")
+    onnx.save(model, src)
+    return pipeline.prune(src, os.path.join(self.tmp, "out.onnx"), pipeline.Options(
+        mode="mixed", overwrite=True, latency=_FlopsProbe(),
+        calibration=samples_lib.Spec(self.data, samples=64, holdout=32), **kw)).to_json()
+
+  def test_near_identity_layer_goes_instead_of_filters(self):
+    doc = self._prune(_near_identity_model(), target_speedup=2.0)
+    lay, b = doc["layers"], doc["budget"]
+    self.assertEqual([c["layers_removed"] for c in lay["candidates"]], [0, 1])
+    self.assertEqual(lay["removed"], 1)
+    errors_by_k = {c["layers_removed"]: c["rel_error"] for c in lay["candidates"]}
+    self.assertLess(errors_by_k[1], 0.05)
+    self.assertGreater(errors_by_k[0], 5 * errors_by_k[1])
+    self.assertTrue(lay["layers_verify"]["passed"])
+    self.assertGreaterEqual(b["measured_speedup"], 2.0)
+    self.assertAlmostEqual(b["measured_speedup"], doc["flops_before"] / doc["flops_after"],
+                           places=3)
+
+  def test_filters_win_where_the_layer_matters(self):
+    doc = self._prune(_model(), target_flops=0.7)
+    lay = doc["layers"]
+    best = min(lay["candidates"], key=lambda c: c["rel_error"])
+    self.assertEqual(lay["removed"], best["layers_removed"])
+    self.assertLessEqual(doc["budget"]["flops_kept"], 0.7)
+    self.assertTrue(doc["verify"]["passed"])
+    # The layer costs most of the FLOPs and is far from the identity: the planted
+    # unimportant channels of conv1 go instead.
+    self.assertEqual(lay["removed"], 0)
+    self.assertGreater(doc["groups_pruned"], 0)
+
+  def test_refusals(self):
+    src = os.path.join(self.tmp, "in.onnx")
+    onnx.save(_model(), src)
+    out = os.path.join(self.tmp, "o.onnx")
+    calib = samples_lib.Spec(self.data, samples=64, holdout=32)
+    for kw, message in (
+        ({"ratio": 0.5}, "--mode=mixed chooses layers and filters together for a budget: give"),
+        ({"target_flops": 0.5}, "--mode=mixed compares its candidates .* give "
+                                "--calibration_data"),
+        ({"target_flops": 0.5, "calibration": calib, "steps": 2}, "--steps with it is not built"),
+        ({"target_flops": 0.0001, "calibration": calib},
+         "--target_flops=0.0001 cannot be met by --mode=mixed")):
+      with self.assertRaisesRegex(errors.UsageError, message, msg=str(kw)):
+        pipeline.prune(src, out, pipeline.Options(mode="mixed", **kw))
+    self.assertFalse(os.path.exists(out))
 
 
 class _LayerTime:

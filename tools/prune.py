@@ -42,8 +42,10 @@ _TARGET_LATENCY_MS = flags.DEFINE_float(
     "milliseconds (timed as for --target_speedup).")
 _MODE = flags.DEFINE_string(
     "mode", "filter", "filter: remove channels; layer: remove whole residual blocks (a branch "
-    "added to its identity shortcut), --ratio of the removable ones, the least important "
-    "first.")
+    "added to its identity shortcut) and make plain same-shape layers the identity (these need "
+    "--recover=distill after), --ratio of the removable ones or as many as a budget needs, the "
+    "least important first; mixed: layers and filters together for a budget (needs "
+    "--calibration_data: the candidate whose outputs move least wins).")
 # The benchmark flags (as //tools:bench), for the latency budgets.
 _BENCH = cli.BenchFlags()
 _ROUND_TO = flags.DEFINE_string(

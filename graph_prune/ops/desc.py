@@ -65,6 +65,7 @@ class Norm:
   mean: str
   variance: str
   channel_axis: int
+  epsilon: float = 1e-5
 
 
 @dataclasses.dataclass(frozen=True)

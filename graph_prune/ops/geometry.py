@@ -120,6 +120,30 @@ def _pads(layer: Layer, size: tuple[int, ...]) -> list[tuple[int, int]]:
   return out
 
 
+def identity(layer: Layer, size: tuple[int, ...]) -> Optional[np.ndarray]:
+  """The weight (in the layer's layout) that makes the layer copy its input to its
+  output, for an input of spatial extent `size`: each output channel reads its own
+  input channel at the one kernel tap that lands on the output's own position. None
+  where no weight does (strides, a tap between pixels, outputs that are not one per
+  input channel of their group)."""
+  lin = layer.lin
+  if supported(layer) is not None or layer.outputs // layer.groups != layer.fan_in:
+    return None
+  if any(s != 1 for s in lin.strides):
+    return None
+  taps = []
+  dil = lin.dilations or (1,) * layer.spatial
+  for (begin, _), k, d in zip(_pads(layer, size), lin.kernel, dil):
+    if begin % d or not 0 <= begin // d < k:
+      return None
+    taps.append(begin // d)
+  tap = int(np.ravel_multi_index(tuple(taps), tuple(lin.kernel))) if taps else 0
+  per = layer.fan_in
+  m = np.zeros((layer.groups, layer.features, per), np.float64)
+  m[:, tap * per + np.arange(per), np.arange(per)] = 1.0
+  return weight(m, layer, np.float64)
+
+
 def output_positions(layer: Layer, x_shape: tuple[int, ...]) -> tuple[int, ...]:
   """Output positions per sample (spatial extent; () for a dense layer)."""
   lin = layer.lin

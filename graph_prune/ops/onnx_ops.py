@@ -147,7 +147,7 @@ def conv_transpose(ctx: RuleContext) -> None:
 def _bn_norm(g: view.GraphView, node: view.Node):
   del g
   scale, shift, mean, variance = node.inputs[1:5]
-  return desc.Norm(scale, shift, mean, variance, 1)
+  return desc.Norm(scale, shift, mean, variance, 1, float(node.attrs.get("epsilon", 1e-5)))
 
 
 @_op("BatchNormalization", since=7, norm=_bn_norm,

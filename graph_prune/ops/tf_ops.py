@@ -146,7 +146,8 @@ def _fused_bn_norm(g: view.GraphView, node: view.Node):
   scale, shift, mean, variance = node.inputs[1:5]
   fmt = node.attrs.get("data_format", "NHWC")
   rank = g.rank(node.inputs[0]) or len(fmt)
-  return desc.Norm(scale, shift, mean, variance, 1 if fmt.startswith("NC") else rank - 1)
+  return desc.Norm(scale, shift, mean, variance, 1 if fmt.startswith("NC") else rank - 1,
+                   float(node.attrs.get("epsilon", 1e-4)))
 
 
 @_op("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3", norm=_fused_bn_norm,
