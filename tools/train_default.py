@@ -1,11 +1,12 @@
-"""Trains and exports the built-in default model (graph_prune/zoo/default_model.py).
+"""Trains and exports a built-in model (graph_prune/zoo/default_model.py).
 
-  bazel run //tools:train_default
+  bazel run //tools:train_default                    # the default model, models/default
+  bazel run //tools:train_default -- --arch=resnet   # the small ResNet, models/resnet
   PYTHONPATH=. .venv/bin/python tools/train_default.py   # the same without Bazel
 
-Writes into --out_dir (default: <workspace>/models/default):
+Writes into --out_dir (default: <workspace>/models/default, or models/resnet):
   fmnist_vgg_bn.pb               frozen GraphDef, input images:0 [N,28,28,1] in [0,1],
-                                 output logits:0 [N,10]
+  (fmnist_resnet_bn.pb)          output logits:0 [N,10]
   fmnist_vgg_bn_savedmodel/      SavedModel, signature serving_default: images -> logits
   metrics.json, README.md        test accuracy of the Keras model and of both exports
 
@@ -32,9 +33,13 @@ _DATA_DIR = flags.DEFINE_string(
     "data_dir", idx.FASHION_MNIST_DIR,
     "Directory with the Fashion-MNIST IDX files (*-idx?-ubyte.gz); the default is where "
     "the Debian package dataset-fashion-mnist installs them.")
+_ARCH = flags.DEFINE_enum(
+    "arch", "vgg", ["vgg", "resnet"], "vgg: the default model (models/default); resnet: the "
+    "second built-in model, a small ResNet (models/resnet).")
 _OUT_DIR = flags.DEFINE_string(
-    "out_dir", None, "Output directory (default: <workspace>/models/default). Model files "
-    "already there are replaced, but only after the new ones pass verification.")
+    "out_dir", None, "Output directory (default: <workspace>/models/default, or models/resnet "
+    "with --arch=resnet). Model files already there are replaced, but only after the new "
+    "ones pass verification.")
 _EPOCHS = flags.DEFINE_integer("epochs", 3, "Training epochs.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 128, "Training batch size.")
 _LEARNING_RATE = flags.DEFINE_float(
@@ -56,12 +61,12 @@ _GAP_REPORT = flags.DEFINE_string("gap_report", "gap_compare.json",
                                   "--gap_compare: the results as JSON.")
 
 
-def _default_out_dir():
+def _default_out_dir(subdir):
   # `bazel run` starts us inside the runfiles tree, where __file__ points to; the
   # source tree is in BUILD_WORKSPACE_DIRECTORY then.
   root = os.environ.get("BUILD_WORKSPACE_DIRECTORY") or os.path.dirname(
       os.path.dirname(os.path.abspath(__file__)))
-  return os.path.join(root, "models", "default")
+  return os.path.join(root, "models", subdir)
 
 
 def main(argv):
@@ -71,10 +76,12 @@ def main(argv):
     return _gap_compare()
   from graph_prune.zoo import default_model  # pylint: disable=g-import-not-at-top
   try:
+    out_dir = cli.path(_OUT_DIR.value) or _default_out_dir(
+        default_model.ARCHS[_ARCH.value].out_dir)
     default_model.train(
-        data_dir=cli.path(_DATA_DIR.value), out_dir=cli.path(_OUT_DIR.value) or _default_out_dir(),
-        epochs=_EPOCHS.value, batch_size=_BATCH_SIZE.value, learning_rate=_LEARNING_RATE.value,
-        seed=_SEED.value, deterministic=_DETERMINISTIC.value, min_accuracy=_MIN_ACCURACY.value)
+        data_dir=cli.path(_DATA_DIR.value), out_dir=out_dir, epochs=_EPOCHS.value,
+        batch_size=_BATCH_SIZE.value, learning_rate=_LEARNING_RATE.value, seed=_SEED.value,
+        deterministic=_DETERMINISTIC.value, min_accuracy=_MIN_ACCURACY.value, arch=_ARCH.value)
   except errors.GraphPruneError as e:
     print(f"train_default: error: {e}", file=sys.stderr)
     return 2

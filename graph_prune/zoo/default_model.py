@@ -1,13 +1,18 @@
-"""The built-in default model: a small VGG-style CNN with batch norm, trained on
-Fashion-MNIST and exported as a frozen GraphDef and a SavedModel.
+"""The built-in models, trained on Fashion-MNIST and exported as a frozen GraphDef
+and a SavedModel.
 
-It is the sample input of //tools:prune (models/default/): conv/batch-norm/ReLU
-blocks give the pruner channel groups that cross batch norms, pools, a Flatten and
-Dense layers. Fashion-MNIST is read from the IDX files of the Debian package
-dataset-fashion-mnist, so training needs no network access. //tools:train_default
-is the command; this module does the work.
+The default (models/default/) is a small VGG-style CNN with batch norm, the sample
+input of //tools:prune: conv/batch-norm/ReLU blocks give the pruner channel groups
+that cross batch norms, pools, a Flatten and Dense layers. The second
+(models/resnet/, --arch=resnet) is a small ResNet with batch norm: residual
+stages whose additions couple channels across blocks, identity blocks that
+--mode=layer removes whole, projection blocks that it cannot. Fashion-MNIST is
+read from the IDX files of the Debian package dataset-fashion-mnist, so training
+needs no network access. //tools:train_default is the command; this module does
+the work.
 """
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -19,8 +24,6 @@ from graph_prune import errors
 from graph_prune import files
 from graph_prune.data import idx
 
-_PB_NAME = "fmnist_vgg_bn.pb"
-_SAVED_MODEL_NAME = "fmnist_vgg_bn_savedmodel"
 _INPUT_NAME = "images"
 _OUTPUT_NAME = "logits"
 _NUM_CLASSES = 10
@@ -60,6 +63,62 @@ def build_model():
   x = layers.Dropout(0.3, name="dropout")(x)
   outputs = layers.Dense(_NUM_CLASSES, name=_OUTPUT_NAME)(x)
   return keras.Model(inputs, outputs, name="fmnist_vgg_bn")
+
+
+def build_resnet():
+  """A ResNet for 28x28 images: a 3x3 stem of 16, three stages of two basic blocks
+  (16, 32 and 64 channels at 28, 14 and 7 pixels; the first block of the second
+  and third stage strides by 2 with a 1x1 projection shortcut), global average
+  pooling, Dense10; ~175k float32 weights. Convolutions have no bias (batch norm
+  follows each)."""
+  import keras  # pylint: disable=g-import-not-at-top
+  from keras import layers  # pylint: disable=g-import-not-at-top
+
+  def conv_bn(x, filters, name, stride=1, kernel=3):
+    x = layers.Conv2D(filters, kernel, strides=stride, padding="same", use_bias=False,
+                      name=f"{name}_conv")(x)
+    return layers.BatchNormalization(name=f"{name}_bn")(x)
+
+  def block(x, filters, name, stride=1):
+    shortcut = x
+    if stride != 1 or x.shape[-1] != filters:
+      shortcut = conv_bn(x, filters, f"{name}_proj", stride, kernel=1)
+    y = layers.ReLU(name=f"{name}_relu1")(conv_bn(x, filters, f"{name}_1", stride))
+    y = conv_bn(y, filters, f"{name}_2")
+    return layers.ReLU(name=f"{name}_out")(layers.Add(name=f"{name}_add")([shortcut, y]))
+
+  inputs = keras.Input((28, 28, 1), name=_INPUT_NAME)
+  x = layers.ReLU(name="stem_relu")(conv_bn(inputs, 16, "stem"))
+  for stage, filters in enumerate((16, 32, 64)):
+    for b in range(2):
+      x = block(x, filters, f"stage{stage + 1}_block{b + 1}", 2 if stage and not b else 1)
+  x = layers.GlobalAveragePooling2D(name="pool")(x)
+  outputs = layers.Dense(_NUM_CLASSES, name=_OUTPUT_NAME)(x)
+  return keras.Model(inputs, outputs, name="fmnist_resnet_bn")
+
+
+@dataclasses.dataclass(frozen=True)
+class Arch:
+  """One built-in model: its builder, file names and where it is kept."""
+  name: str            # file stem and Keras model name
+  build: object
+  out_dir: str         # under models/
+  description: str     # the layers, for its README
+
+
+ARCHS = {
+    "vgg": Arch("fmnist_vgg_bn", build_model, "default",
+                "A small VGG-style CNN with batch norm for Fashion-MNIST, the sample input of\n"
+                "`//tools:prune`: conv32-BN-ReLU x2, maxpool, conv64-BN-ReLU x2, maxpool,\n"
+                "conv128-BN-ReLU, maxpool, Flatten, Dense128-BN-ReLU, Dropout, Dense10."),
+    "resnet": Arch("fmnist_resnet_bn", build_resnet, "resnet",
+                   "A small ResNet with batch norm for Fashion-MNIST, the second built-in model\n"
+                   "(for --mode=layer and the pruning-method experiment): conv16-BN-ReLU, three\n"
+                   "stages of two basic blocks (conv3x3-BN-ReLU-conv3x3-BN added to the\n"
+                   "shortcut, ReLU) at 16, 32 and 64 channels, the second and third stage\n"
+                   "starting with a stride-2 block with a 1x1 conv-BN projection shortcut;\n"
+                   "global average pooling, Dense10."),
+}
 
 
 # --- Export and verification -----------------------------------------------------------
@@ -130,7 +189,7 @@ def _accuracy(logits, labels):
 
 
 def train(data_dir, out_dir, epochs=3, batch_size=128, learning_rate=3e-3, seed=0,
-          deterministic=False, min_accuracy=0.92):
+          deterministic=False, min_accuracy=0.92, arch="vgg"):
   """Trains, exports to a staging directory, verifies, then moves the files to out_dir.
 
   Returns the metrics dict that is also written to metrics.json.
@@ -150,7 +209,8 @@ def train(data_dir, out_dir, epochs=3, batch_size=128, learning_rate=3e-3, seed=
   if deterministic:
     tf.config.experimental.enable_op_determinism()
 
-  model = build_model()
+  spec = ARCHS[arch]
+  model = spec.build()
   num_weights = model.count_params()
   logging.info("Model %s: %d parameters (%.2f MB float32)", model.name, num_weights,
                num_weights * 4 / 1e6)
@@ -194,16 +254,17 @@ def train(data_dir, out_dir, epochs=3, batch_size=128, learning_rate=3e-3, seed=
   # inside it, so that models:default's glob never sees half-written files.
   stage = tempfile.mkdtemp(prefix=".train_default-", dir=parent)
   try:
-    pb_path = os.path.join(stage, _PB_NAME)
-    sm_path = os.path.join(stage, _SAVED_MODEL_NAME)
+    pb_name, sm_name = f"{spec.name}.pb", f"{spec.name}_savedmodel"
+    pb_path = os.path.join(stage, pb_name)
+    sm_path = os.path.join(stage, sm_name)
     # A compiled model also tracks its optimizer, and the SavedModel would carry Adam's
     # two slot variables per weight (3x the size); export a never-compiled copy instead
     # (not keras.models.clone_model, which compiles the clone like the original).
-    inference_model = build_model()
+    inference_model = spec.build()
     inference_model.set_weights(model.get_weights())
     num_nodes = export_frozen_graph(inference_model, pb_path)
     export_saved_model(inference_model, sm_path)
-    logging.info("Exported %s (%d nodes) and %s", _PB_NAME, num_nodes, _SAVED_MODEL_NAME)
+    logging.info("Exported %s (%d nodes) and %s", pb_name, num_nodes, sm_name)
 
     # Each export must classify the test set exactly as the Keras model does.
     results = {"keras": accuracy}
@@ -218,6 +279,8 @@ def train(data_dir, out_dir, epochs=3, batch_size=128, learning_rate=3e-3, seed=
                            f"{results[what]:.4f} vs {accuracy:.4f}, max logit diff {max_diff:.2g}")
 
     metrics = {
+        "model": spec.name,
+        "arch": arch,
         "dataset": "fashion-mnist",
         "test_images": len(x_test),
         "test_accuracy": accuracy,
@@ -233,7 +296,7 @@ def train(data_dir, out_dir, epochs=3, batch_size=128, learning_rate=3e-3, seed=
         "train_cpu_seconds": round(train_cpu_seconds, 1),
     }
     files.write_json(os.path.join(stage, "metrics.json"), metrics, indent=2)
-    files.write_text(os.path.join(stage, "README.md"), _readme(metrics))
+    files.write_text(os.path.join(stage, "README.md"), _readme(metrics, spec))
 
     os.makedirs(out_dir, exist_ok=True)
     for name in sorted(os.listdir(stage)):
@@ -247,23 +310,25 @@ def train(data_dir, out_dir, epochs=3, batch_size=128, learning_rate=3e-3, seed=
   return metrics
 
 
-def _readme(m):
+def _readme(m, spec):
   flags_used = (f"--epochs={m['epochs']} --batch_size={m['batch_size']} "
                 f"--learning_rate={m['learning_rate']} --seed={m['seed']}")
+  if m["arch"] != "vgg":
+    flags_used = f"--arch={m['arch']} " + flags_used
   if m["deterministic_ops"]:
     flags_used += " --deterministic"
-  return f"""# Default model: fmnist_vgg_bn
+  pb_name, sm_name = f"{spec.name}.pb", f"{spec.name}_savedmodel"
+  title = "Default model" if spec.out_dir == "default" else "Built-in model"
+  return f"""# {title}: {spec.name}
 
-A small VGG-style CNN with batch norm for Fashion-MNIST, the sample input of
-`//tools:prune`: conv32-BN-ReLU x2, maxpool, conv64-BN-ReLU x2, maxpool,
-conv128-BN-ReLU, maxpool, Flatten, Dense128-BN-ReLU, Dropout, Dense10.
+{spec.description}
 {m['parameters']:,} float32 parameters.
 
 Input: `images`, float32 `[N, 28, 28, 1]`, pixels scaled to [0, 1].
 Output: `logits`, float32 `[N, 10]` (no softmax).
 
-- `{_PB_NAME}`: frozen GraphDef, tensors `{_INPUT_NAME}:0` -> `{_OUTPUT_NAME}:0`.
-- `{_SAVED_MODEL_NAME}/`: SavedModel, signature `serving_default`,
+- `{pb_name}`: frozen GraphDef, tensors `{_INPUT_NAME}:0` -> `{_OUTPUT_NAME}:0`.
+- `{sm_name}/`: SavedModel, signature `serving_default`,
   input `{_INPUT_NAME}`, output `{_OUTPUT_NAME}`.
 
 Test accuracy (10,000 test images): **{m['test_accuracy']:.4f}**, the same for the
