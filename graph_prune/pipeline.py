@@ -957,11 +957,12 @@ def _removable(prepared: Prepared) -> blocks_lib.Found:
 
 
 def layers_for_budget(prepared: Prepared, options: Options, ranked: Sequence[blocks_lib.Block],
-                      measured: Optional[dict] = None) -> int:
+                      measured: Optional[dict] = None, or_all: bool = False) -> int:
   """How many of `ranked` (least important first) go for the budget: the fewest
   whose removal meets it, by bisection over the count; each candidate is rewritten
   and measured by the cost model, or timed beside the original (as
-  plan_for_budget does for channels)."""
+  plan_for_budget does for channels). Where removing all of them does not meet
+  it: all of them with or_all, else a UsageError."""
   what, target = budget_of(options)
   adapter, graph = prepared.format.adapter, prepared.graph
   timed = what in MEASURED_BUDGETS
@@ -982,6 +983,8 @@ def layers_for_budget(prepared: Prepared, options: Options, ranked: Sequence[blo
     return getattr(cost_lib.measure(view, prepared.format.ops), what) / base if base else 1.0
 
   least = kept(len(ranked))
+  if or_all and least > target:
+    return len(ranked)
   if timed:
     m = trials[len(ranked)]
     if what == "latency_ms" and target >= m.original_ms:
@@ -1102,21 +1105,26 @@ def _layers_doc(found: blocks_lib.Found, ranked: Sequence[blocks_lib.Block],
       "not_removable": [{"add": add, "reason": reason} for add, reason in found.skipped]}
 
 
-# --mode=mixed: at most this many counts of removed layers are tried (0 and all
-# among them, the rest evenly between).
+# --mode=mixed: at most this many counts of removed layers are tried (0 and the
+# fewest that meet the budget alone among them, the rest evenly between), and the
+# proxy's affine map is fitted on at most this many calibration samples.
 MIXED_COUNTS = 5
+PROBE_SAMPLES = 1000
 
 
 def prune_mixed(prepared: Prepared, options: Options, timings: dict[str, float],
                 measured: dict, samples) -> tuple[Prepared, _Pruned, dict]:
   """--mode=mixed: layers and filters chosen together for one budget. For each
-  count k of the least important removable layers and blocks (0, all, and evenly
-  between; MIXED_COUNTS at most), the k are removed and the filters of what is
+  count k of the least important removable layers and blocks (0, the fewest that
+  meet the budget alone or else all, and evenly between; MIXED_COUNTS at most),
+  the k are removed and the filters of what is
   left are allocated (--allocation) for the rest of the budget: the budget over
   what removing the k measured (timed beside the original, or by the cost model).
-  Each candidate's outputs are compared with the original's on the calibration
-  samples, and the candidate that moves them least (relative error) wins, a
-  measured proxy for what recovery can give back. The winner is removed and
+  Each candidate is scored by how much of the original's outputs its outputs no
+  longer carry (agreement.probe_error: the best affine map from its outputs to
+  the original's, fitted on calibration samples, its residual on held-out ones),
+  and the candidate that lost least wins: a measured proxy for what recovery can
+  give back, not a proof of accuracy. The winner is removed and
   pruned again, each stage checked by its exact oracle (the layers against the
   original with them zeroed or the identity, the filters against the model
   without the layers masked), its speed measured beside the original, and it is
@@ -1130,12 +1138,19 @@ def prune_mixed(prepared: Prepared, options: Options, timings: dict[str, float],
   adapter = fmt.adapter
   found = _removable(prepared)
   ranked = blocks_lib.order(found)
-  counts = sorted({round(i * len(ranked) / (MIXED_COUNTS - 1)) for i in range(MIXED_COUNTS)})
+  # Beyond the fewest layers that meet the budget alone, more would only overshoot it.
+  most = layers_for_budget(prepared, options, ranked, or_all=True)
+  counts = sorted({round(i * most / (MIXED_COUNTS - 1)) for i in range(MIXED_COUNTS)})
   what, target = budget_of(options)
   timed = what in MEASURED_BUDGETS
   session = options.latency.session(prepared.model) if timed else None
   base = getattr(cost_lib.measure(graph, fmt.ops), what) if not timed else None
-  x = samples.measuring()
+  # The proxy: how much of the original's outputs a candidate's outputs still carry
+  # (an affine map fitted on calibration samples, its residual on held-out ones).
+  fit, held = samples.fit[:PROBE_SAMPLES], samples.measuring()
+  fixed = activations.fixed_batch(graph)
+  original = lambda: activations.runner(adapter, prepared.model, (), graph.constants)
+  ref_fit, ref_held = (agreement.outputs(original, x, 64, fixed) for x in (fit, held))
   tries, candidates, last_error = [], [], None
   for k in counts:
     model_k = adapter.apply_edits(prepared.model, layer_edits(graph, ranked[:k])) if k else None
@@ -1165,17 +1180,16 @@ def prune_mixed(prepared: Prepared, options: Options, timings: dict[str, float],
         continue
     pruned = rewrite(prep_k, plan) if any(g.removed for g in plan.groups) else prep_k.model
     view = adapter.to_view(pruned)
-    close = agreement.against_first(
-        [lambda: activations.runner(adapter, prepared.model, (), graph.constants),
-         lambda v=view, p=pruned: activations.runner(adapter, p, (), v.constants)],
-        x, 64, activations.fixed_batch(view))[0]
+    make = lambda p=pruned, v=view: activations.runner(adapter, p, (), v.constants)
+    lost = agreement.probe_error(ref_fit, agreement.outputs(make, fit, 64, fixed), ref_held,
+                                 agreement.outputs(make, held, 64, fixed))
     try_doc.update(groups_cut=sum(bool(g.removed) for g in plan.groups),
-                   rel_error=round(close["rel_error"], 6), agreement=close["agreement"])
+                   output_lost=round(lost, 6))
     tries.append(try_doc)
-    candidates.append((close["rel_error"], k, prep_k, plan))
-    logging.info("mixed: %d layers removed, %d groups cut: output error %.4f", k,
-                 try_doc["groups_cut"], close["rel_error"])
-    del pruned, view
+    candidates.append((lost, k, prep_k, plan))
+    logging.info("mixed: %d layers removed, %d groups cut: output lost %.4f", k,
+                 try_doc["groups_cut"], lost)
+    del pruned, view, make
   if not candidates:
     raise errors.UsageError(f"--target_{what}={budget_of(options)[1]:g} "
                             f"cannot be met by --mode=mixed: with the {counts[-1]} removable "
@@ -1196,8 +1210,10 @@ def prune_mixed(prepared: Prepared, options: Options, timings: dict[str, float],
   if timed:
     measured.update(_measured_doc(session.measure(result.model), session, options.latency))
   layers = _layers_doc(found, ranked, chosen, mode="mixed")
-  layers.update(candidates=tries, chosen_by="relative error of the outputs against the "
-                "original's on the calibration samples, before recovery",
+  layers.update(candidates=tries, chosen_by="output_lost: the residual of the best affine "
+                "map from the candidate's outputs to the original's (fitted on calibration "
+                "samples, measured on held-out ones), relative to the original's spread; "
+                "before recovery",
                 layers_verify=dataclasses.asdict(verifications["layers"])
                 if verifications.get("layers") else None)
   if options.recover is not None:

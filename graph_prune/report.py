@@ -220,8 +220,8 @@ def text(doc) -> str:
     for c in lay.get("candidates", ()):
       lines.append(f"  mixed candidate: {c['layers_removed']} layers/blocks removed, " + (
           f"filters refused: {c['error']}" if "error" in c else
-          f"{c['groups_cut']} groups cut, output rel error {c['rel_error']:.4g} on the "
-          "calibration samples"))
+          f"{c['groups_cut']} groups cut, output lost {c['output_lost']:.4g} (held-out "
+          "calibration samples)"))
     lines.append(f"layers: {lay['removed']} of {lay['removable']} removed: "
                  f"{lay['removed_blocks']} of {lay['removable_blocks']} residual blocks, "
                  f"{lay['removed_layers']} of {lay['removable_layers']} plain layers made the "

@@ -63,3 +63,36 @@ def against_first(makers: Sequence[Callable[[], object]], x: np.ndarray, batch_s
       r.close()
   return [a.doc() for a in accs]
 
+
+
+def outputs(make: Callable[[], object], x: np.ndarray, batch_size: int,
+            fixed: Optional[int]) -> np.ndarray:
+  """The model's outputs on x, each flattened per sample and side by side:
+  [samples, values]. The runner `make` opens is closed again."""
+  run = make()
+  try:
+    rows = [np.concatenate([np.asarray(o, np.float64).reshape(len(chunk), -1) for o in outs],
+                           axis=1)
+            for chunk, outs in activations.batches(run, x, batch_size, fixed)]
+  finally:
+    run.close()
+  return np.concatenate(rows)
+
+
+def probe_error(ref_fit: np.ndarray, got_fit: np.ndarray, ref_held: np.ndarray,
+                got_held: np.ndarray, ridge: float = 1e-6) -> float:
+  """How much of the reference's outputs a model's outputs no longer carry: the best
+  affine map from got to ref is fitted on the fit rows (least squares on centred
+  values, a ridge of `ridge` times the mean diagonal), and its residual on the
+  held-out rows is given relative to the held-out reference's spread (1 - R^2, by
+  root: 0 when the reference is an affine function of the outputs, about 1 when
+  nothing of it is left). A model that computes the same thing up to a scale and
+  shift scores 0 where its raw relative error would not."""
+  mean_got, mean_ref = got_fit.mean(axis=0), ref_fit.mean(axis=0)
+  a = got_fit - mean_got
+  gram = a.T @ a
+  gram[np.diag_indices_from(gram)] += ridge * max(float(np.trace(gram)) / len(gram), 1e-30)
+  w = np.linalg.solve(gram, a.T @ (ref_fit - mean_ref))
+  pred = (got_held - mean_got) @ w + mean_ref
+  spread = float(np.sum(np.square(ref_held - ref_held.mean(axis=0))))
+  return math.sqrt(float(np.sum(np.square(pred - ref_held))) / spread) if spread > 0 else 0.0
