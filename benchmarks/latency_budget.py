@@ -30,7 +30,8 @@ from absl import flags
 _MODELS = flags.DEFINE_list("models", ["default"], "default, or model paths.")
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "32"], "Batch sizes (one run each).")
 _TARGETS = flags.DEFINE_list("targets", ["1.5", "2", "3"], "Target speedups.")
-_ALLOCATIONS = flags.DEFINE_list("allocations", ["uniform", "latency"], "Allocations.")
+_ALLOCATIONS = flags.DEFINE_list("allocations", ["uniform", "latency"], "Allocations "
+                                 "(uniform, global, latency), or layer for --mode=layer.")
 _MAX_SECONDS = flags.DEFINE_float("max_seconds", 3.0, "Timing budget per candidate.")
 _CACHE = flags.DEFINE_string("widths_cache", None, "Per-layer latency cache (default: a "
                              "fresh one in the work directory, so the first profile is timed).")
@@ -93,8 +94,9 @@ def main(argv):
         for how in _ALLOCATIONS.value:
           out = os.path.join(work, f"{name}_b{batch}_{target}_{how}{ext}")
           report = out + ".json"
+          method = ["--mode=layer"] if how == "layer" else [f"--allocation={how}"]
           seconds, res = _run("prune", f"--in={src}", f"--out={out}", f"--target_speedup={target}",
-                              f"--allocation={how}", f"--batch_sizes={batch}", "--device=cpu",
+                              *method, f"--batch_sizes={batch}", "--device=cpu",
                               f"--max_seconds={_MAX_SECONDS.value}", f"--widths_cache={cache}",
                               f"--report={report}", "--overwrite")
           row = {"model": name, "batch": int(batch), "allocation": how, "target": float(target),
@@ -129,7 +131,7 @@ def main(argv):
                      points_cached=prof.get("points_cached"),
                      widths={g["sources"][0]: [g["channels_before"], g["channels_after"]]
                              for g in doc["groups"]})
-          if _RECOVER_STEPS.value and model == "default":
+          if _RECOVER_STEPS.value and model == "default" and how != "layer":
             row.update(_recovered(src, doc, out + ".recovered.pb"))
           rows.append(row)
           fmt = lambda v, f: "-" if v is None else format(v, f)

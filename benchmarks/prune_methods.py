@@ -67,12 +67,12 @@ def _method_flags(method: str) -> list[str]:
   return [f"--allocation={method}"]
 
 
-def _top1(path: str) -> float:
+def _top1(path: str, report: str) -> float:
   _, ev = _run("evaluate", f"--model={path}", "--data=fashion-mnist:test", "--scale=1/255",
-               f"--report={path}.eval.json")
+               f"--report={report}")
   if ev.returncode:
     raise RuntimeError(_last_line(ev))
-  with open(f"{path}.eval.json", encoding="utf-8") as f:
+  with open(report, encoding="utf-8") as f:
     return json.load(f)["top1"]
 
 
@@ -100,7 +100,7 @@ def run_one(src: str, name: str, method: str, target: str, batch: str, work: str
     removed.append(f"{lay['removed']} of {lay['removable']} layers/blocks")
   if doc["groups_pruned"]:
     removed.append(f"{doc['groups_pruned']} groups cut")
-  row.update(top1=_top1(out), measured_speedup=doc["budget"].get("measured_speedup"),
+  row.update(top1=_top1(out, out + ".eval.json"), measured_speedup=doc["budget"].get("measured_speedup"),
              flops_kept=round(doc["flops_after"] / doc["flops_before"], 4),
              params_kept=round(doc["params_after"] / doc["params_before"], 4),
              removed="; ".join(removed))
@@ -140,7 +140,7 @@ def main(argv):
   for model in _MODELS.value:
     src = _BUILT_IN.get(model, model)
     name = model if model in _BUILT_IN else os.path.splitext(os.path.basename(model))[0]
-    baselines[name] = _top1(src)
+    baselines[name] = _top1(src, os.path.join(work, f"{name}.eval.json"))
     print(f"{name:<10} unpruned top-1 {baselines[name]:.4f}", flush=True)
     for batch in _BATCH_SIZES.value:
       for target in _TARGETS.value:
