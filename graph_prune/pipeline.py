@@ -1055,7 +1055,7 @@ def _remove_checked(prepared: Prepared, chosen: Sequence[blocks_lib.Block], opti
   if not options.verify:
     return pruned, pruned_view, None
   t1 = time.perf_counter()
-  values = blocks_lib.masked_constants(graph, chosen)
+  values = blocks_lib.masked_constants(graph, prepared.format.ops, chosen)
   # A zeroed branch is recorded as a mask that cuts every channel, so that a
   # quantized weight is zeroed in its codes (they become the zero point).
   zeroed = {c for b in chosen if b.kind == blocks_lib.BLOCK for c in b.masked}

@@ -72,7 +72,8 @@ class Block:
   score: float
   kind: str = BLOCK              # BLOCK (a residual branch) or LAYER (a plain layer)
   # The constants the oracle's masked original changes (zeroed for a block; the
-  # identity for a layer) and, for a layer, their values.
+  # identity for a layer) and, for a layer made by masked_constants, their values
+  # (not kept by find: they would double the candidates' weights in memory).
   masked: tuple[str, ...] = ()
   identity: tuple[tuple[str, np.ndarray], ...] = dataclasses.field(default=(), compare=False)
 
@@ -236,8 +237,10 @@ def _nonnegative(graph: view.GraphView, t: str, depth: int = 8) -> bool:
                                                                         depth - 1)
 
 
-def _plain(graph: view.GraphView, ops: desc.Registry, node: view.Node) -> Optional[Block]:
-  """The plain layer that `node` starts, or None (it is not a removable one)."""
+def _plain(graph: view.GraphView, ops: desc.Registry, node: view.Node,
+           values: bool = False) -> Optional[Block]:
+  """The plain layer that `node` starts, or None (it is not a removable one); with
+  `values`, with its identity constants."""
   lin = ops.linear(graph, node)
   if lin is None or node.loop or node.captures or lin.weight not in graph.constants:
     return None
@@ -298,7 +301,7 @@ def _plain(graph: view.GraphView, ops: desc.Registry, node: view.Node) -> Option
       layer.groups, 1, -1)
   change = np.abs(effective - geometry.matrix(eye, layer)).sum(axis=1)
   return Block(end.name, x, tuple(n.name for n in chain[:-1]), 1, float(change.mean()), LAYER,
-               tuple(name for name, _ in masked), tuple(masked))
+               tuple(name for name, _ in masked), tuple(masked) if values else ())
 
 
 def _affine_step(graph: view.GraphView, ops: desc.Registry, node: view.Node, t: str,
@@ -316,14 +319,17 @@ def _affine_step(graph: view.GraphView, ops: desc.Registry, node: view.Node, t: 
   return consts[0], kind, np.broadcast_to(value, (channels,))
 
 
-def masked_constants(graph: view.GraphView, chosen) -> dict[str, np.ndarray]:
-  """The constants of the oracle's masked original: blocks' zeroed, layers' identity."""
+def masked_constants(graph: view.GraphView, ops: desc.Registry, chosen) -> dict[str, np.ndarray]:
+  """The constants of the oracle's masked original: blocks' zeroed, layers' identity
+  (made again here, for the chosen layers only)."""
   out = {}
   for b in chosen:
     if b.kind == BLOCK:
       out.update({c: np.zeros_like(graph.constants[c]) for c in b.masked})
     else:
-      out.update(dict(b.identity))
+      again = _plain(graph, ops, graph.node((b.nodes or (b.end,))[0]), values=True)
+      assert again is not None and again.masked == b.masked, b.end
+      out.update(dict(again.identity))
   return out
 
 
