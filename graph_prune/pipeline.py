@@ -957,18 +957,20 @@ def _removable(prepared: Prepared) -> blocks_lib.Found:
 
 
 def layers_for_budget(prepared: Prepared, options: Options, ranked: Sequence[blocks_lib.Block],
-                      measured: Optional[dict] = None, or_all: bool = False) -> int:
+                      measured: Optional[dict] = None, or_all: bool = False,
+                      session=None) -> int:
   """How many of `ranked` (least important first) go for the budget: the fewest
   whose removal meets it, by bisection over the count; each candidate is rewritten
   and measured by the cost model, or timed beside the original (as
   plan_for_budget does for channels). Where removing all of them does not meet
-  it: all of them with or_all, else a UsageError."""
+  it: all of them with or_all, else a UsageError. `session`: a timing session of
+  the original already built (else one is built here)."""
   what, target = budget_of(options)
   adapter, graph = prepared.format.adapter, prepared.graph
   timed = what in MEASURED_BUDGETS
   trials: dict[int, Any] = {}
   if timed:
-    session = options.latency.session(prepared.model)
+    session = session or options.latency.session(prepared.model)
     target = 1.0 / target if what == "speedup" else target
   else:
     base = getattr(cost_lib.measure(graph, prepared.format.ops), what)
@@ -1138,12 +1140,13 @@ def prune_mixed(prepared: Prepared, options: Options, timings: dict[str, float],
   adapter = fmt.adapter
   found = _removable(prepared)
   ranked = blocks_lib.order(found)
-  # Beyond the fewest layers that meet the budget alone, more would only overshoot it.
-  most = layers_for_budget(prepared, options, ranked, or_all=True)
-  counts = sorted({round(i * most / (MIXED_COUNTS - 1)) for i in range(MIXED_COUNTS)})
   what, target = budget_of(options)
   timed = what in MEASURED_BUDGETS
+  # One timing session (the original compiled once) for the layer counts and the candidates.
   session = options.latency.session(prepared.model) if timed else None
+  # Beyond the fewest layers that meet the budget alone, more would only overshoot it.
+  most = layers_for_budget(prepared, options, ranked, or_all=True, session=session)
+  counts = sorted({round(i * most / (MIXED_COUNTS - 1)) for i in range(MIXED_COUNTS)})
   base = getattr(cost_lib.measure(graph, fmt.ops), what) if not timed else None
   # The proxy: how much of the original's outputs a candidate's outputs still carry
   # (an affine map fitted on calibration samples, its residual on held-out ones).
