@@ -355,10 +355,16 @@ def plan_for_latency(prepared: Prepared, options: Options, spec: allocation.Spec
   the sum of the layers', is the original's over the target speedup; the pruned
   model is then timed beside the original, and while the measured speedup misses
   the target by more than LATENCY_TOLERANCE the predicted target is scaled by the
-  miss (and, once aims on both sides of the target are known, the bracket halved)
-  and the allocation run again (NetAdapt's measure-and-adjust), at most
-  LATENCY_REFINEMENTS times. The closest candidate that meets the target (within
-  the tolerance) wins, else the closest."""
+  miss and the allocation run again (NetAdapt's measure-and-adjust), at most
+  LATENCY_REFINEMENTS times. A candidate that meets the target while measuring
+  faster than the layer model predicted says that the model is pessimistic
+  (per-layer times carry overheads that the whole compiled model does not pay),
+  so that a milder allocation may meet the target too: then, as once aims on both
+  sides of the target are known, the bracket of aims is halved (geometrically;
+  measured speed is not smooth in the widths, and scaling by the miss can swing
+  across a step for ever) until it is within the tolerance. Of the candidates that
+  meet the target (within the tolerance), the one aimed lowest, which removes
+  least, wins."""
   what, target = budget_of(options)
   probe = options.latency
   analysis = prepared.analysis
@@ -390,28 +396,29 @@ def plan_for_latency(prepared: Prepared, options: Options, spec: allocation.Spec
                   "measured_speedup": round(m.speedup, 4), "latency_ms": round(m.latency_ms, 4)})
     logging.info("latency allocation: predicted %.3fx, measured %.3fx (target %.3fx)",
                  full / predicted, m.speedup, speedup)
-    results.append((plan, m, m.speedup / speedup - 1, full / predicted))
+    results.append((plan, m, m.speedup / speedup - 1, full / predicted, aim))
     return results[-1]
 
   aim = min(speedup, most)
-  low, high = None, None     # aims measured below and at or above the target
+  # The largest aim measured short of the target (the original: 1x) and the least
+  # that meets it.
+  low, high = 1.0, None
   for _ in range(1 + LATENCY_REFINEMENTS):
-    _, m, miss, predicted_speedup = attempt(aim)
-    if abs(miss) <= LATENCY_TOLERANCE:
-      break
-    if miss < 0:
-      if predicted_speedup >= most * (1 - 1e-9):
-        break     # already the most that may go
-      low = aim if low is None else max(low, aim)
-    else:
+    _, m, miss, predicted_speedup, _ = attempt(aim)
+    if miss >= -LATENCY_TOLERANCE:
       high = aim if high is None else min(high, aim)
-    # Measured speed is not smooth in the widths (kernels change with them): once
-    # the target is bracketed, halve the bracket (geometrically) instead of
-    # scaling by the miss, which can swing across a step for ever.
-    if low is not None and high is not None:
-      aim = math.sqrt(low * high)
+      if miss <= LATENCY_TOLERANCE and m.speedup <= predicted_speedup * (1 + LATENCY_TOLERANCE):
+        break     # as predicted: a milder aim would fall short
+    elif predicted_speedup >= most * (1 - 1e-9):
+      break       # already the most that may go
     else:
+      low = max(low, aim)
+    if high is None:
       aim = min(aim * speedup / m.speedup, most)
+    elif high / low <= 1 + LATENCY_TOLERANCE:
+      break
+    else:
+      aim = math.sqrt(low * high)
   meeting = [r for r in results if r[2] >= -LATENCY_TOLERANCE]
   if not meeting:
     # All that may go, if not tried yet: it meets the target, or nothing does.
@@ -419,8 +426,8 @@ def plan_for_latency(prepared: Prepared, options: Options, spec: allocation.Spec
     if floor[2] < -LATENCY_TOLERANCE:
       raise _unmet(what, target, "latency", floor[1], session, probe.batch)
     meeting = [floor]
-  # The closest candidate that meets the target (within the tolerance).
-  plan, m, _, predicted_speedup = min(meeting, key=lambda r: abs(r[2]))
+  # The mildest candidate that meets the target (within the tolerance).
+  plan, m, _, predicted_speedup, _ = min(meeting, key=lambda r: r[4])
   if measured is not None:
     measured.update(
         _measured_doc(m, session, probe), predicted_speedup=round(predicted_speedup, 4),
