@@ -18,9 +18,11 @@ import numpy as np
 
 from graph_prune import errors
 from graph_prune import files
+from graph_prune import budget as budget_lib
 from graph_prune import formats
 from graph_prune import heap
 from graph_prune import plan as plan_lib
+from graph_prune import prepared as prepared_lib
 from graph_prune import report as report_lib
 from graph_prune.analysis import blocks as blocks_lib
 from graph_prune.analysis import cost as cost_lib
@@ -31,6 +33,7 @@ from graph_prune.graph.edits import Edits
 from graph_prune.quantize import options as quantize_options
 from graph_prune.quantize import quantize as quantize_lib
 from graph_prune.reconstruct import reconstruct as reconstruct_lib
+from graph_prune.rewrite import layers as layers_lib
 from graph_prune.rewrite import slicing
 from graph_prune.verify import oracle
 
@@ -94,19 +97,15 @@ class Options:
 
 
 Format = formats.Format
+# The prepared model and its rewrite live below the pipeline (the budget searches
+# rewrite candidates too); the names stay here for the pipeline's callers.
+Prepared = prepared_lib.Prepared
+prepare_model = prepared_lib.prepare_model
+rewrite = prepared_lib.rewrite
 
 
 def format_for(path: str) -> formats.Format:
   return formats.for_path(path)
-
-
-@dataclasses.dataclass(frozen=True)
-class Prepared:
-  """A model read and normalised, with its channel analysis."""
-  format: Format
-  model: Any
-  graph: Any
-  analysis: groups_lib.Analysis
 
 
 def _check_paths(in_path: str, out_path: str, options: Options) -> None:
@@ -145,39 +144,8 @@ def prepare(in_path: str, options: Options = Options()) -> Prepared:
   # The model as read is normalised in this expression, so that it is gone before the
   # view is built (an argument stays referenced by the caller until the call returns:
   # VGG16 held its weights three times over here).
-  return _viewed(ref.format, ref.format.adapter.normalise(ref.load()), _bytes_on_disk(in_path))
-
-
-def prepare_model(fmt: Format, model: Any) -> Prepared:
-  """Normalise a loaded model, view it and analyse its channel groups."""
-  return _viewed(fmt, fmt.adapter.normalise(model))
-
-
-def _bytes_on_disk(path: str) -> int:
-  """A model's size on disk (a SavedModel directory's files, an ONNX model's data)."""
-  try:
-    if os.path.isdir(path):
-      return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
-    return sum(os.path.getsize(p) for p in (path, path + ".data") if os.path.isfile(p))
-  except OSError:
-    return 0
-
-
-def _weight_bytes(graph) -> int:
-  return sum(int(np.asarray(c).nbytes) for c in graph.constants.values())
-
-
-def _viewed(fmt: Format, model: Any, size_hint: int = 0) -> Prepared:
-  """A normalised model with its view and its channel groups."""
-  heap.give_back(size_hint)   # the model as read, and normalisation's copies
-  graph = fmt.adapter.to_view(model)
-  return Prepared(fmt, model, graph, groups_lib.analyse(graph, fmt.ops))
-
-
-def rewrite(prepared: Prepared, plan: plan_lib.Plan) -> Any:
-  """The pruned model (not yet validated or verified)."""
-  return prepared.format.adapter.apply_edits(
-      prepared.model, slicing.build_edits(prepared.analysis, plan, slicing.SLICE))
+  return prepared_lib.viewed(ref.format, ref.format.adapter.normalise(ref.load()),
+                             prepared_lib.bytes_on_disk(in_path))
 
 
 def spec_of(options: Options) -> allocation.Spec:
@@ -229,211 +197,11 @@ def make_plan(prepared: Prepared, options: Options, samples=None,
         "narrow the patterns")
   check_finite(analysis)
   scores = scores_of(prepared, options, samples)
-  if budget_of(options) is not None:
-    return plan_for_budget(prepared, options, spec, scores, measured)
+  if budget_lib.budget_of(options) is not None:
+    return budget_lib.plan_for_budget(prepared, options, spec, scores, measured)
   if options.allocation == "global":
     return allocation.global_for_ratio(analysis, scores, spec, options.criterion)
   return allocation.allocate(analysis, scores, spec, options.criterion)
-
-
-BUDGETS = ("flops", "params", "speedup", "latency_ms")
-MEASURED_BUDGETS = ("speedup", "latency_ms")
-
-
-def budget_of(options: Options) -> Optional[tuple[str, float]]:
-  """(one of BUDGETS, its value), or None without a budget."""
-  for what in BUDGETS:
-    value = getattr(options, f"target_{what}")
-    if value is not None:
-      return what, value
-  return None
-
-
-def plan_for_budget(prepared: Prepared, options: Options, spec: allocation.Spec,
-                    scores, measured: Optional[dict] = None) -> plan_lib.Plan:
-  """The plan that removes least while meeting the budget: at most a fraction of
-  the FLOPs (or parameters) kept, or at least a measured speedup, or at most a
-  measured latency. A bisection over the uniform ratio, or over the global
-  threshold; each candidate is rewritten and measured: by the cost model (FLOPs
-  are bilinear in the widths of a layer's input and output, so a per-channel
-  estimate would not be exact), or timed beside the original by options.latency
-  on its device and batch size. The measurements of the chosen plan go into
-  `measured` (when given)."""
-  what, target = budget_of(options)
-  if options.allocation == "latency":
-    return plan_for_latency(prepared, options, spec, scores, measured)
-  ops, analysis = prepared.format.ops, prepared.analysis
-  timed = what in MEASURED_BUDGETS
-  if timed:
-    session = options.latency.session(prepared.model)
-    trials: dict[int, Any] = {}   # candidate index -> its measurement
-    # Kept is the fraction of the latency: 1 / speedup, or milliseconds.
-    target = 1.0 / target if what == "speedup" else target
-  else:
-    base = getattr(cost_lib.measure(prepared.graph, ops), what)
-
-  plans: dict[int, plan_lib.Plan] = {}
-
-  def kept(i: int) -> float:
-    plan = plans[i] = make(i)
-    if timed:
-      m = trials[i] = session.measure(rewrite(prepared, plan))
-      logging.info("budget: candidate measured %.3fx (%.3g ms; original %.3g ms)", m.speedup,
-                    m.latency_ms, m.original_ms)
-      return 1.0 / m.speedup if what == "speedup" else m.latency_ms
-    if not any(g.removed for g in plan.groups):
-      return 1.0
-    view = prepared.format.adapter.to_view(rewrite(prepared, plan))
-    return getattr(cost_lib.measure(view, ops), what) / base if base else 1.0
-
-  if options.allocation == "global":
-    thresholds = list(allocation.global_thresholds(analysis, scores, spec)) + [np.inf]
-    make = lambda i: allocation.allocate_global(analysis, scores, spec, options.criterion,
-                                                thresholds[i])
-    hi = len(thresholds) - 1
-  else:
-    steps = 1000
-    make = lambda i: allocation.allocate(
-        analysis, scores, dataclasses.replace(spec, ratio=min(i / steps, 0.999)),
-        options.criterion)
-    hi = steps
-  least = kept(hi)
-  if timed:
-    m = trials[hi]
-    if what == "latency_ms" and target >= m.original_ms:
-      raise _already_met(target, m, session, options.latency.batch)
-    if least > target:
-      raise _unmet(what, 1 / target if what == "speedup" else target, options.allocation, m,
-                   session, options.latency.batch)
-  elif least > target:
-    raise errors.UsageError(
-        f"--target_{what}={target:g} cannot be met: removing all that --allocation="
-        f"{options.allocation} may remove keeps {least:.3f} of the {what}")
-  chosen = _least_meeting(0, hi, kept, target)
-  if timed and measured is not None:
-    measured.update(_measured_doc(trials[chosen], session, options.latency))
-  return plans[chosen]
-
-
-def _unmet(what: str, value: float, allocation: str, m, session, batch: int,
-           most: str = "") -> errors.UsageError:
-  """The error for a measured budget that the most pruning does not meet (m: its
-  measurement)."""
-  most = most or f"all that --allocation={allocation} may remove"
-  return errors.UsageError(
-      f"--target_{what}={value:g} cannot be met: removing {most} measures {m.speedup:.2f}x "
-      f"({m.latency_ms:.3g} ms against {m.original_ms:.3g} ms; {session.device_label}, "
-      f"batch {batch})")
-
-
-def _already_met(value: float, m, session, batch: int) -> errors.UsageError:
-  return errors.UsageError(
-      f"--target_latency_ms={value:g}: the original already runs in {m.original_ms:.3g} ms "
-      f"({session.device_label}, batch {batch}); nothing to remove")
-
-
-def _measured_doc(m, session, probe) -> dict:
-  """The chosen plan's measurement, for the report's budget block."""
-  return dict(
-      measured_speedup=round(m.speedup, 4), measured_speedup_p10=round(m.speedup_p10, 4),
-      measured_speedup_p90=round(m.speedup_p90, 4), latency_ms=round(m.latency_ms, 4),
-      original_latency_ms=round(m.original_ms, 4), candidates_timed=session.measured,
-      device=session.device_label, **probe.describe())
-
-
-# --allocation=latency: the measured speedup may miss the target by this much
-# before the allocation is refined, and is refined at most this many times.
-LATENCY_TOLERANCE = 0.05
-LATENCY_REFINEMENTS = 4
-
-
-def plan_for_latency(prepared: Prepared, options: Options, spec: allocation.Spec,
-                     scores, measured: Optional[dict] = None) -> plan_lib.Plan:
-  """--allocation=latency: every linear layer's latency across its widths is
-  measured on the probe's device (options.latency.profile, cached); the greedy
-  allocation (allocation.allocate_latency) finds widths whose predicted latency,
-  the sum of the layers', is the original's over the target speedup; the pruned
-  model is then timed beside the original, and while the measured speedup misses
-  the target by more than LATENCY_TOLERANCE the predicted target is scaled by the
-  miss and the allocation run again (NetAdapt's measure-and-adjust), at most
-  LATENCY_REFINEMENTS times. A candidate that meets the target while measuring
-  faster than the layer model predicted says that the model is pessimistic
-  (per-layer times carry overheads that the whole compiled model does not pay),
-  so that a milder allocation may meet the target too: then, as once aims on both
-  sides of the target are known, the bracket of aims is halved (geometrically;
-  measured speed is not smooth in the widths, and scaling by the miss can swing
-  across a step for ever) until it is within the tolerance. Of the candidates that
-  meet the target (within the tolerance), the one aimed lowest, which removes
-  least, wins."""
-  what, target = budget_of(options)
-  probe = options.latency
-  analysis = prepared.analysis
-  profile = probe.profile(prepared.graph, prepared.format.ops, prepared.format.name)
-  layers = [allocation.LayerCost(l.x, l.z, l.cin, l.cout, f)
-            for l, f in zip(profile.layers, profile.costs)]
-  if not layers:
-    raise errors.NothingToPruneError("--allocation=latency: the model has no linear layer "
-                                     "to time")
-  full = profile.total()
-  session = probe.session(prepared.model)
-  if what == "latency_ms":
-    base = session.measure(prepared.model)
-    if target >= base.original_ms:
-      raise _already_met(target, base, session, probe.batch)
-    speedup = base.original_ms / target
-  else:
-    speedup = target
-  _, floor_ms = allocation.allocate_latency(analysis, scores, spec, options.criterion, layers, 0.0)
-  most = full / floor_ms
-  tries, results = [], []
-
-  def attempt(aim: float):
-    """The allocation for a predicted speedup of `aim` (`most`: all that may go), timed."""
-    plan, predicted = allocation.allocate_latency(analysis, scores, spec, options.criterion,
-                                                  layers, full / aim if aim < most else 0.0)
-    m = session.measure(rewrite(prepared, plan))
-    tries.append({"aimed_speedup": round(aim, 4), "predicted_speedup": round(full / predicted, 4),
-                  "measured_speedup": round(m.speedup, 4), "latency_ms": round(m.latency_ms, 4)})
-    logging.info("latency allocation: predicted %.3fx, measured %.3fx (target %.3fx)",
-                 full / predicted, m.speedup, speedup)
-    results.append((plan, m, m.speedup / speedup - 1, full / predicted, aim))
-    return results[-1]
-
-  aim = min(speedup, most)
-  # The largest aim measured short of the target (the original: 1x) and the least
-  # that meets it.
-  low, high = 1.0, None
-  for _ in range(1 + LATENCY_REFINEMENTS):
-    _, m, miss, predicted_speedup, _ = attempt(aim)
-    if miss >= -LATENCY_TOLERANCE:
-      high = aim if high is None else min(high, aim)
-      if miss <= LATENCY_TOLERANCE and m.speedup <= predicted_speedup * (1 + LATENCY_TOLERANCE):
-        break     # as predicted: a milder aim would fall short
-    elif predicted_speedup >= most * (1 - 1e-9):
-      break       # already the most that may go
-    else:
-      low = max(low, aim)
-    if high is None:
-      aim = min(aim * speedup / m.speedup, most)
-    elif high / low <= 1 + LATENCY_TOLERANCE:
-      break
-    else:
-      aim = math.sqrt(low * high)
-  meeting = [r for r in results if r[2] >= -LATENCY_TOLERANCE]
-  if not meeting:
-    # All that may go, if not tried yet: it meets the target, or nothing does.
-    floor = next((r for r in results if r[3] >= most * (1 - 1e-9)), None) or attempt(most)
-    if floor[2] < -LATENCY_TOLERANCE:
-      raise _unmet(what, target, "latency", floor[1], session, probe.batch)
-    meeting = [floor]
-  # The mildest candidate that meets the target (within the tolerance).
-  plan, m, _, predicted_speedup, _ = min(meeting, key=lambda r: r[4])
-  if measured is not None:
-    measured.update(
-        _measured_doc(m, session, probe), predicted_speedup=round(predicted_speedup, 4),
-        predicted_layers_ms=round(full / predicted_speedup, 4), original_layers_ms=round(full, 4),
-        refinements=tries, latency_profile=profile.doc)
-  return plan
 
 
 def check_finite(analysis: groups_lib.Analysis) -> None:
@@ -651,7 +419,7 @@ def _prune_checked(prepared: Prepared, plan: plan_lib.Plan, options: Options):
   pruned = adapter.apply_edits(prepared.model, edits)
   copies = copies_of(edits)
   del edits  # its arrays are in the pruned model now; the check needs the memory
-  weight_bytes = _weight_bytes(prepared.graph)
+  weight_bytes = prepared_lib.weight_bytes(prepared.graph)
   heap.give_back(weight_bytes)
   pruned_view = validated_view(adapter, pruned)
   verification, verify_s = None, 0.0
@@ -761,10 +529,11 @@ def check_options(in_path: str, out_path: str, options: Options) -> allocation.S
   if options.allocation not in allocation.ALLOCATIONS:
     raise errors.UsageError(f"unknown --allocation '{options.allocation}'; choose one of "
                             f"{', '.join(allocation.ALLOCATIONS)}")
-  given = [f"--target_{what}" for what in BUDGETS if getattr(options, f"target_{what}") is not None]
+  given = [f"--target_{what}" for what in budget_lib.BUDGETS
+           if getattr(options, f"target_{what}") is not None]
   if len(given) > 1:
     raise errors.UsageError(f"give one budget, not {' and '.join(given)}")
-  budget = budget_of(options)
+  budget = budget_lib.budget_of(options)
   if options.allocation == "latency" and budget is None:
     raise errors.UsageError("--allocation=latency takes a latency budget instead of --ratio: "
                             "give --target_speedup or --target_latency_ms")
@@ -775,13 +544,13 @@ def check_options(in_path: str, out_path: str, options: Options) -> allocation.S
                               "for twice as fast as the original)")
     if what == "latency_ms" and not (math.isfinite(value) and value > 0):
       raise errors.UsageError(f"--target_latency_ms={value:g}: give a positive latency")
-    if what not in MEASURED_BUDGETS and not (math.isfinite(value) and 0 < value < 1):
+    if what not in budget_lib.MEASURED_BUDGETS and not (math.isfinite(value) and 0 < value < 1):
       raise errors.UsageError(f"--target_{what}={value:g}: give the fraction kept, "
                               "between 0 and 1 (e.g. 0.5 keeps half)")
-    if options.allocation == "latency" and what not in MEASURED_BUDGETS:
+    if options.allocation == "latency" and what not in budget_lib.MEASURED_BUDGETS:
       raise errors.UsageError(f"--allocation=latency takes a latency budget "
                               f"(--target_speedup or --target_latency_ms), not --target_{what}")
-    if what in MEASURED_BUDGETS and options.latency is None:
+    if what in budget_lib.MEASURED_BUDGETS and options.latency is None:
       raise errors.UsageError(f"--target_{what} needs the benchmark that times candidates "
                               "(pipeline.Options.latency: a bench.latency.Probe)")
     if options.plan_in:
@@ -923,7 +692,7 @@ def _check_mode(options: Options) -> None:
             "budget needs)")
     raise errors.UsageError(f"--mode={options.mode} {what}; {', '.join(other)} with it is not "
                             "built yet")
-  if mixed and budget_of(options) is None:
+  if mixed and budget_lib.budget_of(options) is None:
     raise errors.UsageError("--mode=mixed chooses layers and filters together for a budget: "
                             "give --target_speedup, --target_latency_ms, --target_flops or "
                             "--target_params instead of --ratio")
@@ -931,26 +700,6 @@ def _check_mode(options: Options) -> None:
     raise errors.UsageError("--mode=mixed compares its candidates by how far their outputs "
                             "move from the original's on calibration samples: give "
                             "--calibration_data (images or a .npz of inputs; no labels needed)")
-
-
-def layer_edits(graph, chosen: Sequence[blocks_lib.Block]) -> Edits:
-  """Every reader of a removed block's addition (or a removed layer's last node)
-  reads its shortcut instead (through chains of removed ones), and the branches,
-  layers and additions go."""
-  replace = {graph.node(b.end).outputs[0]: b.shortcut for b in chosen}
-
-  def resolve(t: str) -> str:
-    while t in replace:
-      t = replace[t]
-    return t
-  drop = {name for b in chosen for name in (*b.nodes, b.end)}
-  rewires = []
-  for end_out in replace:
-    for reader, index in graph.consumers(end_out):
-      if reader.name not in drop:
-        rewires.append((reader.name, index, resolve(end_out)))
-  order = [n.name for n in graph.nodes if n.name in drop]
-  return Edits({}, {}, tuple(rewires), drop=tuple(order))
 
 
 def _removable(prepared: Prepared) -> blocks_lib.Found:
@@ -963,66 +712,6 @@ def _removable(prepared: Prepared) -> blocks_lib.Found:
   return found
 
 
-def layers_for_budget(prepared: Prepared, options: Options, ranked: Sequence[blocks_lib.Block],
-                      measured: Optional[dict] = None, or_all: bool = False,
-                      session=None) -> int:
-  """How many of `ranked` (least important first) go for the budget: the fewest
-  whose removal meets it, by bisection over the count; each candidate is rewritten
-  and measured by the cost model, or timed beside the original (as
-  plan_for_budget does for channels). Where removing all of them does not meet
-  it: all of them with or_all, else a UsageError. `session`: a timing session of
-  the original already built (else one is built here)."""
-  what, target = budget_of(options)
-  adapter, graph = prepared.format.adapter, prepared.graph
-  timed = what in MEASURED_BUDGETS
-  trials: dict[int, Any] = {}
-  if timed:
-    session = session or options.latency.session(prepared.model)
-    target = 1.0 / target if what == "speedup" else target
-  else:
-    base = getattr(cost_lib.measure(graph, prepared.format.ops), what)
-
-  def kept(count: int) -> float:
-    pruned = adapter.apply_edits(prepared.model, layer_edits(graph, ranked[:count]))
-    if timed:
-      m = trials[count] = session.measure(pruned)
-      logging.info("budget: %d removed, measured %.3fx", count, m.speedup)
-      return 1.0 / m.speedup if what == "speedup" else m.latency_ms
-    view = adapter.to_view(pruned)
-    return getattr(cost_lib.measure(view, prepared.format.ops), what) / base if base else 1.0
-
-  least = kept(len(ranked))
-  if or_all and least > target:
-    return len(ranked)
-  if timed:
-    m = trials[len(ranked)]
-    if what == "latency_ms" and target >= m.original_ms:
-      raise _already_met(target, m, session, options.latency.batch)
-    if least > target:
-      raise _unmet(what, 1 / target if what == "speedup" else target, "uniform", m, session,
-                   options.latency.batch, f"all {len(ranked)} removable layers and blocks")
-  elif least > target:
-    raise errors.UsageError(
-        f"--target_{what}={target:g} cannot be met: removing all {len(ranked)} removable layers "
-        f"and blocks keeps {least:.3f} of the {what}")
-  count = _least_meeting(0, len(ranked), kept, target)
-  if timed and measured is not None:
-    measured.update(_measured_doc(trials[count], session, options.latency))
-  return count
-
-
-def _least_meeting(lo: int, hi: int, kept, target: float) -> int:
-  """The least i in (lo, hi] with kept(i) <= target, by bisection, given kept(lo) >
-  target >= kept(hi) and kept falling with i."""
-  while hi - lo > 1:
-    mid = (lo + hi) // 2
-    if kept(mid) <= target:
-      hi = mid
-    else:
-      lo = mid
-  return hi
-
-
 def prune_layers(prepared: Prepared, options: Options, timings: dict[str, float],
                  measured: Optional[dict] = None) -> tuple[_Pruned, dict]:
   """--mode=layer: the least important of the removable residual blocks and plain
@@ -1032,8 +721,8 @@ def prune_layers(prepared: Prepared, options: Options, timings: dict[str, float]
   t0 = time.perf_counter()
   found = _removable(prepared)
   ranked = blocks_lib.order(found)
-  if budget_of(options) is not None:
-    chosen = ranked[:layers_for_budget(prepared, options, ranked, measured)]
+  if budget_lib.budget_of(options) is not None:
+    chosen = ranked[:budget_lib.layers_for_budget(prepared, options, ranked, measured)]
   else:
     chosen = blocks_lib.choose(found, options.ratio)
   if not chosen:
@@ -1057,7 +746,7 @@ def _remove_checked(prepared: Prepared, chosen: Sequence[blocks_lib.Block], opti
   against the original with the removed branches zeroed and the removed layers the
   identity (None with --noverify)."""
   graph, adapter = prepared.graph, prepared.format.adapter
-  edits = layer_edits(graph, chosen)
+  edits = layers_lib.layer_edits(graph, chosen)
   pruned = adapter.apply_edits(prepared.model, edits)
   pruned_view = validated_view(adapter, pruned)
   timings["plan_and_rewrite_s"] += time.perf_counter() - t0
@@ -1147,12 +836,12 @@ def prune_mixed(prepared: Prepared, options: Options, timings: dict[str, float],
   adapter = fmt.adapter
   found = _removable(prepared)
   ranked = blocks_lib.order(found)
-  what, target = budget_of(options)
-  timed = what in MEASURED_BUDGETS
+  what, target = budget_lib.budget_of(options)
+  timed = what in budget_lib.MEASURED_BUDGETS
   # One timing session (the original compiled once) for the layer counts and the candidates.
   session = options.latency.session(prepared.model) if timed else None
   # Beyond the fewest layers that meet the budget alone, more would only overshoot it.
-  most = layers_for_budget(prepared, options, ranked, or_all=True, session=session)
+  most = budget_lib.layers_for_budget(prepared, options, ranked, or_all=True, session=session)
   counts = sorted({round(i * most / (MIXED_COUNTS - 1)) for i in range(MIXED_COUNTS)})
   base = getattr(cost_lib.measure(graph, fmt.ops), what) if not timed else None
   # The proxy: how much of the original's outputs a candidate's outputs still carry
@@ -1163,8 +852,9 @@ def prune_mixed(prepared: Prepared, options: Options, timings: dict[str, float],
   ref_fit, ref_held = (agreement.outputs(original, x, 64, fixed) for x in (fit, held))
   tries, candidates, last_error = [], [], None
   for k in counts:
-    model_k = adapter.apply_edits(prepared.model, layer_edits(graph, ranked[:k])) if k else None
-    prep_k = _viewed(fmt, model_k) if k else prepared
+    model_k = (adapter.apply_edits(prepared.model, layers_lib.layer_edits(graph, ranked[:k]))
+               if k else None)
+    prep_k = prepared_lib.viewed(fmt, model_k) if k else prepared
     try_doc = {"layers_removed": k}
     if timed:
       m = session.measure(model_k) if k else None
@@ -1201,7 +891,7 @@ def prune_mixed(prepared: Prepared, options: Options, timings: dict[str, float],
                  try_doc["groups_cut"], lost)
     del pruned, view, make
   if not candidates:
-    raise errors.UsageError(f"--target_{what}={budget_of(options)[1]:g} "
+    raise errors.UsageError(f"--target_{what}={budget_lib.budget_of(options)[1]:g} "
                             f"cannot be met by --mode=mixed: with the {counts[-1]} removable "
                             f"layers and blocks removed, the filters' budget: {last_error}")
   _, k, prep_k, plan = min(candidates, key=lambda c: (c[0], c[1]))
@@ -1218,7 +908,8 @@ def prune_mixed(prepared: Prepared, options: Options, timings: dict[str, float],
   else:   # the layers alone meet the budget: their check is the model's
     result = _Pruned(prep_k.model, prep_k.graph, plan, verifications.get("layers"), [], [])
   if timed:
-    measured.update(_measured_doc(session.measure(result.model), session, options.latency))
+    measured.update(budget_lib.measured_doc(session.measure(result.model), session,
+                                            options.latency))
   layers = _layers_doc(found, ranked, chosen, mode="mixed")
   layers.update(candidates=tries, chosen_by="output_lost: the residual of the best affine "
                 "map from the candidate's outputs to the original's (fitted on calibration "
@@ -1327,13 +1018,13 @@ def assemble_report(in_path: str, out_path: str, prepared: Prepared, result: _Pr
   after = before if unchanged else cost_lib.measure(result.view, ops)
   recovering = options.recover is not None and not unchanged
   budget = None
-  if options.allocation != "uniform" or budget_of(options) is not None:
-    what, target = budget_of(options) or (None, None)
+  if options.allocation != "uniform" or budget_lib.budget_of(options) is not None:
+    what, target = budget_lib.budget_of(options) or (None, None)
     budget = {"allocation": options.allocation, "target": what,
-              "target_kept": target if what not in MEASURED_BUDGETS else None,
+              "target_kept": target if what not in budget_lib.MEASURED_BUDGETS else None,
               "flops_kept": round(after.flops / before.flops, 6) if before.flops else None,
               "params_kept": round(after.params / before.params, 6) if before.params else None}
-    if what in MEASURED_BUDGETS:
+    if what in budget_lib.MEASURED_BUDGETS:
       budget["target_value"] = target
       budget.update(measured or {})
   return report_lib.build(
@@ -1379,7 +1070,7 @@ def write_outputs(prepared: Prepared, result: _Pruned, out_path: str, doc: repor
     model, quantization = quantize_model(
         fmt, model, options, samples if fmt.name == prepared.format.name else None)
     doc = dataclasses.replace(doc, quantization=quantization)
-  heap.give_back(_weight_bytes(prepared.graph))   # the check's runs
+  heap.give_back(prepared_lib.weight_bytes(prepared.graph))   # the check's runs
   adapter.write(model, out_path)
   if options.plan_out:
     files.write_text(options.plan_out, result.plan.to_json())

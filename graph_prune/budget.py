@@ -1,0 +1,284 @@
+"""Budgets instead of --ratio: the FLOPs or parameters kept (the cost model), a
+measured speedup or latency (timed beside the original by the options' latency
+probe). The plan (or, with --mode=layer, the number of layers and blocks) that
+removes least while meeting the budget: bisection over the uniform ratio, the
+global threshold or the count of layers, and for --allocation=latency the
+latency model's allocation refined by measurement (NetAdapt). `options` is a
+pipeline.Options: its target_*, allocation, criterion and latency fields."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional, Sequence
+
+from absl import logging
+import numpy as np
+
+from graph_prune import errors
+from graph_prune import plan as plan_lib
+from graph_prune import prepared as prepared_lib
+from graph_prune.analysis import blocks as blocks_lib
+from graph_prune.analysis import cost as cost_lib
+from graph_prune.criteria import allocation
+from graph_prune.rewrite import layers as layers_lib
+
+BUDGETS = ("flops", "params", "speedup", "latency_ms")
+MEASURED_BUDGETS = ("speedup", "latency_ms")
+
+
+def budget_of(options: Any) -> Optional[tuple[str, float]]:
+  """(one of BUDGETS, its value), or None without a budget."""
+  for what in BUDGETS:
+    value = getattr(options, f"target_{what}")
+    if value is not None:
+      return what, value
+  return None
+
+
+def plan_for_budget(prepared: prepared_lib.Prepared, options: Any, spec: allocation.Spec,
+                    scores, measured: Optional[dict] = None) -> plan_lib.Plan:
+  """The plan that removes least while meeting the budget: at most a fraction of
+  the FLOPs (or parameters) kept, or at least a measured speedup, or at most a
+  measured latency. A bisection over the uniform ratio, or over the global
+  threshold; each candidate is rewritten and measured: by the cost model (FLOPs
+  are bilinear in the widths of a layer's input and output, so a per-channel
+  estimate would not be exact), or timed beside the original by options.latency
+  on its device and batch size. The measurements of the chosen plan go into
+  `measured` (when given)."""
+  what, target = budget_of(options)
+  if options.allocation == "latency":
+    return plan_for_latency(prepared, options, spec, scores, measured)
+  ops, analysis = prepared.format.ops, prepared.analysis
+  timed = what in MEASURED_BUDGETS
+  if timed:
+    session = options.latency.session(prepared.model)
+    trials: dict[int, Any] = {}   # candidate index -> its measurement
+    # Kept is the fraction of the latency: 1 / speedup, or milliseconds.
+    target = 1.0 / target if what == "speedup" else target
+  else:
+    base = getattr(cost_lib.measure(prepared.graph, ops), what)
+
+  plans: dict[int, plan_lib.Plan] = {}
+
+  def kept(i: int) -> float:
+    plan = plans[i] = make(i)
+    if timed:
+      m = trials[i] = session.measure(prepared_lib.rewrite(prepared, plan))
+      logging.info("budget: candidate measured %.3fx (%.3g ms; original %.3g ms)", m.speedup,
+                    m.latency_ms, m.original_ms)
+      return 1.0 / m.speedup if what == "speedup" else m.latency_ms
+    if not any(g.removed for g in plan.groups):
+      return 1.0
+    view = prepared.format.adapter.to_view(prepared_lib.rewrite(prepared, plan))
+    return getattr(cost_lib.measure(view, ops), what) / base if base else 1.0
+
+  if options.allocation == "global":
+    thresholds = list(allocation.global_thresholds(analysis, scores, spec)) + [np.inf]
+    make = lambda i: allocation.allocate_global(analysis, scores, spec, options.criterion,
+                                                thresholds[i])
+    hi = len(thresholds) - 1
+  else:
+    steps = 1000
+    make = lambda i: allocation.allocate(
+        analysis, scores, dataclasses.replace(spec, ratio=min(i / steps, 0.999)),
+        options.criterion)
+    hi = steps
+  least = kept(hi)
+  if timed:
+    m = trials[hi]
+    if what == "latency_ms" and target >= m.original_ms:
+      raise already_met(target, m, session, options.latency.batch)
+    if least > target:
+      raise unmet(what, 1 / target if what == "speedup" else target, options.allocation, m,
+                   session, options.latency.batch)
+  elif least > target:
+    raise errors.UsageError(
+        f"--target_{what}={target:g} cannot be met: removing all that --allocation="
+        f"{options.allocation} may remove keeps {least:.3f} of the {what}")
+  chosen = least_meeting(0, hi, kept, target)
+  if timed and measured is not None:
+    measured.update(measured_doc(trials[chosen], session, options.latency))
+  return plans[chosen]
+
+
+def unmet(what: str, value: float, allocation: str, m, session, batch: int,
+           most: str = "") -> errors.UsageError:
+  """The error for a measured budget that the most pruning does not meet (m: its
+  measurement)."""
+  most = most or f"all that --allocation={allocation} may remove"
+  return errors.UsageError(
+      f"--target_{what}={value:g} cannot be met: removing {most} measures {m.speedup:.2f}x "
+      f"({m.latency_ms:.3g} ms against {m.original_ms:.3g} ms; {session.device_label}, "
+      f"batch {batch})")
+
+
+def already_met(value: float, m, session, batch: int) -> errors.UsageError:
+  return errors.UsageError(
+      f"--target_latency_ms={value:g}: the original already runs in {m.original_ms:.3g} ms "
+      f"({session.device_label}, batch {batch}); nothing to remove")
+
+
+def measured_doc(m, session, probe) -> dict:
+  """The chosen plan's measurement, for the report's budget block."""
+  return dict(
+      measured_speedup=round(m.speedup, 4), measured_speedup_p10=round(m.speedup_p10, 4),
+      measured_speedup_p90=round(m.speedup_p90, 4), latency_ms=round(m.latency_ms, 4),
+      original_latency_ms=round(m.original_ms, 4), candidates_timed=session.measured,
+      device=session.device_label, **probe.describe())
+
+
+# --allocation=latency: the measured speedup may miss the target by this much
+# before the allocation is refined, and is refined at most this many times.
+LATENCY_TOLERANCE = 0.05
+LATENCY_REFINEMENTS = 4
+
+
+def plan_for_latency(prepared: prepared_lib.Prepared, options: Any, spec: allocation.Spec,
+                     scores, measured: Optional[dict] = None) -> plan_lib.Plan:
+  """--allocation=latency: every linear layer's latency across its widths is
+  measured on the probe's device (options.latency.profile, cached); the greedy
+  allocation (allocation.allocate_latency) finds widths whose predicted latency,
+  the sum of the layers', is the original's over the target speedup; the pruned
+  model is then timed beside the original, and while the measured speedup misses
+  the target by more than LATENCY_TOLERANCE the predicted target is scaled by the
+  miss and the allocation run again (NetAdapt's measure-and-adjust), at most
+  LATENCY_REFINEMENTS times. A candidate that meets the target while measuring
+  faster than the layer model predicted says that the model is pessimistic
+  (per-layer times carry overheads that the whole compiled model does not pay),
+  so that a milder allocation may meet the target too: then, as once aims on both
+  sides of the target are known, the bracket of aims is halved (geometrically;
+  measured speed is not smooth in the widths, and scaling by the miss can swing
+  across a step for ever) until it is within the tolerance. Of the candidates that
+  meet the target (within the tolerance), the one aimed lowest, which removes
+  least, wins."""
+  what, target = budget_of(options)
+  probe = options.latency
+  analysis = prepared.analysis
+  profile = probe.profile(prepared.graph, prepared.format.ops, prepared.format.name)
+  layers = [allocation.LayerCost(l.x, l.z, l.cin, l.cout, f)
+            for l, f in zip(profile.layers, profile.costs)]
+  if not layers:
+    raise errors.NothingToPruneError("--allocation=latency: the model has no linear layer "
+                                     "to time")
+  full = profile.total()
+  session = probe.session(prepared.model)
+  if what == "latency_ms":
+    base = session.measure(prepared.model)
+    if target >= base.original_ms:
+      raise already_met(target, base, session, probe.batch)
+    speedup = base.original_ms / target
+  else:
+    speedup = target
+  _, floor_ms = allocation.allocate_latency(analysis, scores, spec, options.criterion, layers, 0.0)
+  most = full / floor_ms
+  tries, results = [], []
+
+  def attempt(aim: float):
+    """The allocation for a predicted speedup of `aim` (`most`: all that may go), timed."""
+    plan, predicted = allocation.allocate_latency(analysis, scores, spec, options.criterion,
+                                                  layers, full / aim if aim < most else 0.0)
+    m = session.measure(prepared_lib.rewrite(prepared, plan))
+    tries.append({"aimed_speedup": round(aim, 4), "predicted_speedup": round(full / predicted, 4),
+                  "measured_speedup": round(m.speedup, 4), "latency_ms": round(m.latency_ms, 4)})
+    logging.info("latency allocation: predicted %.3fx, measured %.3fx (target %.3fx)",
+                 full / predicted, m.speedup, speedup)
+    results.append((plan, m, m.speedup / speedup - 1, full / predicted, aim))
+    return results[-1]
+
+  aim = min(speedup, most)
+  # The largest aim measured short of the target (the original: 1x) and the least
+  # that meets it.
+  low, high = 1.0, None
+  for _ in range(1 + LATENCY_REFINEMENTS):
+    _, m, miss, predicted_speedup, _ = attempt(aim)
+    if miss >= -LATENCY_TOLERANCE:
+      high = aim if high is None else min(high, aim)
+      if miss <= LATENCY_TOLERANCE and m.speedup <= predicted_speedup * (1 + LATENCY_TOLERANCE):
+        break     # as predicted: a milder aim would fall short
+    elif predicted_speedup >= most * (1 - 1e-9):
+      break       # already the most that may go
+    else:
+      low = max(low, aim)
+    if high is None:
+      aim = min(aim * speedup / m.speedup, most)
+    elif high / low <= 1 + LATENCY_TOLERANCE:
+      break
+    else:
+      aim = math.sqrt(low * high)
+  meeting = [r for r in results if r[2] >= -LATENCY_TOLERANCE]
+  if not meeting:
+    # All that may go, if not tried yet: it meets the target, or nothing does.
+    floor = next((r for r in results if r[3] >= most * (1 - 1e-9)), None) or attempt(most)
+    if floor[2] < -LATENCY_TOLERANCE:
+      raise unmet(what, target, "latency", floor[1], session, probe.batch)
+    meeting = [floor]
+  # The mildest candidate that meets the target (within the tolerance).
+  plan, m, _, predicted_speedup, _ = min(meeting, key=lambda r: r[4])
+  if measured is not None:
+    measured.update(
+        measured_doc(m, session, probe), predicted_speedup=round(predicted_speedup, 4),
+        predicted_layers_ms=round(full / predicted_speedup, 4), original_layers_ms=round(full, 4),
+        refinements=tries, latency_profile=profile.doc)
+  return plan
+
+
+def layers_for_budget(prepared: prepared_lib.Prepared, options: Any,
+                      ranked: Sequence[blocks_lib.Block],
+                      measured: Optional[dict] = None, or_all: bool = False,
+                      session=None) -> int:
+  """How many of `ranked` (least important first) go for the budget: the fewest
+  whose removal meets it, by bisection over the count; each candidate is rewritten
+  and measured by the cost model, or timed beside the original (as
+  plan_for_budget does for channels). Where removing all of them does not meet
+  it: all of them with or_all, else a UsageError. `session`: a timing session of
+  the original already built (else one is built here)."""
+  what, target = budget_of(options)
+  adapter, graph = prepared.format.adapter, prepared.graph
+  timed = what in MEASURED_BUDGETS
+  trials: dict[int, Any] = {}
+  if timed:
+    session = session or options.latency.session(prepared.model)
+    target = 1.0 / target if what == "speedup" else target
+  else:
+    base = getattr(cost_lib.measure(graph, prepared.format.ops), what)
+
+  def kept(count: int) -> float:
+    pruned = adapter.apply_edits(prepared.model, layers_lib.layer_edits(graph, ranked[:count]))
+    if timed:
+      m = trials[count] = session.measure(pruned)
+      logging.info("budget: %d removed, measured %.3fx", count, m.speedup)
+      return 1.0 / m.speedup if what == "speedup" else m.latency_ms
+    view = adapter.to_view(pruned)
+    return getattr(cost_lib.measure(view, prepared.format.ops), what) / base if base else 1.0
+
+  least = kept(len(ranked))
+  if or_all and least > target:
+    return len(ranked)
+  if timed:
+    m = trials[len(ranked)]
+    if what == "latency_ms" and target >= m.original_ms:
+      raise already_met(target, m, session, options.latency.batch)
+    if least > target:
+      raise unmet(what, 1 / target if what == "speedup" else target, "uniform", m, session,
+                   options.latency.batch, f"all {len(ranked)} removable layers and blocks")
+  elif least > target:
+    raise errors.UsageError(
+        f"--target_{what}={target:g} cannot be met: removing all {len(ranked)} removable layers "
+        f"and blocks keeps {least:.3f} of the {what}")
+  count = least_meeting(0, len(ranked), kept, target)
+  if timed and measured is not None:
+    measured.update(measured_doc(trials[count], session, options.latency))
+  return count
+
+
+def least_meeting(lo: int, hi: int, kept, target: float) -> int:
+  """The least i in (lo, hi] with kept(i) <= target, by bisection, given kept(lo) >
+  target >= kept(hi) and kept falling with i."""
+  while hi - lo > 1:
+    mid = (lo + hi) // 2
+    if kept(mid) <= target:
+      hi = mid
+    else:
+      lo = mid
+  return hi
