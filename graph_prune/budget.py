@@ -141,17 +141,18 @@ def plan_for_latency(prepared: prepared_lib.Prepared, options: Any, spec: alloca
   allocation (allocation.allocate_latency) finds widths whose predicted latency,
   the sum of the layers', is the original's over the target speedup; the pruned
   model is then timed beside the original, and while the measured speedup misses
-  the target by more than LATENCY_TOLERANCE the predicted target is scaled by the
-  miss and the allocation run again (NetAdapt's measure-and-adjust), at most
-  LATENCY_REFINEMENTS times. A candidate that meets the target while measuring
-  faster than the layer model predicted says that the model is pessimistic
-  (per-layer times carry overheads that the whole compiled model does not pay),
-  so that a milder allocation may meet the target too: then, as once aims on both
-  sides of the target are known, the bracket of aims is halved (geometrically;
-  measured speed is not smooth in the widths, and scaling by the miss can swing
-  across a step for ever) until it is within the tolerance. Of the candidates that
-  meet the target (within the tolerance), the one aimed lowest, which removes
-  least, wins."""
+  the target (below it, or above it by more than LATENCY_TOLERANCE) the predicted
+  target is scaled by the miss and the allocation run again (NetAdapt's
+  measure-and-adjust), at most LATENCY_REFINEMENTS times. A candidate that meets
+  the target while measuring faster than the layer model predicted says that the
+  model is pessimistic (per-layer times carry overheads that the whole compiled
+  model does not pay), so that a milder allocation may meet the target too: then,
+  as once aims on both sides of the target are known, the bracket of aims is
+  halved (geometrically; measured speed is not smooth in the widths, and scaling
+  by the miss can swing across a step for ever) until it is within the
+  tolerance. The candidate chosen: of those that meet the target within the
+  tolerance, the one aimed lowest (it removes least); else the closest within the
+  tolerance below the target; else the mildest that passes it by more."""
   what, target = budget_of(options)
   probe = options.latency
   analysis = prepared.analysis
@@ -192,7 +193,7 @@ def plan_for_latency(prepared: prepared_lib.Prepared, options: Any, spec: alloca
   low, high = 1.0, None
   for _ in range(1 + LATENCY_REFINEMENTS):
     _, m, miss, predicted_speedup, _ = attempt(aim)
-    if miss >= -LATENCY_TOLERANCE:
+    if miss >= 0:
       high = aim if high is None else min(high, aim)
       if miss <= LATENCY_TOLERANCE and m.speedup <= predicted_speedup * (1 + LATENCY_TOLERANCE):
         break     # as predicted: a milder aim would fall short
@@ -206,15 +207,21 @@ def plan_for_latency(prepared: prepared_lib.Prepared, options: Any, spec: alloca
       break
     else:
       aim = math.sqrt(low * high)
-  meeting = [r for r in results if r[2] >= -LATENCY_TOLERANCE]
-  if not meeting:
-    # All that may go, if not tried yet: it meets the target, or nothing does.
-    floor = next((r for r in results if r[3] >= most * (1 - 1e-9)), None) or attempt(most)
-    if floor[2] < -LATENCY_TOLERANCE:
-      raise unmet(what, target, "latency", floor[1], session, probe.batch)
-    meeting = [floor]
-  # The mildest candidate that meets the target (within the tolerance).
-  plan, m, _, predicted_speedup, _ = min(meeting, key=lambda r: r[4])
+  within = [r for r in results if 0 <= r[2] <= LATENCY_TOLERANCE]
+  below = [r for r in results if -LATENCY_TOLERANCE <= r[2] < 0]
+  over = [r for r in results if r[2] > LATENCY_TOLERANCE]
+  if within:      # the mildest that meets the target: it removes least
+    chosen = min(within, key=lambda r: r[4])
+  elif below:     # the closest short of it, within the tolerance
+    chosen = max(below, key=lambda r: r[2])
+  elif over:
+    chosen = min(over, key=lambda r: r[4])
+  else:
+    # All that may go, if not tried yet: it comes within the tolerance, or nothing does.
+    chosen = next((r for r in results if r[3] >= most * (1 - 1e-9)), None) or attempt(most)
+    if chosen[2] < -LATENCY_TOLERANCE:
+      raise unmet(what, target, "latency", chosen[1], session, probe.batch)
+  plan, m, _, predicted_speedup, _ = chosen
   if measured is not None:
     measured.update(
         measured_doc(m, session, probe), predicted_speedup=round(predicted_speedup, 4),
