@@ -125,7 +125,9 @@ def measured_doc(m, session, probe) -> dict:
       measured_speedup=round(m.speedup, 4), measured_speedup_p10=round(m.speedup_p10, 4),
       measured_speedup_p90=round(m.speedup_p90, 4), latency_ms=round(m.latency_ms, 4),
       original_latency_ms=round(m.original_ms, 4), candidates_timed=session.measured,
-      device=session.device_label, **probe.describe())
+      device=session.device_label,
+      weights="fed as arguments" if getattr(session, "feed_weights", False) else "constants",
+      **probe.describe())
 
 
 # --allocation=latency: the measured speedup may miss the target by this much

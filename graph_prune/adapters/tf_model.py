@@ -319,6 +319,16 @@ def _light(graph_def: tf.compat.v1.GraphDef, also: frozenset = frozenset()
   return light, heavy
 
 
+def weights_as_feeds(graph_def: tf.compat.v1.GraphDef
+                     ) -> tuple[tf.compat.v1.GraphDef, list[str], list[np.ndarray]]:
+  """The graph with its large linear-layer weights as placeholders (as _light
+  makes them), their tensor names, and the weights as arrays, for a runner that
+  feeds them: XLA then compiles no weight into the executable it keeps."""
+  light, heavy = _light(graph_def)
+  return (light, [f"{name}:0" for name in heavy],
+          [tf.make_ndarray(node.attr["value"].tensor) for node in heavy.values()])
+
+
 def _restore(light: tf.compat.v1.GraphDef, heavy: dict) -> tf.compat.v1.GraphDef:
   """The light graph with its placeholders swapped back for the constants."""
   if not heavy:

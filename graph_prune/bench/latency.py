@@ -37,6 +37,11 @@ class Probe:
   settings: timing.Settings = timing.Settings(max_seconds=3.0, target_rse=0.01)
   seed: int = 0
   cache: Optional[str] = None   # the per-layer latency table (default: the user cache)
+  # A TensorFlow original with at least this many bytes has its weights (and its
+  # candidates theirs) fed as arguments, not compiled in as constants: XLA keeps
+  # every executable it compiled, and a budget's dozen candidates of VGG16 at
+  # 224x224 held 16 GB that way. None: never.
+  feed_weights_bytes: Optional[int] = 64 << 20
 
   def describe(self) -> dict[str, Any]:
     return {"device_requested": self.device, "xla": self.xla, "batch": self.batch,
@@ -54,6 +59,9 @@ class Probe:
     return Session(self, model)
 
 
+_TF_KINDS = ("graphdef", "graphdef_text", "saved_model")
+
+
 def _loaded(model: Any) -> runners.Loaded:
   kind = getattr(model, "kind", None)
   return runners.Loaded("", kind if kind else runners.ONNX, model)
@@ -67,14 +75,16 @@ class Session:
     loaded = _loaded(model)
     self._device = runners.resolve_device(probe.device, loaded.format)
     runners.init_runtime(loaded.format, self._device)
-    self._original = runners.build(loaded, self._device, probe.xla).bind(probe.batch,
-                                                                           probe.seed)
+    self.feed_weights = (probe.feed_weights_bytes is not None and loaded.format in _TF_KINDS
+                         and model.graph_def.ByteSize() >= probe.feed_weights_bytes)
+    self._original = runners.build(loaded, self._device, probe.xla, self.feed_weights).bind(
+        probe.batch, probe.seed)
     self.device_label = runners.describe(self._device, loaded.format)
     self.measured = 0
 
   def measure(self, candidate: Any) -> Measured:
-    bound = runners.build(_loaded(candidate), self._device, self._probe.xla).bind(
-        self._probe.batch, self._probe.seed)
+    bound = runners.build(_loaded(candidate), self._device, self._probe.xla,
+                          self.feed_weights).bind(self._probe.batch, self._probe.seed)
     settings = dataclasses.replace(self._probe.settings, seed=self._probe.seed + self.measured)
     result = timing.measure([self._original.call, bound.call], settings)
     # A built candidate (its function, graph and bound inputs) is held by reference

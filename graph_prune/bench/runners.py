@@ -250,13 +250,21 @@ def random_inputs(specs: Sequence[Input], batch: int, seed: int) -> list[np.ndar
 
 
 class TFRunner:
-  """The frozen graph as one function on one device, XLA-compiled or plain."""
+  """The frozen graph as one function on one device, XLA-compiled or plain. With
+  feed_weights, the linear layers' large weights are arguments of the function
+  (bound once, like a SavedModel's variables) rather than constants: XLA keeps
+  every executable it compiles for the life of the process, and one compiled with
+  its weights as constants holds several copies of them."""
 
-  def __init__(self, loaded: Loaded, device: Device, xla: bool):
+  def __init__(self, loaded: Loaded, device: Device, xla: bool, feed_weights: bool = False):
     tf = _tf()
     model = loaded.model
     from graph_prune.adapters import tf_model  # pylint: disable=g-import-not-at-top
-    pruned, feeds = tf_model.concrete_function(model.graph_def, model.inputs, model.outputs)
+    graph_def, names, self._weights = model.graph_def, [], []
+    if feed_weights:
+      graph_def, names, self._weights = tf_model.weights_as_feeds(graph_def)
+    pruned, feeds = tf_model.concrete_function(graph_def, list(model.inputs) + names,
+                                               model.outputs)
     # jit_compile=None (not False) is plain TensorFlow: grappler, no XLA clustering forced.
     self._fn = tf.function(lambda *args: pruned(*args), jit_compile=True if xla else None)
     self.inputs = tuple(
@@ -271,7 +279,7 @@ class TFRunner:
     tf = _tf()
     arrays = random_inputs(self.inputs, batch, seed)
     with tf.device(self.device.tf_name):
-      tensors = [tf.identity(tf.constant(a)) for a in arrays]
+      tensors = [tf.identity(tf.constant(a)) for a in [*arrays, *self._weights]]
     fn, name, sync = self._fn, self.device.tf_name, self._sync
 
     def call():
@@ -369,14 +377,15 @@ _ORT_TYPES = {
 }
 
 
-def build(loaded: Loaded, device: Device, xla: bool):
+def build(loaded: Loaded, device: Device, xla: bool, feed_weights: bool = False):
   """A runner (TFRunner, ORTRunner or LiteRTRunner) with .inputs, .outputs, .device and
-  .bind(batch, seed)."""
+  .bind(batch, seed). feed_weights (TensorFlow): the large weights are fed as
+  arguments instead of being constants of the graph (TFRunner)."""
   if loaded.format == ONNX:
     return ORTRunner(loaded, device)
   if loaded.format == TFLITE:
     return LiteRTRunner(loaded, device)
-  return TFRunner(loaded, device, xla)
+  return TFRunner(loaded, device, xla, feed_weights)
 
 
 def init_runtime(fmt: str, device: Device) -> None:
