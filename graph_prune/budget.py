@@ -46,32 +46,17 @@ def plan_for_budget(prepared: prepared_lib.Prepared, options: Any, spec: allocat
   estimate would not be exact), or timed beside the original by options.latency
   on its device and batch size. The measurements of the chosen plan go into
   `measured` (when given)."""
-  what, target = budget_of(options)
   if options.allocation == "latency":
     return plan_for_latency(prepared, options, spec, scores, measured)
-  ops, analysis = prepared.format.ops, prepared.analysis
-  timed = what in MEASURED_BUDGETS
-  if timed:
-    session = options.latency.session(prepared.model)
-    trials: dict[int, Any] = {}   # candidate index -> its measurement
-    # Kept is the fraction of the latency: 1 / speedup, or milliseconds.
-    target = 1.0 / target if what == "speedup" else target
-  else:
-    base = getattr(cost_lib.measure(prepared.graph, ops), what)
-
+  analysis = prepared.analysis
+  meter = Meter(prepared, options)
   plans: dict[int, plan_lib.Plan] = {}
 
   def kept(i: int) -> float:
     plan = plans[i] = make(i)
-    if timed:
-      m = trials[i] = session.measure(prepared_lib.rewrite(prepared, plan))
-      logging.info("budget: candidate measured %.3fx (%.3g ms; original %.3g ms)", m.speedup,
-                    m.latency_ms, m.original_ms)
-      return 1.0 / m.speedup if what == "speedup" else m.latency_ms
-    if not any(g.removed for g in plan.groups):
+    if not meter.timed and not any(g.removed for g in plan.groups):
       return 1.0
-    view = prepared.format.adapter.to_view(prepared_lib.rewrite(prepared, plan))
-    return getattr(cost_lib.measure(view, ops), what) / base if base else 1.0
+    return meter.kept(i, prepared_lib.rewrite(prepared, plan), "candidate")
 
   if options.allocation == "global":
     thresholds = list(allocation.global_thresholds(analysis, scores, spec)) + [np.inf]
@@ -84,29 +69,70 @@ def plan_for_budget(prepared: prepared_lib.Prepared, options: Any, spec: allocat
         analysis, scores, dataclasses.replace(spec, ratio=min(i / steps, 0.999)),
         options.criterion)
     hi = steps
-  least = kept(hi)
-  if timed:
-    m = trials[hi]
-    if what == "latency_ms" and target >= m.original_ms:
-      raise already_met(target, m, session, options.latency.batch)
-    if least > target:
-      raise unmet(what, 1 / target if what == "speedup" else target, options.allocation, m,
-                   session, options.latency.batch)
-  elif least > target:
-    raise errors.UsageError(
-        f"--target_{what}={target:g} cannot be met: removing all that --allocation="
-        f"{options.allocation} may remove keeps {least:.3f} of the {what}")
-  chosen = least_meeting(0, hi, kept, target)
-  if timed and measured is not None:
-    measured.update(measured_doc(trials[chosen], session, options.latency))
+  meter.refuse_unmet(hi, kept(hi), f"all that --allocation={options.allocation} may remove")
+  chosen = least_meeting(0, hi, kept, meter.target)
+  meter.record(chosen, measured)
   return plans[chosen]
 
 
-def unmet(what: str, value: float, allocation: str, m, session, batch: int,
-           most: str = "") -> errors.UsageError:
-  """The error for a measured budget that the most pruning does not meet (m: its
+class Meter:
+  """Candidates of one budget measured as the fraction of it they keep: timed beside
+  the original by options.latency (1 / speedup, or milliseconds), or by the cost
+  model (FLOPs or parameters over the original's). Timed measurements are kept by
+  the caller's key for each candidate (`trials`), so that they are not taken twice.
+  `session`: a timing session of the original already built (else one is built)."""
+
+  def __init__(self, prepared: prepared_lib.Prepared, options: Any, session=None):
+    self.what, value = budget_of(options)
+    self.timed = self.what in MEASURED_BUDGETS
+    self.trials: dict[Any, Any] = {}
+    self._adapter, self._ops, self._probe = (prepared.format.adapter, prepared.format.ops,
+                                             options.latency)
+    if self.timed:
+      self.session = session or options.latency.session(prepared.model)
+      # Kept is the fraction of the latency: 1 / speedup, or milliseconds.
+      self.target = 1.0 / value if self.what == "speedup" else value
+    else:
+      self.session = None
+      self._base = getattr(cost_lib.measure(prepared.graph, self._ops), self.what)
+      self.target = value
+
+  def kept(self, key, model: Any, label: str) -> float:
+    if self.timed:
+      m = self.trials[key] = self.session.measure(model)
+      logging.info("budget: %s measured %.3fx (%.3g ms; original %.3g ms)", label, m.speedup,
+                   m.latency_ms, m.original_ms)
+      return 1.0 / m.speedup if self.what == "speedup" else m.latency_ms
+    return self.cost_kept(self._adapter.to_view(model))
+
+  def cost_kept(self, view) -> float:
+    """The fraction of the FLOPs or parameters a candidate's view keeps (untimed)."""
+    return getattr(cost_lib.measure(view, self._ops), self.what) / self._base if self._base \
+        else 1.0
+
+  def refuse_unmet(self, key, least: float, most: str) -> None:
+    """A UsageError where removing `most` (candidate `key`, keeping `least`) does not
+    meet the budget, or where the original already meets a latency."""
+    if self.timed:
+      m, batch = self.trials[key], self._probe.batch
+      if self.what == "latency_ms" and self.target >= m.original_ms:
+        raise already_met(self.target, m, self.session, batch)
+      if least > self.target:
+        value = 1 / self.target if self.what == "speedup" else self.target
+        raise unmet(self.what, value, m, self.session, batch, most)
+    elif least > self.target:
+      raise errors.UsageError(f"--target_{self.what}={self.target:g} cannot be met: removing "
+                              f"{most} keeps {least:.3f} of the {self.what}")
+
+  def record(self, key, measured: Optional[dict]) -> None:
+    """Candidate `key`'s measurement into the report's budget block (when timed)."""
+    if self.timed and measured is not None:
+      measured.update(measured_doc(self.trials[key], self.session, self._probe))
+
+
+def unmet(what: str, value: float, m, session, batch: int, most: str) -> errors.UsageError:
+  """The error for a measured budget that removing `most` does not meet (m: its
   measurement)."""
-  most = most or f"all that --allocation={allocation} may remove"
   return errors.UsageError(
       f"--target_{what}={value:g} cannot be met: removing {most} measures {m.speedup:.2f}x "
       f"({m.latency_ms:.3g} ms against {m.original_ms:.3g} ms; {session.device_label}, "
@@ -222,7 +248,8 @@ def plan_for_latency(prepared: prepared_lib.Prepared, options: Any, spec: alloca
     # All that may go, if not tried yet: it comes within the tolerance, or nothing does.
     chosen = next((r for r in results if r[3] >= most * (1 - 1e-9)), None) or attempt(most)
     if chosen[2] < -LATENCY_TOLERANCE:
-      raise unmet(what, target, "latency", chosen[1], session, probe.batch)
+      raise unmet(what, target, chosen[1], session, probe.batch,
+                  "all that --allocation=latency may remove")
   plan, m, _, predicted_speedup, _ = chosen
   if measured is not None:
     measured.update(
@@ -235,49 +262,26 @@ def plan_for_latency(prepared: prepared_lib.Prepared, options: Any, spec: alloca
 def layers_for_budget(prepared: prepared_lib.Prepared, options: Any,
                       ranked: Sequence[blocks_lib.Block],
                       measured: Optional[dict] = None, or_all: bool = False,
-                      session=None) -> int:
+                      meter: Optional[Meter] = None) -> int:
   """How many of `ranked` (least important first) go for the budget: the fewest
   whose removal meets it, by bisection over the count; each candidate is rewritten
   and measured by the cost model, or timed beside the original (as
   plan_for_budget does for channels). Where removing all of them does not meet
-  it: all of them with or_all, else a UsageError. `session`: a timing session of
-  the original already built (else one is built here)."""
-  what, target = budget_of(options)
+  it: all of them with or_all, else a UsageError. `meter`: the budget's Meter
+  (its trials keyed by count; else one is made here)."""
+  meter = meter or Meter(prepared, options)
   adapter, graph = prepared.format.adapter, prepared.graph
-  timed = what in MEASURED_BUDGETS
-  trials: dict[int, Any] = {}
-  if timed:
-    session = session or options.latency.session(prepared.model)
-    target = 1.0 / target if what == "speedup" else target
-  else:
-    base = getattr(cost_lib.measure(graph, prepared.format.ops), what)
 
   def kept(count: int) -> float:
     pruned = adapter.apply_edits(prepared.model, layers_lib.layer_edits(graph, ranked[:count]))
-    if timed:
-      m = trials[count] = session.measure(pruned)
-      logging.info("budget: %d removed, measured %.3fx", count, m.speedup)
-      return 1.0 / m.speedup if what == "speedup" else m.latency_ms
-    view = adapter.to_view(pruned)
-    return getattr(cost_lib.measure(view, prepared.format.ops), what) / base if base else 1.0
+    return meter.kept(count, pruned, f"{count} removed")
 
   least = kept(len(ranked))
-  if or_all and least > target:
+  if or_all and least > meter.target:
     return len(ranked)
-  if timed:
-    m = trials[len(ranked)]
-    if what == "latency_ms" and target >= m.original_ms:
-      raise already_met(target, m, session, options.latency.batch)
-    if least > target:
-      raise unmet(what, 1 / target if what == "speedup" else target, "uniform", m, session,
-                   options.latency.batch, f"all {len(ranked)} removable layers and blocks")
-  elif least > target:
-    raise errors.UsageError(
-        f"--target_{what}={target:g} cannot be met: removing all {len(ranked)} removable layers "
-        f"and blocks keeps {least:.3f} of the {what}")
-  count = least_meeting(0, len(ranked), kept, target)
-  if timed and measured is not None:
-    measured.update(measured_doc(trials[count], session, options.latency))
+  meter.refuse_unmet(len(ranked), least, f"all {len(ranked)} removable layers and blocks")
+  count = least_meeting(0, len(ranked), kept, meter.target)
+  meter.record(count, measured)
   return count
 
 

@@ -837,13 +837,14 @@ def prune_mixed(prepared: Prepared, options: Options, timings: dict[str, float],
   found = _removable(prepared)
   ranked = blocks_lib.order(found)
   what, target = budget_lib.budget_of(options)
-  timed = what in budget_lib.MEASURED_BUDGETS
-  # One timing session (the original compiled once) for the layer counts and the candidates.
-  session = options.latency.session(prepared.model) if timed else None
+  # One meter (one timing session: the original compiled once) for the layer counts
+  # and the candidates; a count the search for the layers alone measured is not
+  # measured again.
+  meter = budget_lib.Meter(prepared, options)
+  timed, session = meter.timed, meter.session
   # Beyond the fewest layers that meet the budget alone, more would only overshoot it.
-  most = budget_lib.layers_for_budget(prepared, options, ranked, or_all=True, session=session)
+  most = budget_lib.layers_for_budget(prepared, options, ranked, or_all=True, meter=meter)
   counts = sorted({round(i * most / (MIXED_COUNTS - 1)) for i in range(MIXED_COUNTS)})
-  base = getattr(cost_lib.measure(graph, fmt.ops), what) if not timed else None
   # The proxy: how much of the original's outputs a candidate's outputs still carry
   # (an affine map fitted on calibration samples, its residual on held-out ones).
   fit, held = samples.fit[:PROBE_SAMPLES], samples.measuring()
@@ -857,13 +858,15 @@ def prune_mixed(prepared: Prepared, options: Options, timings: dict[str, float],
     prep_k = prepared_lib.viewed(fmt, model_k) if k else prepared
     try_doc = {"layers_removed": k}
     if timed:
-      m = session.measure(model_k) if k else None
+      if k and k not in meter.trials:
+        meter.kept(k, model_k, f"mixed: {k} removed")
+      m = meter.trials.get(k)
       gained = m.speedup if k else 1.0
       rest = {"speedup": target / gained, "latency_ms": target}[what]
       met = rest <= 1.0 if what == "speedup" else (m is not None and m.latency_ms <= target)
       try_doc["layers_speedup"] = round(gained, 4)
     else:
-      kept = getattr(cost_lib.measure(prep_k.graph, fmt.ops), what) / base if k else 1.0
+      kept = meter.cost_kept(prep_k.graph) if k else 1.0
       rest = target / kept
       met = rest >= 1.0
       try_doc[f"layers_{what}_kept"] = round(kept, 6)

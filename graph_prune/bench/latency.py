@@ -59,9 +59,6 @@ class Probe:
     return Session(self, model)
 
 
-_TF_KINDS = ("graphdef", "graphdef_text", "saved_model")
-
-
 def _loaded(model: Any) -> runners.Loaded:
   kind = getattr(model, "kind", None)
   return runners.Loaded("", kind if kind else runners.ONNX, model)
@@ -75,7 +72,8 @@ class Session:
     loaded = _loaded(model)
     self._device = runners.resolve_device(probe.device, loaded.format)
     runners.init_runtime(loaded.format, self._device)
-    self.feed_weights = (probe.feed_weights_bytes is not None and loaded.format in _TF_KINDS
+    self.feed_weights = (probe.feed_weights_bytes is not None
+                         and loaded.format not in (runners.ONNX, runners.TFLITE)
                          and model.graph_def.ByteSize() >= probe.feed_weights_bytes)
     self._original = runners.build(loaded, self._device, probe.xla, self.feed_weights).bind(
         probe.batch, probe.seed)
