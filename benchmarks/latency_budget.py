@@ -7,11 +7,15 @@ whole command's wall time and, for latency allocation, the per-layer profile
 
   bazel run //benchmarks:latency_budget -- [--models=default,/path/ResNet50_224.pb]
       [--batch_sizes=1,32] [--targets=1.5,2,3] [--allocations=uniform,latency]
-      [--recover_steps=3000] [--json=rows.json]
+      [--calibration_data=x.npz] [--recover_steps=3000] [--json=rows.json]
 
 A model is `default` (the built-in model) or the path of a frozen GraphDef or
 ONNX file (e.g. the Keras applications //benchmarks:whole_command freezes).
-Target met: the re-measured speedup within +-7 % of the target. With
+Besides the filter allocations, `layer` is --mode=layer, and `mixed` and
+`mixed_latency` are --mode=mixed with uniform or latency-aware filters (its
+candidate chosen by the output error on --calibration_data: Fashion-MNIST's
+training images for the built-in models). Target met: the re-measured speedup
+within +-7 % of the target. With
 --recover_steps (the built-in model), each row's plan is applied again with lsq
 reconstruction and that many distillation steps, and the recovered model's top-1
 on the 10,000 test images is given: accuracy at equal measured speedup.
@@ -19,19 +23,22 @@ on the 10,000 test images is given: accuracy at equal measured speedup.
 
 import json
 import os
-import subprocess
-import sys
 import tempfile
-import time
 
 from absl import app
 from absl import flags
+
+from benchmarks import tool_runs
 
 _MODELS = flags.DEFINE_list("models", ["default"], "default, or model paths.")
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "32"], "Batch sizes (one run each).")
 _TARGETS = flags.DEFINE_list("targets", ["1.5", "2", "3"], "Target speedups.")
 _ALLOCATIONS = flags.DEFINE_list("allocations", ["uniform", "latency"], "Allocations "
-                                 "(uniform, global, latency), or layer for --mode=layer.")
+                                 "(uniform, global, latency), layer (--mode=layer), mixed, "
+                                 "mixed_latency (--mode=mixed with that allocation).")
+_CALIBRATION_DATA = flags.DEFINE_string(
+    "calibration_data", None, "What --mode=mixed measures its candidates on, for models "
+    "other than the built-in one (an .npz with x; 256 samples fitted, 64 held out).")
 _MAX_SECONDS = flags.DEFINE_float("max_seconds", 3.0, "Timing budget per candidate.")
 _CACHE = flags.DEFINE_string("widths_cache", None, "Per-layer latency cache (default: a "
                              "fresh one in the work directory, so the first profile is timed).")
@@ -40,16 +47,17 @@ _RECOVER_STEPS = flags.DEFINE_integer(
     "reconstruction and this many distillation steps, and give test top-1 (0: no).")
 _JSON = flags.DEFINE_string("json", None, "Write the rows as JSON here.")
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_DEFAULT = os.path.join(_ROOT, "models", "default", "fmnist_vgg_bn.pb")
-_ENV = dict(os.environ, PYTHONPATH=_ROOT, TF_CPP_MIN_LOG_LEVEL="3")
+_DEFAULT = os.path.join(tool_runs.ROOT, "models", "default", "fmnist_vgg_bn.pb")
 
 
-def _run(tool: str, *args) -> tuple[float, subprocess.CompletedProcess]:
-  cmd = [sys.executable, os.path.join(_ROOT, "tools", f"{tool}.py"), *args]
-  t0 = time.perf_counter()
-  res = subprocess.run(cmd, capture_output=True, text=True, env=_ENV, check=False)
-  return time.perf_counter() - t0, res
+def _calibration(model: str) -> list[str]:
+  if model == "default":
+    return ["--calibration_data=fashion-mnist:train", "--calibration_samples=1000",
+            "--calibration_holdout=500", "--scale=1/255"]
+  if _CALIBRATION_DATA.value:
+    return [f"--calibration_data={_CALIBRATION_DATA.value}", "--calibration_samples=256",
+            "--calibration_holdout=64"]
+  return []
 
 
 def _recovered(src: str, doc: dict, out: str) -> dict:
@@ -59,7 +67,7 @@ def _recovered(src: str, doc: dict, out: str) -> dict:
   ratios = [f"--layer_ratio={g['sources'][0]}="
             f"{(g['channels_before'] - g['channels_after']) / g['channels_before']!r}"
             for g in doc["groups"]]
-  seconds, res = _run("prune", f"--in={src}", f"--out={out}", "--ratio=0", *ratios,
+  seconds, res = tool_runs.run("prune", f"--in={src}", f"--out={out}", "--ratio=0", *ratios,
                       f"--criterion={doc['criterion']}",
                       "--calibration_data=fashion-mnist:train", "--calibration_samples=2000",
                       "--calibration_holdout=500", "--scale=1/255", "--reconstruct=lsq",
@@ -68,7 +76,7 @@ def _recovered(src: str, doc: dict, out: str) -> dict:
                       "--overwrite")
   if res.returncode:
     return {"recover_error": res.stderr.strip().splitlines()[-1]}
-  _, ev = _run("evaluate", f"--model={out}", "--data=fashion-mnist:test", "--scale=1/255",
+  _, ev = tool_runs.run("evaluate", f"--model={out}", "--data=fashion-mnist:test", "--scale=1/255",
                f"--report={out}.eval.json")
   if ev.returncode:
     return {"recover_error": ev.stderr.strip().splitlines()[-1]}
@@ -83,7 +91,7 @@ def main(argv):
   work = tempfile.mkdtemp(prefix="gp_latency_budget_")
   cache = _CACHE.value or os.path.join(work, "widths.json")
   rows = []
-  print(f"{'model':<22} {'b':>3} {'alloc':<8} {'target':>6} {'in-cmd':>7} {'again':>7} "
+  print(f"{'model':<22} {'b':>3} {'method':<13} {'target':>6} {'in-cmd':>7} {'again':>7} "
         f"{'miss':>6} {'FLOPs':>6} {'eff':>5} {'pred':>6} {'cmd s':>6} {'prof s':>6}")
   for model in _MODELS.value:
     src = _DEFAULT if model == "default" else model
@@ -94,23 +102,23 @@ def main(argv):
         for how in _ALLOCATIONS.value:
           out = os.path.join(work, f"{name}_b{batch}_{target}_{how}{ext}")
           report = out + ".json"
-          method = ["--mode=layer"] if how == "layer" else [f"--allocation={how}"]
-          seconds, res = _run("prune", f"--in={src}", f"--out={out}", f"--target_speedup={target}",
+          method = tool_runs.method_flags(how, _calibration(model))
+          seconds, res = tool_runs.run("prune", f"--in={src}", f"--out={out}", f"--target_speedup={target}",
                               *method, f"--batch_sizes={batch}", "--device=cpu",
                               f"--max_seconds={_MAX_SECONDS.value}", f"--widths_cache={cache}",
                               f"--report={report}", "--overwrite")
           row = {"model": name, "batch": int(batch), "allocation": how, "target": float(target),
                  "command_s": round(seconds, 1)}
           if res.returncode:
-            row["error"] = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "failed"
+            row["error"] = tool_runs.last_line(res)
             rows.append(row)
-            print(f"{name:<22} {batch:>3} {how:<8} {target:>6} failed: {row['error']}")
+            print(f"{name:<22} {batch:>3} {how:<13} {target:>6} failed: {row['error']}")
             continue
           with open(report, encoding="utf-8") as f:
             doc = json.load(f)
           budget = doc["budget"]
           bench_report = out + ".bench.json"
-          _, b = _run("bench", f"--baseline={src}", f"--model={out}", f"--batch_sizes={batch}",
+          _, b = tool_runs.run("bench", f"--baseline={src}", f"--model={out}", f"--batch_sizes={batch}",
                       "--device=cpu", f"--max_seconds={max(_MAX_SECONDS.value, 5.0)}",
                       "--memory=false", f"--report={bench_report}", "--overwrite")
           again = None
@@ -131,11 +139,12 @@ def main(argv):
                      points_cached=prof.get("points_cached"),
                      widths={g["sources"][0]: [g["channels_before"], g["channels_after"]]
                              for g in doc["groups"]})
-          if _RECOVER_STEPS.value and model == "default" and how != "layer":
+          if _RECOVER_STEPS.value and model == "default" and how in ("uniform", "global",
+                                                                      "latency"):
             row.update(_recovered(src, doc, out + ".recovered.pb"))
           rows.append(row)
           fmt = lambda v, f: "-" if v is None else format(v, f)
-          print(f"{name:<22} {batch:>3} {how:<8} {target:>6} {fmt(row['in_command'], '.3f'):>7} "
+          print(f"{name:<22} {batch:>3} {how:<13} {target:>6} {fmt(row['in_command'], '.3f'):>7} "
                 f"{fmt(again, '.3f'):>7} {fmt(row['miss'], '+.1%'):>6} {flops_ratio:>6.2f} "
                 f"{fmt(row['efficiency'], '.2f'):>5} {fmt(row['predicted'], '.2f'):>6} "
                 f"{seconds:>6.1f} {fmt(row['profile_s'], '.1f'):>6}"

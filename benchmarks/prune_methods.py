@@ -18,60 +18,40 @@ one-line error.
 import csv
 import json
 import os
-import subprocess
-import sys
 import tempfile
-import time
 
 from absl import app
 from absl import flags
+
+from benchmarks import tool_runs
 
 _MODELS = flags.DEFINE_list("models", ["default", "resnet"], "Built-in models: default "
                             "(VGG-style), resnet (models/resnet), or model paths.")
 _TARGETS = flags.DEFINE_list("targets", ["1.5", "2", "3"], "Target speedups.")
 _METHODS = flags.DEFINE_list("methods", ["uniform", "global", "latency", "layer", "mixed"],
                              "Methods: uniform, global, latency (filter allocations), layer, "
-                             "mixed (--mode).")
+                             "mixed, mixed_latency (--mode=mixed, its filters allocated "
+                             "uniformly or by the latency model).")
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["32"], "Batch sizes the speed is measured at.")
 _RECOVER_STEPS = flags.DEFINE_integer("recover_steps", 1000, "Distillation steps, every run.")
 _MAX_SECONDS = flags.DEFINE_float("max_seconds", 2.0, "Timing budget per candidate.")
 _CSV = flags.DEFINE_string("csv", None, "Write the rows here.")
 _PNG = flags.DEFINE_string("png", None, "Plot accuracy against measured speedup here.")
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_BUILT_IN = {"default": os.path.join(_ROOT, "models", "default", "fmnist_vgg_bn.pb"),
-             "resnet": os.path.join(_ROOT, "models", "resnet", "fmnist_resnet_bn.pb")}
-_ENV = dict(os.environ, PYTHONPATH=_ROOT, TF_CPP_MIN_LOG_LEVEL="3")
+_BUILT_IN = {"default": os.path.join(tool_runs.ROOT, "models", "default", "fmnist_vgg_bn.pb"),
+             "resnet": os.path.join(tool_runs.ROOT, "models", "resnet", "fmnist_resnet_bn.pb")}
+# --mode=mixed chooses by the output error on these samples.
+_CALIBRATION = ["--calibration_data=fashion-mnist:train", "--calibration_samples=1000",
+                "--calibration_holdout=500"]
 COLUMNS = ("model", "method", "target", "batch", "top1", "measured_speedup", "flops_kept",
            "params_kept", "removed", "command_s", "error")
 
 
-def _run(tool: str, *args) -> tuple[float, subprocess.CompletedProcess]:
-  cmd = [sys.executable, os.path.join(_ROOT, "tools", f"{tool}.py"), *args]
-  t0 = time.perf_counter()
-  res = subprocess.run(cmd, capture_output=True, text=True, env=_ENV, check=False)
-  return time.perf_counter() - t0, res
-
-
-def _last_line(res: subprocess.CompletedProcess) -> str:
-  lines = res.stderr.strip().splitlines()
-  return lines[-1] if lines else f"exit {res.returncode}"
-
-
-def _method_flags(method: str) -> list[str]:
-  if method == "mixed":   # chooses by the output error on these samples
-    return ["--mode=mixed", "--calibration_data=fashion-mnist:train",
-            "--calibration_samples=1000", "--calibration_holdout=500"]
-  if method == "layer":
-    return ["--mode=layer"]
-  return [f"--allocation={method}"]
-
-
 def _top1(path: str, report: str) -> float:
-  _, ev = _run("evaluate", f"--model={path}", "--data=fashion-mnist:test", "--scale=1/255",
+  _, ev = tool_runs.run("evaluate", f"--model={path}", "--data=fashion-mnist:test", "--scale=1/255",
                f"--report={report}")
   if ev.returncode:
-    raise RuntimeError(_last_line(ev))
+    raise RuntimeError(tool_runs.last_line(ev))
   with open(report, encoding="utf-8") as f:
     return json.load(f)["top1"]
 
@@ -80,9 +60,9 @@ def run_one(src: str, name: str, method: str, target: str, batch: str, work: str
             cache: str) -> dict:
   out = os.path.join(work, f"{name}_{method}_{target}_b{batch}.pb")
   report = out + ".json"
-  seconds, res = _run(
+  seconds, res = tool_runs.run(
       "prune", f"--in={src}", f"--out={out}", f"--target_speedup={target}",
-      *_method_flags(method), f"--batch_sizes={batch}", "--device=cpu",
+      *tool_runs.method_flags(method, _CALIBRATION), f"--batch_sizes={batch}", "--device=cpu",
       f"--max_seconds={_MAX_SECONDS.value}", f"--widths_cache={cache}",
       "--recover=distill", "--recover_data=fashion-mnist:train",
       f"--recover_train_steps={_RECOVER_STEPS.value}", "--learning_rate=2e-3", "--scale=1/255",
@@ -90,7 +70,7 @@ def run_one(src: str, name: str, method: str, target: str, batch: str, work: str
   row = {"model": name, "method": method, "target": float(target), "batch": int(batch),
          "command_s": round(seconds, 1)}
   if res.returncode:
-    row["error"] = _last_line(res)
+    row["error"] = tool_runs.last_line(res)
     return row
   with open(report, encoding="utf-8") as f:
     doc = json.load(f)

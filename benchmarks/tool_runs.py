@@ -1,0 +1,42 @@
+"""What the benchmarks that drive the command-line tools share: running a tool
+as its own process (timed, file to file) and the //tools:prune flags of each
+pruning method they compare."""
+
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_ENV = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
+
+# Filter allocations (--allocation), layer removal, and layers with filters
+# (--mode=mixed, its filters allocated uniformly or by the latency model).
+METHODS = ("uniform", "global", "latency", "layer", "mixed", "mixed_latency")
+
+
+def run(tool: str, *args) -> tuple[float, subprocess.CompletedProcess]:
+  """//tools:<tool> with these flags in a process of its own: wall seconds, result."""
+  cmd = [sys.executable, os.path.join(ROOT, "tools", f"{tool}.py"), *args]
+  t0 = time.perf_counter()
+  res = subprocess.run(cmd, capture_output=True, text=True, env=_ENV, check=False)
+  return time.perf_counter() - t0, res
+
+
+def last_line(res: subprocess.CompletedProcess) -> str:
+  """A failed tool's one-line error (its last line on stderr)."""
+  lines = res.stderr.strip().splitlines()
+  return lines[-1] if lines else f"exit {res.returncode}"
+
+
+def method_flags(method: str, calibration: list[str]) -> list[str]:
+  """//tools:prune's flags for a method; `calibration` are the --calibration_*
+  flags --mode=mixed chooses its candidate on (the output error on those samples)."""
+  if method not in METHODS:
+    raise ValueError(f"unknown method {method!r}; one of {', '.join(METHODS)}")
+  if method == "layer":
+    return ["--mode=layer"]
+  if method.startswith("mixed"):
+    return ["--mode=mixed", "--allocation=" + ("latency" if method == "mixed_latency"
+                                               else "uniform"), *calibration]
+  return [f"--allocation={method}"]
