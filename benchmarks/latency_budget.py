@@ -103,10 +103,10 @@ def main(argv):
           out = os.path.join(work, f"{name}_b{batch}_{target}_{how}{ext}")
           report = out + ".json"
           method = tool_runs.method_flags(how, _calibration(model))
-          seconds, res = tool_runs.run("prune", f"--in={src}", f"--out={out}", f"--target_speedup={target}",
-                              *method, f"--batch_sizes={batch}", "--device=cpu",
-                              f"--max_seconds={_MAX_SECONDS.value}", f"--widths_cache={cache}",
-                              f"--report={report}", "--overwrite")
+          seconds, res = tool_runs.run(
+              "prune", f"--in={src}", f"--out={out}", f"--target_speedup={target}", *method,
+              f"--batch_sizes={batch}", "--device=cpu", f"--max_seconds={_MAX_SECONDS.value}",
+              f"--widths_cache={cache}", f"--report={report}", "--overwrite")
           row = {"model": name, "batch": int(batch), "allocation": how, "target": float(target),
                  "command_s": round(seconds, 1)}
           if res.returncode:
@@ -118,9 +118,10 @@ def main(argv):
             doc = json.load(f)
           budget = doc["budget"]
           bench_report = out + ".bench.json"
-          _, b = tool_runs.run("bench", f"--baseline={src}", f"--model={out}", f"--batch_sizes={batch}",
-                      "--device=cpu", f"--max_seconds={max(_MAX_SECONDS.value, 5.0)}",
-                      "--memory=false", f"--report={bench_report}", "--overwrite")
+          _, b = tool_runs.run(
+              "bench", f"--baseline={src}", f"--model={out}", f"--batch_sizes={batch}",
+              "--device=cpu", f"--max_seconds={max(_MAX_SECONDS.value, 5.0)}", "--memory=false",
+              f"--report={bench_report}", "--overwrite")
           again = None
           if b.returncode == 0:
             with open(bench_report, encoding="utf-8") as f:

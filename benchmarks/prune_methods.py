@@ -48,8 +48,8 @@ COLUMNS = ("model", "method", "target", "batch", "top1", "measured_speedup", "fl
 
 
 def _top1(path: str, report: str) -> float:
-  _, ev = tool_runs.run("evaluate", f"--model={path}", "--data=fashion-mnist:test", "--scale=1/255",
-               f"--report={report}")
+  _, ev = tool_runs.run("evaluate", f"--model={path}", "--data=fashion-mnist:test",
+                        "--scale=1/255", f"--report={report}")
   if ev.returncode:
     raise RuntimeError(tool_runs.last_line(ev))
   with open(report, encoding="utf-8") as f:
@@ -80,7 +80,8 @@ def run_one(src: str, name: str, method: str, target: str, batch: str, work: str
     removed.append(f"{lay['removed']} of {lay['removable']} layers/blocks")
   if doc["groups_pruned"]:
     removed.append(f"{doc['groups_pruned']} groups cut")
-  row.update(top1=_top1(out, out + ".eval.json"), measured_speedup=doc["budget"].get("measured_speedup"),
+  row.update(top1=_top1(out, out + ".eval.json"),
+             measured_speedup=doc["budget"].get("measured_speedup"),
              flops_kept=round(doc["flops_after"] / doc["flops_before"], 4),
              params_kept=round(doc["params_after"] / doc["params_before"], 4),
              removed="; ".join(removed))
@@ -115,7 +116,7 @@ def main(argv):
   work = tempfile.mkdtemp(prefix="gp_methods_")
   cache = os.path.join(work, "widths.json")
   rows, baselines = [], {}
-  print(f"{'model':<10} {'method':<8} {'target':>6} {'b':>3} {'top-1':>7} {'speedup':>8} "
+  print(f"{'model':<10} {'method':<13} {'target':>6} {'b':>3} {'top-1':>7} {'speedup':>8} "
         f"{'FLOPs':>6} {'params':>7} {'cmd s':>6}")
   for model in _MODELS.value:
     src = _BUILT_IN.get(model, model)
@@ -128,10 +129,10 @@ def main(argv):
           row = run_one(src, name, method, target, batch, work, cache)
           rows.append(row)
           if "error" in row:
-            print(f"{name:<10} {method:<8} {target:>6} {batch:>3} refused: {row['error']}",
+            print(f"{name:<10} {method:<13} {target:>6} {batch:>3} refused: {row['error']}",
                   flush=True)
             continue
-          print(f"{name:<10} {method:<8} {target:>6} {batch:>3} {row['top1']:>7.4f} "
+          print(f"{name:<10} {method:<13} {target:>6} {batch:>3} {row['top1']:>7.4f} "
                 f"{row['measured_speedup']:>8.3f} {row['flops_kept']:>6.3f} "
                 f"{row['params_kept']:>7.3f} {row['command_s']:>6.1f}  {row['removed']}",
                 flush=True)
