@@ -1,14 +1,15 @@
 """Pruning methods compared at equal measured speed, with the same recovery: on the
 built-in models, //tools:prune --target_speedup=X with uniform, global and
 latency-aware filter allocation, layer removal (--mode=layer) and mixed
-(--mode=mixed), each followed by the same distillation (unlabelled Fashion-MNIST
+(--mode=mixed, its filters allocated uniformly or, mixed_latency, by the latency
+model), each followed by the same distillation (unlabelled Fashion-MNIST
 training images, the same steps and learning rate), then top-1 on the 10,000 test
 images, the speedup measured in the command (XLA, this CPU, one batch size), the
 FLOPs and parameters kept. LayerPrune's claim (removing layers reaches a larger
 measured speedup than filters at similar accuracy) is checked by these rows.
 
   bazel run //benchmarks:prune_methods -- [--models=default,resnet] [--targets=1.5,2,3]
-      [--methods=uniform,global,latency,layer,mixed] [--batch_sizes=32]
+      [--methods=uniform,global,latency,layer,mixed,mixed_latency] [--batch_sizes=32]
       [--recover_steps=1000] [--csv=rows.csv] [--png=plot.png]
 
 A run the tool refuses (a target that a method cannot reach) is a row with its
@@ -28,7 +29,8 @@ from benchmarks import tool_runs
 _MODELS = flags.DEFINE_list("models", ["default", "resnet"], "Built-in models: default "
                             "(VGG-style), resnet (models/resnet), or model paths.")
 _TARGETS = flags.DEFINE_list("targets", ["1.5", "2", "3"], "Target speedups.")
-_METHODS = flags.DEFINE_list("methods", ["uniform", "global", "latency", "layer", "mixed"],
+_METHODS = flags.DEFINE_list("methods", ["uniform", "global", "latency", "layer", "mixed",
+                                         "mixed_latency"],
                              "Methods: uniform, global, latency (filter allocations), layer, "
                              "mixed, mixed_latency (--mode=mixed, its filters allocated "
                              "uniformly or by the latency model).")
