@@ -64,9 +64,13 @@ def plan_for_budget(prepared: prepared_lib.Prepared, options: Any, spec: allocat
                                                 thresholds[i])
     hi = len(thresholds) - 1
   else:
+    # At most 1 - MIN_KEEP: every group keeps a tenth of its channels, as under the
+    # global and latency allocations (a group cut to one channel, as 0.999 once
+    # allowed, left the built-in model at batch 1 a constant classifier: 10.0 %).
     steps = 1000
+    most = 1.0 - allocation.MIN_KEEP
     make = lambda i: allocation.allocate(
-        analysis, scores, dataclasses.replace(spec, ratio=min(i / steps, 0.999)),
+        analysis, scores, dataclasses.replace(spec, ratio=min(i / steps, most)),
         options.criterion)
     hi = steps
   meter.refuse_unmet(hi, kept(hi), f"all that --allocation={options.allocation} may remove")

@@ -95,6 +95,25 @@ class BudgetTest(_ModelCase):
     with self.assertRaisesRegex(errors.UsageError, r"--target_flops=0.001 cannot be met"):
       self._prune(target_flops=0.001, allocation="global")
 
+  def test_uniform_budget_keeps_a_tenth_of_every_group(self):
+    # Regression: the uniform search went up to ratio 0.999, one channel in every
+    # group, and --mode=mixed at 3x on the built-in model at batch 1 wrote a
+    # constant classifier (10.00 % top-1) that way. A budget only one channel per
+    # group meets is now refused, as under global and latency allocation.
+    tenth = self._prune(ratio=0.9)               # 2 of 16 in both groups
+    self.assertEqual(set(self._kept(tenth).values()), {2})
+    floor = tenth["flops_after"] / tenth["flops_before"]
+    out = os.path.join(self.tmp, "out.onnx")
+    if os.path.exists(out):
+      os.remove(out)
+    with self.assertRaisesRegex(errors.UsageError, rf"--target_flops={floor * 0.8:g} cannot be "
+                                r"met: .*may remove keeps"):
+      self._prune(target_flops=floor * 0.8)
+    self.assertFalse(os.path.exists(out))
+    doc = self._prune(target_flops=floor * 1.05)
+    self.assertGreaterEqual(min(self._kept(doc).values()), 2)
+    self.assertTrue(doc["verify"]["passed"])
+
 
 def _flops(model):
   fmt = formats.for_name(formats.ONNX)
