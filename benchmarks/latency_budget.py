@@ -67,19 +67,18 @@ def _recovered(src: str, doc: dict, out: str) -> dict:
   ratios = [f"--layer_ratio={g['sources'][0]}="
             f"{(g['channels_before'] - g['channels_after']) / g['channels_before']!r}"
             for g in doc["groups"]]
-  seconds, res = tool_runs.run("prune", f"--in={src}", f"--out={out}", "--ratio=0", *ratios,
-                      f"--criterion={doc['criterion']}",
-                      "--calibration_data=fashion-mnist:train", "--calibration_samples=2000",
-                      "--calibration_holdout=500", "--scale=1/255", "--reconstruct=lsq",
-                      "--recover=distill", "--recover_data=fashion-mnist:train",
-                      f"--recover_train_steps={_RECOVER_STEPS.value}", "--learning_rate=2e-3",
-                      "--overwrite")
+  seconds, res = tool_runs.run(
+      "prune", f"--in={src}", f"--out={out}", "--ratio=0", *ratios,
+      f"--criterion={doc['criterion']}", "--calibration_data=fashion-mnist:train",
+      "--calibration_samples=2000", "--calibration_holdout=500", "--scale=1/255",
+      "--reconstruct=lsq", "--recover=distill", "--recover_data=fashion-mnist:train",
+      f"--recover_train_steps={_RECOVER_STEPS.value}", "--learning_rate=2e-3", "--overwrite")
   if res.returncode:
-    return {"recover_error": res.stderr.strip().splitlines()[-1]}
-  _, ev = tool_runs.run("evaluate", f"--model={out}", "--data=fashion-mnist:test", "--scale=1/255",
-               f"--report={out}.eval.json")
+    return {"recover_error": tool_runs.last_line(res)}
+  _, ev = tool_runs.run("evaluate", f"--model={out}", "--data=fashion-mnist:test",
+                        "--scale=1/255", f"--report={out}.eval.json")
   if ev.returncode:
-    return {"recover_error": ev.stderr.strip().splitlines()[-1]}
+    return {"recover_error": tool_runs.last_line(ev)}
   with open(f"{out}.eval.json", encoding="utf-8") as f:
     top1 = json.load(f)["top1"]
   return {"top1_recovered": top1, "recover_command_s": round(seconds, 1),
