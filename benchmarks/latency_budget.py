@@ -47,13 +47,12 @@ _RECOVER_STEPS = flags.DEFINE_integer(
     "reconstruction and this many distillation steps, and give test top-1 (0: no).")
 _JSON = flags.DEFINE_string("json", None, "Write the rows as JSON here.")
 
-_DEFAULT = os.path.join(tool_runs.ROOT, "models", "default", "fmnist_vgg_bn.pb")
+_DEFAULT = tool_runs.BUILT_IN["default"]
 
 
 def _calibration(model: str) -> list[str]:
   if model == "default":
-    return ["--calibration_data=fashion-mnist:train", "--calibration_samples=1000",
-            "--calibration_holdout=500", "--scale=1/255"]
+    return [*tool_runs.FASHION_MNIST_CALIBRATION, "--scale=1/255"]
   if _CALIBRATION_DATA.value:
     return [f"--calibration_data={_CALIBRATION_DATA.value}", "--calibration_samples=256",
             "--calibration_holdout=64"]

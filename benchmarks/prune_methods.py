@@ -40,11 +40,6 @@ _MAX_SECONDS = flags.DEFINE_float("max_seconds", 2.0, "Timing budget per candida
 _CSV = flags.DEFINE_string("csv", None, "Write the rows here.")
 _PNG = flags.DEFINE_string("png", None, "Plot accuracy against measured speedup here.")
 
-_BUILT_IN = {"default": os.path.join(tool_runs.ROOT, "models", "default", "fmnist_vgg_bn.pb"),
-             "resnet": os.path.join(tool_runs.ROOT, "models", "resnet", "fmnist_resnet_bn.pb")}
-# --mode=mixed chooses by the output error on these samples.
-_CALIBRATION = ["--calibration_data=fashion-mnist:train", "--calibration_samples=1000",
-                "--calibration_holdout=500"]
 COLUMNS = ("model", "method", "target", "batch", "top1", "measured_speedup", "flops_kept",
            "params_kept", "removed", "command_s", "error")
 
@@ -64,8 +59,9 @@ def run_one(src: str, name: str, method: str, target: str, batch: str, work: str
   report = out + ".json"
   seconds, res = tool_runs.run(
       "prune", f"--in={src}", f"--out={out}", f"--target_speedup={target}",
-      *tool_runs.method_flags(method, _CALIBRATION), f"--batch_sizes={batch}", "--device=cpu",
-      f"--max_seconds={_MAX_SECONDS.value}", f"--widths_cache={cache}",
+      *tool_runs.method_flags(method, tool_runs.FASHION_MNIST_CALIBRATION),
+      f"--batch_sizes={batch}", "--device=cpu", f"--max_seconds={_MAX_SECONDS.value}",
+      f"--widths_cache={cache}",
       "--recover=distill", "--recover_data=fashion-mnist:train",
       f"--recover_train_steps={_RECOVER_STEPS.value}", "--learning_rate=2e-3", "--scale=1/255",
       f"--report={report}", "--overwrite")
@@ -121,8 +117,8 @@ def main(argv):
   print(f"{'model':<10} {'method':<13} {'target':>6} {'b':>3} {'top-1':>7} {'speedup':>8} "
         f"{'FLOPs':>6} {'params':>7} {'cmd s':>6}")
   for model in _MODELS.value:
-    src = _BUILT_IN.get(model, model)
-    name = model if model in _BUILT_IN else os.path.splitext(os.path.basename(model))[0]
+    src = tool_runs.BUILT_IN.get(model, model)
+    name = model if model in tool_runs.BUILT_IN else os.path.splitext(os.path.basename(model))[0]
     baselines[name] = _top1(src, os.path.join(work, f"{name}.eval.json"))
     print(f"{name:<10} unpruned top-1 {baselines[name]:.4f}", flush=True)
     for batch in _BATCH_SIZES.value:

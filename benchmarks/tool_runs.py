@@ -10,6 +10,14 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _ENV = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
 
+# The built-in models (frozen GraphDefs), by the name the benchmarks' --models take.
+BUILT_IN = {"default": os.path.join(ROOT, "models", "default", "fmnist_vgg_bn.pb"),
+            "resnet": os.path.join(ROOT, "models", "resnet", "fmnist_resnet_bn.pb")}
+# What --mode=mixed measures its candidates on for the built-in models: unlabelled
+# Fashion-MNIST training images (the command's --scale=1/255 applies).
+FASHION_MNIST_CALIBRATION = ("--calibration_data=fashion-mnist:train",
+                             "--calibration_samples=1000", "--calibration_holdout=500")
+
 # Filter allocations (--allocation), layer removal, and layers with filters
 # (--mode=mixed, its filters allocated uniformly or by the latency model).
 METHODS = ("uniform", "global", "latency", "layer", "mixed", "mixed_latency")
@@ -29,7 +37,7 @@ def last_line(res: subprocess.CompletedProcess) -> str:
   return lines[-1] if lines else f"exit {res.returncode}"
 
 
-def method_flags(method: str, calibration: list[str]) -> list[str]:
+def method_flags(method: str, calibration) -> list[str]:
   """//tools:prune's flags for a method; `calibration` are the --calibration_*
   flags --mode=mixed chooses its candidate on (the output error on those samples)."""
   if method not in METHODS:
