@@ -44,7 +44,11 @@ marked "optional"):
                                 plan's measured_speedup (median, _p10, _p90 over the
                                 A/B rounds), latency_ms, original_latency_ms,
                                 candidates_timed, device (where they ran),
-                                device_requested, xla, batch, max_seconds, target_rse
+                                device_requested, xla, batch, max_seconds, target_rse;
+                                for a uniform ratio refined between two ratio steps:
+                                milder_ratio, differing_groups (the groups the two
+                                ratios cut differently), milder_groups (of them, those
+                                kept at milder_ratio's width)
   layers                        optional: with --mode=layer: mode, removable, removed
                                 (and of them _blocks and _layers), needs_recovery (a
                                 plain layer was made the identity), score and oracle
@@ -201,7 +205,10 @@ def text(doc) -> str:
             f"mode mixed: {lay['removed']} layers and blocks removed, then filters by "
             f"--allocation={b['allocation']}" if lay else
             f"allocation: {b['allocation']}, " + (
-                f"ratio {doc['ratio']:g} in every group" if b["allocation"] == "uniform" else
+                f"ratio {doc['ratio']:g} in every group" + (
+                    f" ({b['milder_groups']} of the {b['differing_groups']} groups where it "
+                    f"removes more than ratio {b['milder_ratio']:g} keep that ratio's width)"
+                    if b.get("milder_groups") else "") if b["allocation"] == "uniform" else
                 f"{doc['ratio']:.1%} of the channels removed, ranked across groups"))
     if b["target"] == "speedup":
       line += (f"; budget: {b['target_value']:g}x faster, measured {b['measured_speedup']:.2f}x "
