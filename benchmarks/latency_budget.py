@@ -5,11 +5,11 @@ with its FLOPs ratio and efficiency (measured speedup over the FLOPs ratio), the
 whole command's wall time and, for latency allocation, the per-layer profile
 (points timed and from the cache, seconds) and the predicted speedup.
 
-  bazel run //benchmarks:latency_budget -- [--models=default,/path/ResNet50_224.pb]
+  bazel run //benchmarks:latency_budget -- [--models=default,resnet,/path/ResNet50_224.pb]
       [--batch_sizes=1,32] [--targets=1.5,2,3] [--allocations=uniform,latency]
       [--calibration_data=x.npz] [--recover_steps=3000] [--json=rows.json]
 
-A model is `default` (the built-in model) or the path of a frozen GraphDef or
+A model is `default` or `resnet` (the built-in models) or the path of a frozen GraphDef or
 ONNX file (e.g. the Keras applications //benchmarks:whole_command freezes).
 Besides the filter allocations, `layer` is --mode=layer, and `mixed` and
 `mixed_latency` are --mode=mixed with uniform or latency-aware filters (its
@@ -30,7 +30,8 @@ from absl import flags
 
 from benchmarks import tool_runs
 
-_MODELS = flags.DEFINE_list("models", ["default"], "default, or model paths.")
+_MODELS = flags.DEFINE_list("models", ["default"], "default, resnet (the built-in models), "
+                            "or model paths.")
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "32"], "Batch sizes (one run each).")
 _TARGETS = flags.DEFINE_list("targets", ["1.5", "2", "3"], "Target speedups.")
 _ALLOCATIONS = flags.DEFINE_list("allocations", ["uniform", "latency"], "Allocations "
@@ -47,11 +48,9 @@ _RECOVER_STEPS = flags.DEFINE_integer(
     "reconstruction and this many distillation steps, and give test top-1 (0: no).")
 _JSON = flags.DEFINE_string("json", None, "Write the rows as JSON here.")
 
-_DEFAULT = tool_runs.BUILT_IN["default"]
-
 
 def _calibration(model: str) -> list[str]:
-  if model == "default":
+  if model in tool_runs.BUILT_IN:
     return [*tool_runs.FASHION_MNIST_CALIBRATION, "--scale=1/255"]
   if _CALIBRATION_DATA.value:
     return [f"--calibration_data={_CALIBRATION_DATA.value}", "--calibration_samples=256",
@@ -92,8 +91,8 @@ def main(argv):
   print(f"{'model':<22} {'b':>3} {'method':<13} {'target':>6} {'in-cmd':>7} {'again':>7} "
         f"{'miss':>6} {'FLOPs':>6} {'eff':>5} {'pred':>6} {'cmd s':>6} {'prof s':>6}")
   for model in _MODELS.value:
-    src = _DEFAULT if model == "default" else model
-    name = "default" if model == "default" else os.path.splitext(os.path.basename(model))[0]
+    src = tool_runs.BUILT_IN.get(model, model)
+    name = model if model in tool_runs.BUILT_IN else os.path.splitext(os.path.basename(model))[0]
     ext = os.path.splitext(src)[1]
     for batch in _BATCH_SIZES.value:
       for target in _TARGETS.value:
