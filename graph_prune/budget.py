@@ -21,6 +21,7 @@ from graph_prune import prepared as prepared_lib
 from graph_prune.analysis import blocks as blocks_lib
 from graph_prune.analysis import cost as cost_lib
 from graph_prune.criteria import allocation
+from graph_prune.ops import desc
 from graph_prune.rewrite import layers as layers_lib
 
 BUDGETS = ("flops", "params", "speedup", "latency_ms")
@@ -83,43 +84,58 @@ def plan_for_budget(prepared: prepared_lib.Prepared, options: Any, spec: allocat
   chosen = least_meeting(0, hi, kept, meter.target)
   if (meter.timed and options.allocation == "uniform" and chosen > 0
       and meter.overshoot(chosen) > LATENCY_TOLERANCE):
-    return between_ratios(prepared, meter, make(chosen - 1), plans[chosen], chosen, measured)
+    return restoring_groups(prepared, meter, plans[chosen], chosen, measured)
   meter.record(chosen, measured)
   return plans[chosen]
 
 
-def between_ratios(prepared: prepared_lib.Prepared, meter: "Meter", milder: plan_lib.Plan,
-                   meeting: plan_lib.Plan, meeting_key: Any,
-                   measured: Optional[dict] = None) -> plan_lib.Plan:
+def restoring_groups(prepared: prepared_lib.Prepared, meter: "Meter", meeting: plan_lib.Plan,
+                     meeting_key: Any, measured: Optional[dict] = None) -> plan_lib.Plan:
   """The uniform search's refinement for a measured budget: the least ratio that
   meets it (`meeting`, measured as meter.trials[meeting_key]) is faster than the
-  target by more than LATENCY_TOLERANCE, and the next milder ratio (`milder`, a
-  channel more in some groups) misses it. Measured speed is a staircase in the
-  widths (CPU kernels work on blocks of 8 or 16 channels: 33 channels cost what 48
-  do), so all groups stepping together jump across the target: on ResNet50 at 224
-  the least uniform ratio that met 1.5x, 2x or 3x measured 6-13 % faster. So the
-  groups step one at a time instead, the widest first (a block more of its
-  channels costs the smallest share of its layers' time), and the most groups at
-  the milder width that still meet the target are found by bisection over their
-  count. Every group keeps what one of the two ratios keeps."""
-  mild = {g.group: g for g in milder.groups}
-  # The narrowest first: the first i keep the meeting width, the rest the milder one.
-  differ = sorted((g for g in meeting.groups if mild[g.group].keep != g.keep),
-                  key=lambda g: (len(g.keep), g.group))
-  plans = {len(differ): meeting}
+  target by more than LATENCY_TOLERANCE, while the next milder ratio misses it.
+  Measured speed is a staircase in the widths (CPU kernels work on blocks of 8 or
+  16 channels: 33 channels cost what 48 do), so a ratio step can jump across the
+  target: on ResNet50 at 224 the least uniform ratio that met 1.5x, 2x or 3x
+  measured 6-13 % faster. Giving every group one channel more (the milder ratio,
+  group by group) lands on the target but pays for a block of channels per
+  group to keep one (tried: ResNet50 1.5x at batch 32 measured 1.48x for 0.85 of
+  the speed per FLOPs removed, against 1.69x and 0.96). So groups are restored
+  whole instead (every width stays one that the original has, or the meeting
+  ratio's), those that give back the most channels per FLOP first (the cost
+  model's estimate, from the analysis), and the most that still meet the target
+  are found by bisection over their count."""
+  analysis, graph, ops = prepared.analysis, prepared.graph, prepared.format.ops
+  layers = [(node.inputs[0], node.outputs[0], desc.linear_flops(graph, node, lin))
+            for node in graph.nodes for lin in [ops.linear(graph, node)] if lin is not None]
+  removed = meeting.removed_units()
+
+  def flops(units) -> float:
+    gone = analysis.removed_elements(units)
+    kept = lambda t: (1.0 - float(gone[analysis.dims[t].units].mean())
+                      if t in analysis.dims and len(analysis.dims[t].units) else 1.0)
+    return sum(f * kept(x) * kept(z) for x, z, f in layers)
+
+  base = flops(removed)
+  cut = [g for g in meeting.groups if g.removed]
+  added = {g.group: flops({k: v for k, v in removed.items() if k != g.group}) - base
+           for g in cut}
+  # The first i keep the meeting width, the rest are restored: the best last.
+  cut.sort(key=lambda g: (len(g.removed) / max(added[g.group], 1e-9), -g.group))
+  plans = {len(cut): meeting}
 
   def kept(i: int) -> float:
-    harsh = {g.group for g in differ[:i]}
+    whole = {g.group for g in cut[i:]}
     plans[i] = dataclasses.replace(meeting, groups=tuple(
-        g if g.group in harsh else mild[g.group] for g in meeting.groups))
-    return meter.kept(("milder", i), prepared_lib.rewrite(prepared, plans[i]),
-                      f"{len(differ) - i} of {len(differ)} groups a ratio step milder")
+        dataclasses.replace(g, keep=tuple(range(g.channels))) if g.group in whole else g
+        for g in meeting.groups))
+    return meter.kept(("restored", i), prepared_lib.rewrite(prepared, plans[i]),
+                      f"{len(cut) - i} of {len(cut)} groups restored")
 
-  chosen = least_meeting(0, len(differ), kept, meter.target)
-  meter.record(meeting_key if chosen == len(differ) else ("milder", chosen), measured)
+  chosen = least_meeting(0, len(cut), kept, meter.target)
+  meter.record(meeting_key if chosen == len(cut) else ("restored", chosen), measured)
   if measured is not None:
-    measured.update(milder_ratio=milder.ratio, milder_groups=len(differ) - chosen,
-                    differing_groups=len(differ))
+    measured.update(groups_restored=len(cut) - chosen, groups_cut_by_ratio=len(cut))
   return plans[chosen]
 
 

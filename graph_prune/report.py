@@ -45,10 +45,9 @@ marked "optional"):
                                 A/B rounds), latency_ms, original_latency_ms,
                                 candidates_timed, device (where they ran),
                                 device_requested, xla, batch, max_seconds, target_rse;
-                                for a uniform ratio refined between two ratio steps:
-                                milder_ratio, differing_groups (the groups the two
-                                ratios cut differently), milder_groups (of them, those
-                                kept at milder_ratio's width)
+                                for a uniform ratio that passed a measured budget by
+                                more than 5 %: groups_cut_by_ratio, groups_restored
+                                (of them, those left whole to come closer)
   layers                        optional: with --mode=layer: mode, removable, removed
                                 (and of them _blocks and _layers), needs_recovery (a
                                 plain layer was made the identity), score and oracle
@@ -206,9 +205,9 @@ def text(doc) -> str:
             f"--allocation={b['allocation']}" if lay else
             f"allocation: {b['allocation']}, " + (
                 f"ratio {doc['ratio']:g} in every group" + (
-                    f" ({b['milder_groups']} of the {b['differing_groups']} groups where it "
-                    f"removes more than ratio {b['milder_ratio']:g} keep that ratio's width)"
-                    if b.get("milder_groups") else "") if b["allocation"] == "uniform" else
+                    f" but {b['groups_restored']} of the {b['groups_cut_by_ratio']} it cuts, "
+                    "left whole" if b.get("groups_restored") else "")
+                if b["allocation"] == "uniform" else
                 f"{doc['ratio']:.1%} of the channels removed, ranked across groups"))
     if b["target"] == "speedup":
       line += (f"; budget: {b['target_value']:g}x faster, measured {b['measured_speedup']:.2f}x "
