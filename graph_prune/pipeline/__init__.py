@@ -1,9 +1,10 @@
 """The pipeline: load -> normalise -> analyse -> score -> plan -> rewrite -> verify -> export.
 
 The one package that chains the stages; the CLIs only turn flags into a call of
-`prune`. Its modules: options (the options and their checks), verification (the
-oracle's runs), filters (filter pruning, in increments, grow-and-prune), layers
-(--mode=layer and --mode=mixed), outputs (report, export, quantization, writes).
+`prune`. Its modules: options (the options and their checks), oracle_runs (the
+oracle's runs), filters (filter pruning, in increments, grow-and-prune),
+layer_modes (--mode=layer and --mode=mixed), outputs (report, export,
+quantization, writes).
 """
 
 from __future__ import annotations

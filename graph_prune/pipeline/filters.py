@@ -28,7 +28,7 @@ from graph_prune.verify import oracle
 
 
 # The prepared model and its rewrite live below the pipeline (the budget searches
-# rewrite candidates too); the names stay here for the pipeline's callers.
+# rewrite candidates too); the pipeline's modules and callers use these names.
 Prepared = prepared_lib.Prepared
 prepare_model = prepared_lib.prepare_model
 rewrite = prepared_lib.rewrite
