@@ -50,9 +50,9 @@ def plan_for_budget(prepared: prepared_lib.Prepared, options: Any, spec: allocat
   are bilinear in the widths of a layer's input and output, so a per-channel
   estimate would not be exact), or timed beside the original by options.latency
   on its device and batch size (where the least uniform ratio that meets it
-  measures more than LATENCY_TOLERANCE faster, its groups then step to the next
-  milder ratio one at a time: between_ratios). The measurements of the chosen
-  plan go into `measured` (when given)."""
+  measures more than LATENCY_TOLERANCE faster, groups are then restored whole
+  while the target is still met: restoring_groups). The measurements of the
+  chosen plan go into `measured` (when given)."""
   if options.allocation == "latency":
     return plan_for_latency(prepared, options, spec, scores, measured)
   analysis = prepared.analysis
@@ -99,12 +99,12 @@ def restoring_groups(prepared: prepared_lib.Prepared, meter: "Meter", meeting: p
   target: on ResNet50 at 224 the least uniform ratio that met 1.5x, 2x or 3x
   measured 6-13 % faster. Giving every group one channel more (the milder ratio,
   group by group) lands on the target but pays for a block of channels per
-  group to keep one (tried: ResNet50 1.5x at batch 32 measured 1.48x for 0.85 of
-  the speed per FLOPs removed, against 1.69x and 0.96). So groups are restored
-  whole instead (every width stays one that the original has, or the meeting
-  ratio's), those that give back the most channels per FLOP first (the cost
-  model's estimate, from the analysis), and the most that still meet the target
-  are found by bisection over their count."""
+  group to keep one (tried: ResNet50 1.5x at batch 32 measured 1.48x at 0.85 of
+  the speed per FLOPs removed, where restoring whole groups gives 1.50x at 0.96).
+  So groups are restored whole instead (every width stays one that the original
+  has, or the meeting ratio's), those that give back the most channels per FLOP
+  first (the cost model's estimate, from the analysis), and the most that still
+  meet the target are found by bisection over their count."""
   analysis, graph, ops = prepared.analysis, prepared.graph, prepared.format.ops
   layers = [(node.inputs[0], node.outputs[0], desc.linear_flops(graph, node, lin))
             for node in graph.nodes for lin in [ops.linear(graph, node)] if lin is not None]
@@ -224,8 +224,6 @@ def measured_doc(m, session, probe) -> dict:
       device=session.device_label,
       weights="fed as arguments" if getattr(session, "feed_weights", False) else "constants",
       **probe.describe())
-
-
 
 
 def plan_for_latency(prepared: prepared_lib.Prepared, options: Any, spec: allocation.Spec,
