@@ -91,8 +91,7 @@ def main(argv):
   print(f"{'model':<22} {'b':>3} {'method':<13} {'target':>6} {'in-cmd':>7} {'again':>7} "
         f"{'miss':>6} {'FLOPs':>6} {'eff':>5} {'pred':>6} {'cmd s':>6} {'prof s':>6}")
   for model in _MODELS.value:
-    src = tool_runs.BUILT_IN.get(model, model)
-    name = model if model in tool_runs.BUILT_IN else os.path.splitext(os.path.basename(model))[0]
+    src, name = tool_runs.model_source(model)
     ext = os.path.splitext(src)[1]
     for batch in _BATCH_SIZES.value:
       for target in _TARGETS.value:

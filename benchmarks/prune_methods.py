@@ -117,8 +117,7 @@ def main(argv):
   print(f"{'model':<10} {'method':<13} {'target':>6} {'b':>3} {'top-1':>7} {'speedup':>8} "
         f"{'FLOPs':>6} {'params':>7} {'cmd s':>6}")
   for model in _MODELS.value:
-    src = tool_runs.BUILT_IN.get(model, model)
-    name = model if model in tool_runs.BUILT_IN else os.path.splitext(os.path.basename(model))[0]
+    src, name = tool_runs.model_source(model)
     baselines[name] = _top1(src, os.path.join(work, f"{name}.eval.json"))
     print(f"{name:<10} unpruned top-1 {baselines[name]:.4f}", flush=True)
     for batch in _BATCH_SIZES.value:

@@ -13,6 +13,15 @@ _ENV = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
 # The built-in models (frozen GraphDefs), by the name the benchmarks' --models take.
 BUILT_IN = {"default": os.path.join(ROOT, "models", "default", "fmnist_vgg_bn.pb"),
             "resnet": os.path.join(ROOT, "models", "resnet", "fmnist_resnet_bn.pb")}
+
+
+def model_source(model: str) -> tuple[str, str]:
+  """A --models entry's file and row name: a built-in model by name, else a path."""
+  if model in BUILT_IN:
+    return BUILT_IN[model], model
+  return model, os.path.splitext(os.path.basename(model))[0]
+
+
 # What --mode=mixed measures its candidates on for the built-in models: unlabelled
 # Fashion-MNIST training images (the command's --scale=1/255 applies).
 FASHION_MNIST_CALIBRATION = ("--calibration_data=fashion-mnist:train",

@@ -21,7 +21,6 @@ from graph_prune import prepared as prepared_lib
 from graph_prune.analysis import blocks as blocks_lib
 from graph_prune.analysis import cost as cost_lib
 from graph_prune.criteria import allocation
-from graph_prune.ops import desc
 from graph_prune.rewrite import layers as layers_lib
 
 BUDGETS = ("flops", "params", "speedup", "latency_ms")
@@ -82,7 +81,7 @@ def plan_for_budget(prepared: prepared_lib.Prepared, options: Any, spec: allocat
     hi = steps
   meter.refuse_unmet(hi, kept(hi), f"all that --allocation={options.allocation} may remove")
   chosen = least_meeting(0, hi, kept, meter.target)
-  if (meter.timed and options.allocation == "uniform" and chosen > 0
+  if (meter.timed and options.allocation == "uniform"
       and meter.overshoot(chosen) > LATENCY_TOLERANCE):
     return restoring_groups(prepared, meter, plans[chosen], chosen, measured)
   meter.record(chosen, measured)
@@ -105,9 +104,9 @@ def restoring_groups(prepared: prepared_lib.Prepared, meter: "Meter", meeting: p
   has, or the meeting ratio's), those that give back the most channels per FLOP
   first (the cost model's estimate, from the analysis), and the most that still
   meet the target are found by bisection over their count."""
-  analysis, graph, ops = prepared.analysis, prepared.graph, prepared.format.ops
-  layers = [(node.inputs[0], node.outputs[0], desc.linear_flops(graph, node, lin))
-            for node in graph.nodes for lin in [ops.linear(graph, node)] if lin is not None]
+  analysis = prepared.analysis
+  layers = [(node.inputs[0], node.outputs[0], f)
+            for node, f in cost_lib.layer_flops(prepared.graph, prepared.format.ops)]
   removed = meeting.removed_units()
 
   def flops(units) -> float:

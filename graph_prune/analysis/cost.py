@@ -22,13 +22,14 @@ class Cost:
   flops: int
 
 
+def layer_flops(g: view.GraphView, ops: desc.Registry) -> list[tuple[view.Node, int]]:
+  """Every linear layer with its FLOPs."""
+  return [(node, desc.linear_flops(g, node, lin))
+          for node in g.nodes for lin in [ops.linear(g, node)] if lin is not None]
+
+
 def flops(g: view.GraphView, ops: desc.Registry) -> int:
-  total = 0
-  for node in g.nodes:
-    lin = ops.linear(g, node)
-    if lin is not None:
-      total += desc.linear_flops(g, node, lin)
-  return total
+  return sum(f for _, f in layer_flops(g, ops))
 
 
 def measure(g: view.GraphView, ops: desc.Registry) -> Cost:
