@@ -97,7 +97,11 @@ def grow_and_prune(original: tf_model.TFModel, analysis: groups_lib.Analysis,
         c: np.where(current.get(c, True), now[c], np.where(grown.get(c, True), source[c], 0))
         .astype(now[c].dtype) for c in names})
     ckpt = os.path.join(checkpoint_dir, f"phase_{phase + 1}") if checkpoint_dir else None
-    model, doc = train.train(teacher, model, logits, data, phase_options, ckpt, masks=grown,
+    # Each phase its own seed: the data order (and any augmentation) is a function of the
+    # seed and the step, and one seed for all would train every phase on the same batches.
+    model, doc = train.train(teacher, model, logits, data,
+                             dataclasses.replace(phase_options, seed=options.seed + phase),
+                             ckpt, masks=grown,
                              step_offset=phase * options.gap_phase_steps)
     # Prune the part back to its target counts on the trained weights.
     before = {g.group: g.keep for g in plan.groups}
@@ -118,4 +122,6 @@ def grow_and_prune(original: tf_model.TFModel, analysis: groups_lib.Analysis,
             "gap_phases": phases, "gap_phase_steps": options.gap_phase_steps,
             "temperature": options.temperature, "learning_rate": options.learning_rate,
             "train_s": round(time.perf_counter() - start, 3), "phases": history}
+  if options.augment.on:
+    report["augment"] = options.augment.to_json()
   return model, plan, report
