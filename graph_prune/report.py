@@ -310,6 +310,11 @@ def text(doc) -> str:
              f"{before:.4f} -> {after:.4f}" if before is not None else "no held-out samples")
     work = (f"{r['train_steps']} steps, {r['train_s']:.1f} s" if "train_steps" in r else
             f"{r['sites_adjusted']}/{r['sites']} layers re-fitted")
+    aug = r.get("augment")
+    if aug:
+      work += ", augmented: " + ", ".join(
+          ["flip"] * aug["flip"] + [f"shift {aug['shift']} px"] * bool(aug["shift"])
+          + [f"mixup {aug['mixup']:g}"] * bool(aug["mixup"]))
     lines.append(f"recovery: {where}{r['method']} ({work}); {agree}")
   e = doc.get("export")
   if e:

@@ -1,5 +1,6 @@
 """Recovery after pruning: the trainable round trip, distillation, fine-tuning,
-batch-norm recalibration, increments, strategies, resumption and bad input.
+batch-norm recalibration, increments, strategies, augmented batches, resumption and
+bad input.
 
 The model is the built-in default one (trained on Fashion-MNIST); the data is the
 Fashion-MNIST training set from the Debian package.
@@ -17,11 +18,13 @@ from absl.testing import absltest
 import numpy as np
 
 import graph_prune
+from graph_prune import errors
 from graph_prune import pipeline
 from graph_prune.adapters import tf_model
 from graph_prune.adapters import tf_trainable
 from graph_prune.data import preprocess
 from graph_prune.ops import tf_ops
+from graph_prune.recover import augment
 from graph_prune.recover import calibrate
 from graph_prune.recover import data as recover_data
 from graph_prune.recover import options as recover_options
@@ -162,6 +165,24 @@ class RecoveryTest(absltest.TestCase):
     self.assertGreater(history[-1]["accuracy"], 0.7)
     self.assertGreater(self._agreement(out), self.unrecovered + 0.4)
 
+  def test_distillation_on_augmented_batches(self):
+    aug = augment.parse(["flip", "shift=2", "mixup=0.4"])
+    out, doc = self._prune("augmented.pb", dataclasses.replace(_FAST, train_steps=200,
+                                                               augment=aug))
+    rec = doc["recovery"]
+    self.assertEqual(rec["augment"], {"flip": True, "shift": 2, "mixup": 0.4})
+    self.assertGreater(rec["holdout_agreement_after"], rec["holdout_agreement_before"] + 0.4)
+    self.assertGreater(self._agreement(out), self.unrecovered + 0.4)
+    self.assertTrue(doc["verify"]["passed"])
+
+  def test_finetune_mixes_the_labels_of_mixed_samples(self):
+    out, doc = self._prune("finetuned_mixup.pb", dataclasses.replace(
+        _FAST, method=recover_options.FINETUNE, train_steps=200,
+        augment=augment.parse(["mixup=0.4"])))
+    history = doc["recovery"]["history"]
+    self.assertLess(history[-1]["loss"], history[0]["loss"])
+    self.assertGreater(self._agreement(out), self.unrecovered + 0.4)
+
   def test_bn_recalibration_raises_agreement_without_training(self):
     out, doc = self._prune("recalibrated.pb", dataclasses.replace(
         _FAST, method=recover_options.BN_RECALIBRATE))
@@ -246,13 +267,74 @@ class RecoveryTest(absltest.TestCase):
     self.assertGreater(rec["holdout_agreement_after"], rec["holdout_agreement_before"] + 0.3)
 
 
+class AugmentTest(absltest.TestCase):
+  """The batch transforms, checked sample by sample against numpy."""
+
+  def setUp(self):
+    super().setUp()
+    self.x = np.random.default_rng(0).normal(size=(16, 7, 9, 2)).astype(np.float32)
+
+  def _apply(self, entries, step=0):
+    y, lam, partner = augment.apply(augment.parse(entries), tf.constant(self.x),
+                                    tf.constant([3, step], tf.int64))
+    return (y.numpy(), None if lam is None else lam.numpy(),
+            None if partner is None else partner.numpy())
+
+  def test_flip_mirrors_about_half_of_the_images(self):
+    y, _, _ = self._apply(["flip"])
+    mirrored = [bool(np.array_equal(b, a[:, ::-1])) for a, b in zip(self.x, y)]
+    for a, b, m in zip(self.x, y, mirrored):
+      self.assertTrue(m or np.array_equal(a, b))
+    self.assertBetween(sum(mirrored), 2, 14)
+
+  def test_shift_moves_each_image_within_n_pixels_with_mirrored_edges(self):
+    n = 2
+    y, _, _ = self._apply([f"shift={n}"])
+    padded = np.pad(self.x, [(0, 0), (n, n), (n, n), (0, 0)], mode="symmetric")
+    moves = set()
+    for i, b in enumerate(y):
+      found = [(dy, dx) for dy in range(2 * n + 1) for dx in range(2 * n + 1)
+               if np.array_equal(padded[i, dy:dy + 7, dx:dx + 9], b)]
+      self.assertNotEmpty(found, f"sample {i} is no shift of its image")
+      moves.add(found[0])
+    self.assertGreater(len(moves), 4)  # per sample, not one move for the batch
+
+  def test_mixup_is_a_convex_pair_per_sample(self):
+    y, lam, partner = self._apply(["mixup=0.4"])
+    self.assertTrue(np.all((lam >= 0) & (lam <= 1)))
+    self.assertGreater(np.ptp(lam), 0.1)
+    np.testing.assert_array_equal(np.sort(partner), np.arange(16))
+    want = lam[:, None, None, None] * self.x + (1 - lam[:, None, None, None]) * self.x[partner]
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
+
+  def test_a_function_of_seed_and_step(self):
+    spec = ["flip", "shift=3", "mixup"]
+    np.testing.assert_array_equal(self._apply(spec, 5)[0], self._apply(spec, 5)[0])
+    self.assertFalse(np.array_equal(self._apply(spec, 5)[0], self._apply(spec, 6)[0]))
+
+  def test_nothing_asked_nothing_changed(self):
+    y, lam, _ = self._apply([])
+    np.testing.assert_array_equal(y, self.x)
+    self.assertIsNone(lam)
+
+  def test_bad_entries(self):
+    for entries, match in ((["blur"], "unknown 'blur'"), (["shift=0"], "shift=0"),
+                           (["shift=a"], "shift=a"), (["mixup=-1"], "mixup=-1"),
+                           (["flip=2"], "takes no value"), (["flip", "flip"], "twice")):
+      with self.assertRaisesRegex(errors.UsageError, match):
+        augment.parse(entries)
+
+
 class ResumeTest(absltest.TestCase):
 
   def test_interrupted_recovery_resumes_from_its_checkpoint(self):
     tmp = self.create_tempdir().full_path
     common = [f"--in={_PB}", "--ratio=0.5", "--recover=distill", f"--recover_data={_DATA}",
               "--scale=1/255", "--recover_train_steps=120", "--checkpoint_every=40",
-              "--log_every=20", "--holdout_samples=500"]
+              "--log_every=20", "--holdout_samples=500",
+              # The augmentation is a function of the step: resumed, it draws what the
+              # uninterrupted run drew.
+              "--recover_augment=flip,shift=2,mixup=0.4"]
     ckpt = os.path.join(tmp, "ckpt")
     env = dict(os.environ, PYTHONPATH=_ROOT, TF_CPP_MIN_LOG_LEVEL="3", TF_DETERMINISTIC_OPS="1")
     proc = subprocess.Popen([*binaries.command("prune"), *common,
@@ -346,6 +428,18 @@ class BadInputTest(absltest.TestCase):
     r = _cli(f"--in={onnx_path}", f"--out={out}", "--recover=distill", f"--recover_data={_DATA}")
     self.assertEqual(r.returncode, 2)
     self.assertRegex(_error_lines(r.stderr)[0], "--recover trains TensorFlow graphs")
+
+  def test_augmentation_of_no_training(self):
+    self._fails("--recover=bn_recalibrate", f"--recover_data={_DATA}", "--recover_augment=flip",
+                match="not to bn_recalibrate")
+
+  def test_unknown_augmentation(self):
+    self._fails("--recover=distill", f"--recover_data={_DATA}", "--recover_augment=flip,blur",
+                match="unknown 'blur'")
+
+  def test_shift_as_large_as_the_images(self):
+    self._fails("--recover=distill", f"--recover_data={_DATA}", "--recover_augment=shift=28",
+                match=r"shift=28 is not smaller than the images \(28 x 28\)")
 
   def test_checkpoint_dir_of_another_recovery(self):
     ckpt = os.path.join(self.tmp, "other_ckpt")

@@ -46,6 +46,10 @@ GAP_PARTS = flags.DEFINE_integer("gap_parts", 4, "gap: the pruned groups are cut
                                  "many parts, grown in turn.")
 GAP_PHASE_STEPS = flags.DEFINE_integer("gap_phase_steps", 250, "gap: distillation steps per "
                                        "phase; --recover_train_steps / this many phases.")
+RECOVER_AUGMENT = flags.DEFINE_list(
+    "recover_augment", [], "Augment the training batches, the original and the pruned model "
+    "seeing the same augmented inputs: flip (left-right), shift=N (pixels), mixup=A (Beta "
+    "concentration), e.g. flip,shift=2,mixup=0.4.")
 RECOVER_OUTPUT = flags.DEFINE_string("recover_output", None, "Output with the class scores "
                                      "(default: the first; a Softmax's input is used).")
 
@@ -55,7 +59,9 @@ def options(cli, preprocess: preprocess_lib.Preprocess, data_dir, seed: int):
   resolves relative paths the way the calling tool does."""
   if RECOVER.value == "none":
     return None
-  from graph_prune.recover import options as options_lib  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from graph_prune.recover import augment as augment_lib
+  from graph_prune.recover import options as options_lib
   return options_lib.Options(
       method=RECOVER.value,
       data=cli.data_path(RECOVER_DATA.value or calibration_flags.CALIBRATION_DATA.value) or "",
@@ -68,4 +74,5 @@ def options(cli, preprocess: preprocess_lib.Preprocess, data_dir, seed: int):
       checkpoint_dir=cli.path(CHECKPOINT_DIR.value), checkpoint_every=CHECKPOINT_EVERY.value,
       log_every=LOG_EVERY.value, seed=seed, output=RECOVER_OUTPUT.value,
       gap_parts=GAP_PARTS.value, gap_phase_steps=GAP_PHASE_STEPS.value,
+      augment=augment_lib.parse(RECOVER_AUGMENT.value),
       tensorboard_dir=cli.path(TENSORBOARD_DIR.value))

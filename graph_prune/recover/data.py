@@ -13,6 +13,7 @@ from graph_prune import errors
 from graph_prune.adapters import tf_model
 from graph_prune.data import preprocess as preprocess_lib
 from graph_prune.data import sources
+from graph_prune.recover import augment as augment_lib
 from graph_prune.recover.options import Options
 
 tf = tf_model.tf
@@ -45,6 +46,8 @@ def load_data(model: tf_model.TFModel, options: Options, labels: bool) -> Data:
     raise errors.InputError(f"recovery data '{options.data}' gives samples of shape "
                             f"{list(got)}, but the model takes {list(want)}; give --resize=H,W "
                             "or data of the model's input shape")
+  augment_lib.check_images(options.augment, got if got is not None else want,
+                           examples.images, options.data)
   ds = examples.dataset.map(preprocess_lib.mapper(options.preprocess, want),
                             num_parallel_calls=tf.data.AUTOTUNE)
   holdout = options.holdout_samples

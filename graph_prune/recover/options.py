@@ -8,6 +8,7 @@ from typing import Optional
 
 from graph_prune import errors
 from graph_prune.data import preprocess as preprocess_lib
+from graph_prune.recover import augment as augment_lib
 
 DISTILL, FINETUNE, BN_RECALIBRATE, GAP = "distill", "finetune", "bn_recalibrate", "gap"
 METHODS = (DISTILL, FINETUNE, BN_RECALIBRATE, GAP)
@@ -38,6 +39,7 @@ class Options:
   tensorboard_dir: Optional[str] = None   # TensorBoard scalars of the training
   gap_parts: int = 4               # gap: the prunable groups are cut into this many parts
   gap_phase_steps: int = 250       # gap: distillation steps per phase (one part grown)
+  augment: augment_lib.Augment = augment_lib.Augment()  # training batches (recover.augment)
 
 
 def check(options: Options) -> None:
@@ -62,5 +64,8 @@ def check(options: Options) -> None:
       raise errors.UsageError(f"--{name} is {value}; it must be at least {least}")
   if not options.learning_rate > 0 or not options.temperature > 0:
     raise errors.UsageError("--learning_rate and --temperature must be positive")
+  if options.augment.on and options.method == BN_RECALIBRATE:
+    raise errors.UsageError("--recover_augment applies to the training recoveries (distill, "
+                            "finetune, gap), not to bn_recalibrate")
   if not 0.0 <= options.distill_weight <= 1.0:
     raise errors.UsageError(f"--distill_weight is {options.distill_weight}; it must be in [0, 1]")

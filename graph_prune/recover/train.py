@@ -3,6 +3,8 @@
 Loss per sample: distill, T^2 * KL(softmax(teacher/T) || softmax(student/T)) (Hinton
 et al.), needing no labels; finetune, cross-entropy on the labels, mixed with the
 distillation term by --distill_weight. Adam, linear warm-up then cosine decay.
+With --recover_augment the batches are augmented (recover.augment) before the
+teacher and the student see them, so both score the same inputs.
 
 The data order is a function of the seed and the step alone (seeded shuffle,
 repeat, batch, skip the steps already done), so a resumed run sees the batches an
@@ -25,6 +27,7 @@ from graph_prune import errors
 from graph_prune import files
 from graph_prune.adapters import tf_model
 from graph_prune.adapters import tf_trainable
+from graph_prune.recover import augment as augment_lib
 from graph_prune.recover import data as data_lib
 from graph_prune.recover import options as options_lib
 
@@ -46,7 +49,10 @@ def _optimizer(options: options_lib.Options):
   return keras.optimizers.Adam(schedule), schedule
 
 
-def _per_sample_loss(student, teacher, labels, options: options_lib.Options):
+def _per_sample_loss(student, teacher, labels, options: options_lib.Options,
+                     lam=None, partner=None):
+  """`lam`, `partner`: mixup's weights and partner samples (recover.augment), whose
+  labels the cross-entropy mixes; the teacher already scored the mixed inputs."""
   t = options.temperature
   soft = tf.nn.softmax(teacher / t)
   kd = tf.reduce_sum(soft * (tf.math.log(soft + 1e-12) - tf.nn.log_softmax(student / t)),
@@ -58,6 +64,9 @@ def _per_sample_loss(student, teacher, labels, options: options_lib.Options):
       tf.debugging.assert_non_negative(labels, message=_LABEL_CHECK),
       tf.debugging.assert_less(labels, classes, message=_LABEL_CHECK)]):
     ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=student)
+    if lam is not None:
+      ce = lam * ce + (1.0 - lam) * tf.nn.sparse_softmax_cross_entropy_with_logits(
+          labels=tf.gather(labels, partner), logits=student)
   w = options.distill_weight
   return (1.0 - w) * ce + w * kd if w else ce
 
@@ -126,10 +135,17 @@ def train(teacher, pruned: tf_model.TFModel, logits: str,
   global_batch = options.batch_size
 
   def replica_step(x, labels):
+    if options.augment.on:
+      replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+      seed = tf.stack([tf.constant(options.seed, tf.int64),
+                       optimizer.iterations * replicas + tf.cast(replica, tf.int64)])
+      x, lam, partner = augment_lib.apply(options.augment, x, seed)
+    else:
+      lam = partner = None
     t = teacher(x)
     with tf.GradientTape() as tape:
       s = student(x)[0]
-      loss = tf.nn.compute_average_loss(_per_sample_loss(s, t, labels, options),
+      loss = tf.nn.compute_average_loss(_per_sample_loss(s, t, labels, options, lam, partner),
                                         global_batch_size=global_batch)
     grads = tape.gradient(loss, student.weights)
     optimizer.apply_gradients(zip(grads, student.weights))
@@ -205,6 +221,8 @@ def train(teacher, pruned: tf_model.TFModel, logits: str,
     doc["temperature"] = options.temperature
   if options.method == options_lib.FINETUNE:
     doc["distill_weight"] = options.distill_weight
+  if options.augment.on:
+    doc["augment"] = options.augment.to_json()
   return student.model(), doc
 
 

@@ -38,7 +38,8 @@ class RecoveryStep:
             f"calibration={o.calibration_samples}, holdout={o.holdout_samples}, "
             f"data={o.data}, split={o.split}, preprocess={o.preprocess.to_json()}, "
             f"strategy={o.strategy}" + (f", parts={o.gap_parts}, phase_steps={o.gap_phase_steps}"
-                                        if o.method == "gap" else "") + ")")
+                                        if o.method == "gap" else "")
+            + (f", augment={o.augment.to_json()}" if o.augment.on else "") + ")")
 
   def __call__(self, ctx: sweep.RunContext) -> Mapping[str, Any]:
     config, run = ctx.config, ctx.run
