@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from unittest import mock
 
 from absl.testing import absltest
 import numpy as np
@@ -29,6 +30,7 @@ from graph_prune.recover import calibrate
 from graph_prune.recover import data as recover_data
 from graph_prune.recover import options as recover_options
 from graph_prune.recover import recover
+from graph_prune.recover import train
 from tests import binaries
 from tests import keras_zoo
 
@@ -183,6 +185,15 @@ class RecoveryTest(absltest.TestCase):
     self.assertLess(history[-1]["loss"], history[0]["loss"])
     self.assertGreater(self._agreement(out), self.unrecovered + 0.4)
 
+  def test_increments_train_with_seeds_of_their_own(self):
+    # Regression: every increment of --steps trained with the same seed, so on the same
+    # first batches of the data (its order is a function of the seed and the step).
+    with mock.patch.object(recover, "recover", wraps=recover.recover) as recovered:
+      _, doc = self._prune("increments.pb", dataclasses.replace(_FAST, train_steps=5, seed=7),
+                           steps=3)
+    self.assertLen(doc["increments"], 3)
+    self.assertEqual([c.args[3].seed for c in recovered.call_args_list], [7, 8, 9])
+
   def test_bn_recalibration_raises_agreement_without_training(self):
     out, doc = self._prune("recalibrated.pb", dataclasses.replace(
         _FAST, method=recover_options.BN_RECALIBRATE))
@@ -307,6 +318,27 @@ class AugmentTest(absltest.TestCase):
     want = lam[:, None, None, None] * self.x + (1 - lam[:, None, None, None]) * self.x[partner]
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
 
+  def test_finetune_mixes_the_two_labels_by_lam(self):
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(6, 10)).astype(np.float32)
+    labels = np.array([0, 3, 3, 9, 1, 2])
+    lam = np.array([0.1, 0.5, 0.9, 1.0, 0.0, 0.3], np.float32)
+    partner = np.array([5, 0, 1, 2, 3, 4])
+    got = train._per_sample_loss(  # pylint: disable=protected-access
+        tf.constant(logits), tf.constant(logits), tf.constant(labels),
+        dataclasses.replace(_FAST, method=recover_options.FINETUNE),
+        tf.constant(lam), tf.constant(partner)).numpy()
+    log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    rows = np.arange(6)
+    want = -(lam * log_p[rows, labels] + (1 - lam) * log_p[rows, labels[partner]])
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+  def test_mixup_never_pairs_a_sample_with_itself(self):
+    for n in (2, 3, 7):
+      _, _, partner = augment.apply(augment.parse(["mixup"]), tf.zeros([n, 4, 4, 1]),
+                                    tf.constant([0, 0], tf.int64))
+      self.assertTrue(np.all(partner.numpy() != np.arange(n)), n)
+
   def test_a_function_of_seed_and_step(self):
     spec = ["flip", "shift=3", "mixup"]
     np.testing.assert_array_equal(self._apply(spec, 5)[0], self._apply(spec, 5)[0])
@@ -388,6 +420,14 @@ class BadInputTest(absltest.TestCase):
     np.savez(cls.empty, x=x[:0], y=np.zeros(0, np.int64))
     cls.unlabelled = os.path.join(cls.tmp, "unlabelled.npz")
     np.savez(cls.unlabelled, x=x)
+    # Class folders of PNG images: their source leaves the sample shape open.
+    cls.folders = os.path.join(cls.tmp, "folders")
+    for label in ("a", "b"):
+      os.makedirs(os.path.join(cls.folders, label))
+      for i in range(3):
+        png = tf.io.encode_png(x[i].astype(np.uint8)).numpy()
+        with open(os.path.join(cls.folders, label, f"{i}.png"), "wb") as f:
+          f.write(png)
 
   def _fails(self, *args, match):
     out = os.path.join(self.tmp, f"out_{abs(hash(args))}.pb")
@@ -440,6 +480,13 @@ class BadInputTest(absltest.TestCase):
   def test_shift_as_large_as_the_images(self):
     self._fails("--recover=distill", f"--recover_data={_DATA}", "--recover_augment=shift=28",
                 match=r"shift=28 is not smaller than the images \(28 x 28\)")
+
+  def test_shift_as_large_as_images_whose_source_leaves_their_size_open(self):
+    self._fails("--recover=distill", f"--recover_data={self.folders}",
+                "--recover_augment=shift=30", match=r"shift=30 is not smaller than the images")
+
+  def test_augmentation_without_recovery(self):
+    self._fails("--recover_augment=flip", match="give --recover")
 
   def test_checkpoint_dir_of_another_recovery(self):
     ckpt = os.path.join(self.tmp, "other_ckpt")

@@ -132,9 +132,9 @@ def _preprocess():
 
 def _recovery():
   """The recovery step from the flags, or None without --recover."""
-  if recover_flags.RECOVER.value == "none":
-    return None
   options = recover_flags.options(cli, _preprocess(), cli.path(_DATA_DIR.value), _SEED.value)
+  if options is None:
+    return None
   from graph_prune.recover import recover  # pylint: disable=g-import-not-at-top
   return recover.Recovery(options)
 

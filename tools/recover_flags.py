@@ -7,6 +7,7 @@ same model input.
 
 from absl import flags
 
+from graph_prune import errors
 from graph_prune.data import preprocess as preprocess_lib
 from tools import calibration_flags
 
@@ -58,6 +59,8 @@ def options(cli, preprocess: preprocess_lib.Preprocess, data_dir, seed: int):
   """recover options from the flags, or None without --recover; `cli` (tools/cli.py)
   resolves relative paths the way the calling tool does."""
   if RECOVER.value == "none":
+    if RECOVER_AUGMENT.value:
+      raise errors.UsageError("--recover_augment augments recovery training; give --recover")
     return None
   # pylint: disable=g-import-not-at-top
   from graph_prune.recover import augment as augment_lib

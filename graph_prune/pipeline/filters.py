@@ -205,7 +205,8 @@ def prune_in_increments(prepared: Prepared, plan: plan_lib.Plan, options: Option
       ckpt = options.recover.checkpoint_dir
       if ckpt and options.steps > 1:
         ckpt = os.path.join(ckpt, f"step_{step}")
-      pruned, increment["recovery"] = options.recover(prepared.model, pruned, tensor_keep, ckpt)
+      pruned, increment["recovery"] = options.recover(prepared.model, pruned, tensor_keep, ckpt,
+                                                      step)
       pruned_view = adapter.to_view(pruned)
     timings["plan_and_rewrite_s"] += t3 - t1 - verify_s
     timings["verify_s"] += verify_s

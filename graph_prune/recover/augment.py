@@ -10,15 +10,16 @@ is what lets longer schedules keep paying. Here:
 - flip: each image mirrored left-right with probability 1/2;
 - shift=N: each image moved by a random whole number of pixels in [-N, N] along
   each spatial axis (edges mirrored into the gap);
-- mixup=A: each sample replaced by lam * x + (1 - lam) * x' with x' another
-  sample of the batch and lam ~ Beta(A, A) (Zhang et al. 2018). Distillation needs
+- mixup=A: each sample replaced by lam * x + (1 - lam) * x' with x' the previous
+  sample of the (shuffled) batch and lam ~ Beta(A, A) (Zhang et al. 2018). Distillation needs
   no labels for it (the teacher scores the mixed image); fine-tuning mixes the two
   samples' cross-entropies by the same lam.
 
 The images are [batch, height, width, channels] (what the data sources give and
 the preprocessing scales per channel). The random numbers are a function of the
 seed, the step and the replica alone (stateless ops), so a resumed recovery sees
-the batches an uninterrupted one would have seen.
+the batches an uninterrupted one would have seen. With mixup and labels, the
+logged batch accuracy compares the prediction with the first sample's label.
 
 Parsing and checks need no TensorFlow (the tools check flags before importing it).
 """
@@ -111,8 +112,8 @@ def check_images(augment: Augment, sample_shape, images: bool, spec: str) -> Non
 
 def apply(augment: Augment, x, seed):
   """The augmented batch and, for mixup, (lam [batch], partner index [batch]);
-  (x, None, None) without mixup. `seed`: int32 [2] tensor, distinct per step and
-  replica."""
+  (x, None, None) without mixup. `seed`: an integer [2] tensor, distinct per step
+  and replica."""
   if not augment.on:
     return x, None, None
   seeds = tf.random.experimental.stateless_split(seed, 4)
@@ -136,7 +137,7 @@ def apply(augment: Augment, x, seed):
   g1 = tf.random.stateless_gamma([batch], seeds[2], alpha=a, dtype=x.dtype)
   g2 = tf.random.stateless_gamma([batch], seeds[3], alpha=a, dtype=x.dtype)
   lam = g1 / tf.maximum(g1 + g2, 1e-12)
-  partner = tf.reverse(tf.range(batch), axis=[0])
+  partner = tf.roll(tf.range(batch), shift=1, axis=0)  # the previous sample, never itself
   shape = tf.concat([[batch], tf.ones([tf.rank(x) - 1], tf.int32)], 0)
   w = tf.reshape(lam, shape)
   return w * x + (1.0 - w) * tf.gather(x, partner), lam, partner

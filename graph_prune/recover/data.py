@@ -46,8 +46,11 @@ def load_data(model: tf_model.TFModel, options: Options, labels: bool) -> Data:
     raise errors.InputError(f"recovery data '{options.data}' gives samples of shape "
                             f"{list(got)}, but the model takes {list(want)}; give --resize=H,W "
                             "or data of the model's input shape")
-  augment_lib.check_images(options.augment, got if got is not None else want,
-                           examples.images, options.data)
+  # The samples' shape as the model takes them: dimensions the source leaves open
+  # (class folders, TFRecords) from the model's input.
+  shape = got if want is None else want if got is None else tuple(
+      g or w for g, w in zip(got, want))
+  augment_lib.check_images(options.augment, shape, examples.images, options.data)
   ds = examples.dataset.map(preprocess_lib.mapper(options.preprocess, want),
                             num_parallel_calls=tf.data.AUTOTUNE)
   holdout = options.holdout_samples

@@ -251,6 +251,8 @@ def fingerprint(pruned: tf_model.TFModel, options: options_lib.Options) -> str:
   fields = dataclasses.asdict(options)
   for key in ("checkpoint_dir", "checkpoint_every", "log_every", "tensorboard_dir"):
     fields.pop(key)
+  if not options.augment.on:  # checkpoints written before the option existed still resume
+    fields.pop("augment")
   h.update(repr(sorted(fields.items())).encode())
   return h.hexdigest()
 
