@@ -97,7 +97,8 @@ def parse(entries: Sequence[str]) -> Augment:
 
 
 def check_images(augment: Augment, sample_shape, images: bool, spec: str) -> None:
-  """flip and shift need [height, width, channels] images of at least 2 x 2."""
+  """flip and shift need [height, width, channels] images, and a shift smaller than
+  their height and width (the mirrored edge is cut from the image itself)."""
   if not augment.spatial:
     return
   if not images or sample_shape is None or len(sample_shape) != 3:
