@@ -315,6 +315,10 @@ def text(doc) -> str:
       work += ", augmented: " + ", ".join(
           ["flip"] * aug["flip"] + [f"shift {aug['shift']} px"] * bool(aug["shift"])
           + [f"mixup {aug['mixup']:g}"] * bool(aug["mixup"]))
+    norm = r.get("batch_stats")
+    if norm:
+      work += (f", batch statistics at {norm['layers']} layers (folded back with "
+               f"{norm['calibration_samples']} samples)")
     lines.append(f"recovery: {where}{r['method']} ({work}); {agree}")
   e = doc.get("export")
   if e:

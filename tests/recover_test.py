@@ -1,6 +1,6 @@
 """Recovery after pruning: the trainable round trip, distillation, fine-tuning,
-batch-norm recalibration, increments, strategies, augmented batches, resumption and
-bad input.
+batch-norm recalibration, increments, strategies, augmented batches, training with
+batch statistics, resumption and bad input.
 
 The model is the built-in default one (trained on Fashion-MNIST); the data is the
 Fashion-MNIST training set from the Debian package.
@@ -26,6 +26,7 @@ from graph_prune.adapters import tf_trainable
 from graph_prune.data import preprocess
 from graph_prune.ops import tf_ops
 from graph_prune.recover import augment
+from graph_prune.recover import batch_stats
 from graph_prune.recover import calibrate
 from graph_prune.recover import data as recover_data
 from graph_prune.recover import options as recover_options
@@ -177,6 +178,20 @@ class RecoveryTest(absltest.TestCase):
     self.assertGreater(self._agreement(out), self.unrecovered + 0.4)
     self.assertTrue(doc["verify"]["passed"])
 
+  def test_distillation_with_batch_statistics(self):
+    out, doc = self._prune("batch_stats.pb", dataclasses.replace(_FAST, train_steps=200,
+                                                                 batch_stats=True))
+    rec = doc["recovery"]
+    self.assertEqual(rec["batch_stats"]["layers"], 6)  # five conv+BN and fc1+BN, not logits
+    self.assertEqual(rec["batch_stats"]["calibration_samples"], _FAST.calibration_samples)
+    self.assertGreater(rec["holdout_agreement_after"], rec["holdout_agreement_before"] + 0.4)
+    self.assertGreater(self._agreement(out), self.unrecovered + 0.4)
+    self.assertTrue(doc["verify"]["passed"])
+    # Folded back: the written graph has the pruned graph's ops and nothing else.
+    plain, _ = self._prune("batch_stats_plain.pb", dataclasses.replace(_FAST, train_steps=1))
+    ops = lambda path: [n.op for n in tf_model.load(path).graph_def.node]
+    self.assertEqual(ops(out), ops(plain))
+
   def test_finetune_mixes_the_labels_of_mixed_samples(self):
     out, doc = self._prune("finetuned_mixup.pb", dataclasses.replace(
         _FAST, method=recover_options.FINETUNE, train_steps=200,
@@ -210,7 +225,7 @@ class RecoveryTest(absltest.TestCase):
     data = recover_data.load_data(pruned, _FAST, labels=False)
     out, _ = calibrate.recalibrate(prepared.model, pruned, kept, data, _FAST)
     sites, _ = calibrate.find_sites(tf_model.to_view(out), tf_ops.REGISTRY)
-    x = calibrate._calibration(data, _FAST.calibration_samples)  # pylint: disable=protected-access
+    x = calibrate.calibration_inputs(data, _FAST.calibration_samples)
     tensors = [site.tensor for site in sites]
     self.assertLen(tensors, 7)
 
@@ -276,6 +291,50 @@ class RecoveryTest(absltest.TestCase):
     rec = json.loads(r.stdout.split("RESULT ", 1)[1])
     self.assertEqual(rec["replicas"], 2)
     self.assertGreater(rec["holdout_agreement_after"], rec["holdout_agreement_before"] + 0.3)
+
+
+class BatchStatsTest(absltest.TestCase):
+  """The normalisations inserted for training and their folding back, against the
+  training graph itself: on the calibration set taken as one batch, batch statistics
+  are the statistics the folding uses, so the two must agree."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.model = tf_model.normalise(tf_model.load(_PB))
+    cls.logits = tf_trainable.logits_tensor(cls.model)
+    cls.x = _test_images(96)
+    cls.training = batch_stats.insert(cls.model, cls.logits, cls.x)
+    cls.names = tf_trainable.weight_constants(cls.model) + cls.training.constants
+
+  def _outputs(self, model, names=()):
+    return tf_trainable.Trainable(model, fetches=[self.logits], trainable=names)(self.x)[0]
+
+  def test_normalises_every_folded_batch_norm_but_the_logits(self):
+    sites = [p.site for p in self.training.points]
+    self.assertLen(sites, 6)
+    self.assertTrue(all(s.shift for s in sites))
+    self.assertNotIn(self.logits, [s.tensor for s in sites])
+    self.assertLen([s for s in sites if s.scale], 1)  # fc1: MatMul, Mul, AddV2
+
+  def test_starts_where_the_model_is(self):
+    np.testing.assert_allclose(self._outputs(self.training.model, self.names),
+                               self._outputs(self.model), rtol=0, atol=1e-4)
+
+  def test_folded_model_computes_what_the_trained_graph_computes(self):
+    net = tf_trainable.Trainable(self.training.model, fetches=[self.logits],
+                                 trainable=self.names)
+    rng = np.random.default_rng(1)
+    net.assign({n: (v * (1 + 0.2 * rng.standard_normal(v.shape))
+                    + 0.1 * rng.standard_normal(v.shape)).astype(v.dtype)
+                for n, v in net.values().items()})  # as if trained
+    trained = net(self.x)[0].numpy()
+    folded = batch_stats.fold(self.model, self.training, net.values(), self.x)
+    out = self._outputs(folded).numpy()
+    self.assertGreater(np.abs(trained - self._outputs(self.model).numpy()).max(), 1.0)
+    np.testing.assert_allclose(out, trained, rtol=0, atol=1e-4 * np.abs(trained).max())
+    self.assertEqual([n.op for n in folded.graph_def.node],
+                     [n.op for n in self.model.graph_def.node])
 
 
 class AugmentTest(absltest.TestCase):
@@ -484,6 +543,13 @@ class BadInputTest(absltest.TestCase):
   def test_shift_as_large_as_images_whose_source_leaves_their_size_open(self):
     self._fails("--recover=distill", f"--recover_data={self.folders}",
                 "--recover_augment=shift=30", match=r"shift=30 is not smaller than the images")
+
+  def test_batch_statistics_of_no_training(self):
+    self._fails("--recover=bn_recalibrate", f"--recover_data={_DATA}", "--recover_batch_stats",
+                match="applies to --recover=distill and finetune")
+
+  def test_batch_statistics_without_recovery(self):
+    self._fails("--recover_batch_stats", match="give --recover")
 
   def test_augmentation_without_recovery(self):
     self._fails("--recover_augment=flip", match="give --recover")

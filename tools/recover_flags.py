@@ -51,6 +51,11 @@ RECOVER_AUGMENT = flags.DEFINE_list(
     "recover_augment", [], "Augment the training batches, the original and the pruned model "
     "seeing the same augmented inputs: flip (left-right), shift=N (pixels), mixup=A (Beta "
     "concentration), e.g. flip,shift=2,mixup=0.4.")
+RECOVER_BATCH_STATS = flags.DEFINE_bool(
+    "recover_batch_stats", False, "distill, finetune: train with a normalisation by batch "
+    "statistics after every folded batch norm (per-channel shift after a linear layer), "
+    "folded back into the constants at the end with statistics of --calibration_samples "
+    "training inputs.")
 RECOVER_OUTPUT = flags.DEFINE_string("recover_output", None, "Output with the class scores "
                                      "(default: the first; a Softmax's input is used).")
 
@@ -61,6 +66,8 @@ def options(cli, preprocess: preprocess_lib.Preprocess, data_dir, seed: int):
   if RECOVER.value == "none":
     if RECOVER_AUGMENT.value:
       raise errors.UsageError("--recover_augment augments recovery training; give --recover")
+    if RECOVER_BATCH_STATS.value:
+      raise errors.UsageError("--recover_batch_stats changes recovery training; give --recover")
     return None
   # pylint: disable=g-import-not-at-top
   from graph_prune.recover import augment as augment_lib
@@ -77,5 +84,5 @@ def options(cli, preprocess: preprocess_lib.Preprocess, data_dir, seed: int):
       checkpoint_dir=cli.path(CHECKPOINT_DIR.value), checkpoint_every=CHECKPOINT_EVERY.value,
       log_every=LOG_EVERY.value, seed=seed, output=RECOVER_OUTPUT.value,
       gap_parts=GAP_PARTS.value, gap_phase_steps=GAP_PHASE_STEPS.value,
-      augment=augment_lib.parse(RECOVER_AUGMENT.value),
+      augment=augment_lib.parse(RECOVER_AUGMENT.value), batch_stats=RECOVER_BATCH_STATS.value,
       tensorboard_dir=cli.path(TENSORBOARD_DIR.value))

@@ -103,7 +103,9 @@ class _Stats:
     return mean, np.sqrt(np.maximum(self.ss / self.n - mean * mean, 0.0))
 
 
-def _moments_fn(call, tensors: list[str], axes: list[int]):
+def moments_fn(call, tensors: list[str], axes: list[int]):
+  """A tf.function of a batch: per-channel count, sum and sum of squares of each
+  tensor `call(batch, tensors)` gives, reduced over every axis but its channel axis."""
   @tf.function
   def fn(x):
     outs = call(x, tensors)
@@ -117,7 +119,9 @@ def _moments_fn(call, tensors: list[str], axes: list[int]):
   return fn
 
 
-def _moments(fn, x: np.ndarray, count: int, batch: int = 256) -> list[tuple[np.ndarray, ...]]:
+def moments(fn, x: np.ndarray, count: int, batch: int = 256) -> list[tuple[np.ndarray, ...]]:
+  """Per-channel (mean, standard deviation) of the first `count` tensors of `fn`
+  (moments_fn) over all of `x`, accumulated batch by batch in float64."""
   stats = None
   for i in range(0, len(x), batch):
     res = fn(tf.constant(x[i:i + batch]))
@@ -127,7 +131,8 @@ def _moments(fn, x: np.ndarray, count: int, batch: int = 256) -> list[tuple[np.n
   return [st.result() for st in stats[:count]]
 
 
-def _calibration(data: data_lib.Data, samples: int) -> np.ndarray:
+def calibration_inputs(data: data_lib.Data, samples: int) -> np.ndarray:
+  """The first `samples` training inputs (not the held-out ones)."""
   rows = [x for x, _ in data.train.take(samples).batch(1024).as_numpy_iterator()]
   return np.concatenate(rows)
 
@@ -135,7 +140,7 @@ def _calibration(data: data_lib.Data, samples: int) -> np.ndarray:
 def recalibrate(original: tf_model.TFModel, pruned: tf_model.TFModel,
                 kept: Mapping[str, np.ndarray], data: data_lib.Data,
                 options: options_lib.Options) -> tuple[tf_model.TFModel, dict]:
-  x = _calibration(data, options.calibration_samples)
+  x = calibration_inputs(data, options.calibration_samples)
   graph = tf_model.to_view(pruned)
   sites, skipped = find_sites(graph, tf_ops.REGISTRY)
   affine = [s for s in sites if s.kind == "affine"]
@@ -143,9 +148,9 @@ def recalibrate(original: tf_model.TFModel, pruned: tf_model.TFModel,
   target = {}
   if affine:
     teacher = tf_trainable.Trainable(original, trainable=())
-    fn = _moments_fn(lambda xb, ts: teacher(xb, fetches=ts), [s.tensor for s in affine],
-                     [s.axis for s in affine])
-    for site, (mean, std) in zip(affine, _moments(fn, x, len(affine))):
+    fn = moments_fn(lambda xb, ts: teacher(xb, fetches=ts), [s.tensor for s in affine],
+                    [s.axis for s in affine])
+    for site, (mean, std) in zip(affine, moments(fn, x, len(affine))):
       positions = kept.get(site.tensor)
       if positions is None:
         positions = np.arange(len(mean))
@@ -155,8 +160,8 @@ def recalibrate(original: tf_model.TFModel, pruned: tf_model.TFModel,
                                 (s.weight, s.scale, s.shift, s.mean, s.variance) if c}))
   adjusted = 0
   for site in sites:
-    fn = _moments_fn(lambda xb, ts: student(xb, fetches=ts), [site.tensor], [site.axis])
-    mean_p, std_p = _moments(fn, x, 1)[0]
+    fn = moments_fn(lambda xb, ts: student(xb, fetches=ts), [site.tensor], [site.axis])
+    mean_p, std_p = moments(fn, x, 1)[0]
     values = student.values()
     if site.kind == "batchnorm":
       shape = values[site.mean].shape
@@ -170,27 +175,35 @@ def recalibrate(original: tf_model.TFModel, pruned: tf_model.TFModel,
       skipped.append(f"{site.node}: {len(mean_p)} channels, original statistics for "
                      f"{len(mean_o)}")
       continue
-    # z = a * (z_p - b) + b' keeps the linear part's shape: scale a per channel.
+    # z' = a * (z_p - mean_p) + mean_o keeps the linear part's shape: scale a per channel.
     a = np.where(std_p > _EPS, std_o / np.maximum(std_p, _EPS), 1.0)
-    b = values[site.shift].reshape(-1).astype(np.float64)
-    new_shift = mean_o - a * (mean_p - b)
-    update = {site.shift: new_shift.reshape(values[site.shift].shape).astype(
-        values[site.shift].dtype)}
-    if site.scale:
-      s = values[site.scale]
-      update[site.scale] = (s.reshape(-1) * a).reshape(s.shape).astype(s.dtype)
-    else:
-      w = values[site.weight]
-      shape = [1] * w.ndim
-      if site.multiplier > 1:  # depthwise [H, W, C, M]: output channel c * M + m
-        factor = a.reshape(w.shape[2], w.shape[3])[np.newaxis, np.newaxis]
-      else:
-        shape[site.weight_axis] = -1
-        factor = a.reshape(shape)
-      update[site.weight] = (w * factor).astype(w.dtype)
+    update = rescaled(values, site, a, mean_o - a * mean_p)
     student.assign(update)
     adjusted += 1
   logging.info("recover bn_recalibrate: %d of %d sites re-fitted on %d samples", adjusted,
                len(sites), len(x))
   return student.model(), {"calibration_samples": int(len(x)), "sites": len(sites),
                            "sites_adjusted": adjusted, "skipped": skipped[:20]}
+
+
+def rescaled(values: Mapping[str, np.ndarray], site: Site, a: np.ndarray,
+             c: np.ndarray) -> dict[str, np.ndarray]:
+  """New values of an affine site's constants that turn its output z into a * z + c
+  per channel: the shift becomes a * shift + c, and the scale (or, without one, the
+  linear op's weights) is multiplied by a."""
+  shift = values[site.shift]
+  b = shift.reshape(-1).astype(np.float64)
+  update = {site.shift: (a * b + c).reshape(shift.shape).astype(shift.dtype)}
+  if site.scale:
+    s = values[site.scale]
+    update[site.scale] = (s.reshape(-1) * a).reshape(s.shape).astype(s.dtype)
+  else:
+    w = values[site.weight]
+    shape = [1] * w.ndim
+    if site.multiplier > 1:  # depthwise [H, W, C, M]: output channel c * M + m
+      factor = np.reshape(a, (w.shape[2], w.shape[3]))[np.newaxis, np.newaxis]
+    else:
+      shape[site.weight_axis] = -1
+      factor = np.reshape(a, shape)
+    update[site.weight] = (w * factor).astype(w.dtype)
+  return update

@@ -40,6 +40,7 @@ class Options:
   gap_parts: int = 4               # gap: the prunable groups are cut into this many parts
   gap_phase_steps: int = 250       # gap: distillation steps per phase (one part grown)
   augment: augment_lib.Augment = augment_lib.Augment()  # training batches (recover.augment)
+  batch_stats: bool = False        # train with batch statistics at folded batch norms
 
 
 def check(options: Options) -> None:
@@ -67,5 +68,8 @@ def check(options: Options) -> None:
   if options.augment.on and options.method == BN_RECALIBRATE:
     raise errors.UsageError("--recover_augment applies to the training recoveries (distill, "
                             "finetune, gap), not to bn_recalibrate")
+  if options.batch_stats and options.method not in (DISTILL, FINETUNE):
+    raise errors.UsageError("--recover_batch_stats applies to --recover=distill and finetune "
+                            f"(not {options.method})")
   if not 0.0 <= options.distill_weight <= 1.0:
     raise errors.UsageError(f"--distill_weight is {options.distill_weight}; it must be in [0, 1]")

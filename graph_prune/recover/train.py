@@ -4,7 +4,9 @@ Loss per sample: distill, T^2 * KL(softmax(teacher/T) || softmax(student/T)) (Hi
 et al.), needing no labels; finetune, cross-entropy on the labels, mixed with the
 distillation term by --distill_weight. Adam, linear warm-up then cosine decay.
 With --recover_augment the batches are augmented (recover.augment) before the
-teacher and the student see them, so both score the same inputs.
+teacher and the student see them, so both score the same inputs. With
+--recover_batch_stats the student normalises by batch statistics at every folded
+batch norm, folded back at the end (recover.batch_stats).
 
 The data order is a function of the seed and the step alone (seeded shuffle,
 repeat, batch, skip the steps already done), so a resumed run sees the batches an
@@ -28,6 +30,8 @@ from graph_prune import files
 from graph_prune.adapters import tf_model
 from graph_prune.adapters import tf_trainable
 from graph_prune.recover import augment as augment_lib
+from graph_prune.recover import batch_stats as batch_stats_lib
+from graph_prune.recover import calibrate
 from graph_prune.recover import data as data_lib
 from graph_prune.recover import options as options_lib
 
@@ -111,8 +115,15 @@ def train(teacher, pruned: tf_model.TFModel, logits: str,
   if options.batch_size % replicas:
     raise errors.UsageError(f"--recover_batch_size {options.batch_size} does not split over "
                             f"{replicas} replicas; give a multiple of {replicas}")
+  normalised = calibration = None
+  net, names = pruned, None
+  if options.batch_stats:
+    calibration = calibrate.calibration_inputs(data, options.calibration_samples)
+    normalised = batch_stats_lib.insert(pruned, logits, calibration)
+    net = normalised.model
+    names = tf_trainable.weight_constants(pruned) + normalised.constants
   with strategy.scope():
-    student = tf_trainable.Trainable(pruned, fetches=[logits])
+    student = tf_trainable.Trainable(net, fetches=[logits], trainable=names)
     optimizer, schedule = _optimizer(options)
     optimizer.build(student.weights)
     masked = [(w, tf.constant(masks[n], w.dtype)) for n, w in
@@ -223,7 +234,11 @@ def train(teacher, pruned: tf_model.TFModel, logits: str,
     doc["distill_weight"] = options.distill_weight
   if options.augment.on:
     doc["augment"] = options.augment.to_json()
-  return student.model(), doc
+  if normalised is None:
+    return student.model(), doc
+  doc["batch_stats"] = {"layers": len(normalised.points), "calibration_samples": len(calibration),
+                        "skipped": list(normalised.skipped[:20])}
+  return batch_stats_lib.fold(pruned, normalised, student.values(), calibration), doc
 
 
 def make_strategy(name: str):
@@ -251,8 +266,9 @@ def fingerprint(pruned: tf_model.TFModel, options: options_lib.Options) -> str:
   fields = dataclasses.asdict(options)
   for key in ("checkpoint_dir", "checkpoint_every", "log_every", "tensorboard_dir"):
     fields.pop(key)
-  if not options.augment.on:  # checkpoints written before the option existed still resume
-    fields.pop("augment")
+  for key, off in (("augment", not options.augment.on), ("batch_stats", not options.batch_stats)):
+    if off:  # checkpoints written before the option existed still resume
+      fields.pop(key)
   h.update(repr(sorted(fields.items())).encode())
   return h.hexdigest()
 
