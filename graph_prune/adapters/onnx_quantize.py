@@ -6,6 +6,7 @@ load). Each takes an ONNXModel and returns a new one; the input is not changed.
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import shutil
@@ -28,6 +29,7 @@ def _save(model: onnx_model.ONNXModel, path: str) -> None:
                   all_tensors_to_one_file=True, location=os.path.basename(path) + ".data")
 
 
+@functools.cache  # the CPU does not change within a process
 def weights_need_reduced_range() -> bool:
   """True on an x86 CPU without VNNI (AVX2, or AVX-512 without VNNI): ONNX Runtime
   then multiplies uint8 by int8 with VPMADDUBSW, whose int16 sums saturate, and its

@@ -53,7 +53,7 @@ class Augment:
     return self.flip or self.shift > 0
 
   def to_json(self) -> dict:
-    return {"flip": self.flip, "shift": self.shift, "mixup": self.mixup}
+    return dataclasses.asdict(self)
 
 
 def parse(entries: Sequence[str]) -> Augment:
