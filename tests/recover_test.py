@@ -316,6 +316,14 @@ class BatchStatsTest(absltest.TestCase):
     self.assertTrue(all(s.shift for s in sites))
     self.assertNotIn(self.logits, [s.tensor for s in sites])
     self.assertLen([s for s in sites if s.scale], 1)  # fc1: MatMul, Mul, AddV2
+    # Every reader of a site's output but the normalisation's own reads the normalised one.
+    nodes = self.training.model.graph_def.node
+    self.assertLen([n for n in nodes if n.op == "Rsqrt"], 6)
+    for site in sites:
+      ref = site.tensor[:-2]
+      readers = [n.name for n in nodes if ref in n.input]
+      self.assertTrue(readers)
+      self.assertTrue(all(r.startswith("graph_prune_batch_stats/") for r in readers), readers)
 
   def test_starts_where_the_model_is(self):
     np.testing.assert_allclose(self._outputs(self.training.model, self.names),
@@ -335,6 +343,37 @@ class BatchStatsTest(absltest.TestCase):
     np.testing.assert_allclose(out, trained, rtol=0, atol=1e-4 * np.abs(trained).max())
     self.assertEqual([n.op for n in folded.graph_def.node],
                      [n.op for n in self.model.graph_def.node])
+
+  def test_one_channel_layer(self):
+    # Regression: a one-channel layer's shift has one element, so it is not among the
+    # weight constants training took its variables from, and folding back read a
+    # value that training never had (KeyError).
+    import keras  # pylint: disable=g-import-not-at-top
+    inputs = keras.Input((8, 8, 2))
+    h = keras.layers.ReLU()(keras.layers.Conv2D(1, 3, padding="same", name="one")(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(3, name="fc")(keras.layers.Flatten()(h)))
+    rng = np.random.default_rng(2)
+    for layer in (model.get_layer("one"), model.get_layer("fc")):
+      layer.set_weights([rng.standard_normal(w.shape).astype(np.float32) * 0.5 + 0.1
+                         for w in layer.get_weights()])
+    graph_def, _, _ = tf_model.freeze(model, [8, 8, 2], "x", "y")
+    path = os.path.join(self.create_tempdir().full_path, "one.pb")
+    with open(path, "wb") as f:
+      f.write(graph_def.SerializeToString())
+    frozen = tf_model.normalise(tf_model.load(path))
+    logits = tf_trainable.logits_tensor(frozen)
+    x = rng.standard_normal((64, 8, 8, 2)).astype(np.float32)
+    data = recover_data.Data(tf.data.Dataset.from_tensor_slices((x, np.zeros(64, np.int64))),
+                             x[:8], 64, "planted")
+    options = dataclasses.replace(_FAST, train_steps=5, batch_size=16, calibration_samples=64,
+                                  batch_stats=True, learning_rate=0.05)
+    trained, doc = train.train(recover.frozen_function(frozen, logits), frozen, logits, data,
+                               options)
+    self.assertEqual(doc["batch_stats"]["layers"], 1)
+    site = batch_stats.sites(frozen, logits)[0][0]
+    self.assertNotIn(site.shift, tf_trainable.weight_constants(frozen))  # one element
+    shift = lambda m: tf_trainable.constant_values(m, [site.shift])[site.shift]
+    self.assertFalse(np.array_equal(shift(frozen), shift(trained)))  # trained, folded back
 
 
 class AugmentTest(absltest.TestCase):

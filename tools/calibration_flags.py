@@ -18,7 +18,8 @@ CALIBRATION_FORMAT = flags.DEFINE_string("calibration_format", "auto",
 CALIBRATION_SPLIT = flags.DEFINE_string("calibration_split", "train",
                                         "IDX split (train or test) of an IDX directory.")
 CALIBRATION_SAMPLES = flags.DEFINE_integer(
-    "calibration_samples", 2048, "Calibration samples used (and bn_recalibrate's statistics).")
+    "calibration_samples", 2048, "Calibration samples used (and the statistics of bn_recalibrate and "
+    "--recover_batch_stats).")
 CALIBRATION_HOLDOUT = flags.DEFINE_integer(
     "calibration_holdout", 500, "Further samples kept out of calibration; reconstruction is "
     "measured against the original on them (a fifth of the data when it has too few).")

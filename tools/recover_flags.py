@@ -55,7 +55,8 @@ RECOVER_BATCH_STATS = flags.DEFINE_bool(
     "recover_batch_stats", False, "distill, finetune: train with a normalisation by batch "
     "statistics after every folded batch norm (per-channel shift after a linear layer), "
     "folded back into the constants at the end with statistics of --calibration_samples "
-    "training inputs.")
+    "training inputs. Under --strategy=mirrored each replica normalises by its own share "
+    "of the batch.")
 RECOVER_OUTPUT = flags.DEFINE_string("recover_output", None, "Output with the class scores "
                                      "(default: the first; a Softmax's input is used).")
 

@@ -24,6 +24,7 @@ from typing import Mapping
 from absl import logging
 import numpy as np
 
+from graph_prune import errors
 from graph_prune.adapters import tf_model
 from graph_prune.adapters import tf_trainable
 from graph_prune.ops import affine
@@ -133,7 +134,13 @@ def moments(fn, x: np.ndarray, count: int, batch: int = 256) -> list[tuple[np.nd
 
 def calibration_inputs(data: data_lib.Data, samples: int) -> np.ndarray:
   """The first `samples` training inputs (not the held-out ones)."""
-  rows = [x for x, _ in data.train.take(samples).batch(1024).as_numpy_iterator()]
+  try:
+    rows = [x for x, _ in data.train.take(samples).batch(1024).as_numpy_iterator()]
+  except tf.errors.OpError as e:
+    raise errors.InputError(f"reading recovery data '{data.spec}' failed: "
+                            f"{e.message.strip().splitlines()[0]}") from None
+  if not rows:
+    raise errors.InputError(f"recovery data '{data.spec}' has no samples")
   return np.concatenate(rows)
 
 

@@ -28,7 +28,7 @@ class Options:
   learning_rate: float = 1e-3      # peak; linear warm-up then cosine decay
   temperature: float = 4.0         # distillation temperature
   distill_weight: float = 0.0      # finetune: weight of the distillation term in the loss
-  calibration_samples: int = 2048  # bn_recalibrate
+  calibration_samples: int = 2048  # bn_recalibrate's and batch_stats' statistics
   holdout_samples: int = 2000      # kept out of training; agreement measured on them
   strategy: str = "default"
   checkpoint_dir: Optional[str] = None

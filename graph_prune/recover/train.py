@@ -121,7 +121,7 @@ def train(teacher, pruned: tf_model.TFModel, logits: str,
     calibration = calibrate.calibration_inputs(data, options.calibration_samples)
     normalised = batch_stats_lib.insert(pruned, logits, calibration)
     net = normalised.model
-    names = tf_trainable.weight_constants(pruned) + normalised.constants
+    names = normalised.weights(pruned) + normalised.constants
   with strategy.scope():
     student = tf_trainable.Trainable(net, fetches=[logits], trainable=names)
     optimizer, schedule = _optimizer(options)
