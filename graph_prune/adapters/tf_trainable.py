@@ -94,8 +94,13 @@ class Trainable(tf.Module):
     return tf.graph_util.import_graph_def(
         self._graph_def, input_map=input_map, return_elements=list(fetches), name="graph")
 
-  def values(self) -> dict[str, np.ndarray]:
-    return {n: w.numpy() for n, w in zip(self.weight_names, self.weights)}
+  def values(self, names: Optional[Sequence[str]] = None) -> dict[str, np.ndarray]:
+    """The variables' values by constant name: all, or those `names`."""
+    pairs = zip(self.weight_names, self.weights)
+    if names is not None:
+      wanted = set(names)
+      pairs = [(n, w) for n, w in pairs if n in wanted]
+    return {n: w.numpy() for n, w in pairs}
 
   def assign(self, values: Mapping[str, np.ndarray]) -> None:
     by_name = dict(zip(self.weight_names, self.weights))

@@ -64,7 +64,7 @@ class Training:
     """The pruned graph's constants that training changes: its weights and every
     site's constants (a one-channel shift is not among the weights)."""
     return tuple(sorted(set(tf_trainable.weight_constants(pruned)) | {
-        c for p in self.points for c in (p.site.weight, p.site.scale, p.site.shift) if c}))
+        c for p in self.points for c in calibrate.constants(p.site)}))
 
 
 def _ref(tensor: str) -> str:
@@ -88,6 +88,12 @@ def _const(graph_def, name: str, value: np.ndarray) -> str:
   tensor = tf.make_tensor_proto(value)
   return _add(graph_def, name, "Const", (), dtype=_attr(type=tensor.dtype), value=_attr(
       tensor=tensor))
+
+
+def _mean(graph_def, name: str, tensor: str, axes: str) -> str:
+  """A float32 mean over `axes`, the dimensions kept."""
+  return _add(graph_def, name, "Mean", (tensor, axes), T=_attr(type=tf.float32.as_datatype_enum),
+              Tidx=_attr(type=tf.int32.as_datatype_enum), keep_dims=_attr(b=True))
 
 
 def sites(pruned: tf_model.TFModel, logits: str) -> tuple[list[calibrate.Site], list[int],
@@ -132,31 +138,24 @@ def insert(pruned: tf_model.TFModel, logits: str, x: np.ndarray) -> Training:
   if any(n.name.startswith(_PREFIX) for n in pruned.graph_def.node):
     raise errors.InputError(f"the model already has nodes named {_PREFIX}/...")
   teacher = tf_trainable.Trainable(pruned, trainable=())
-  fn = calibrate.moments_fn(lambda xb, ts: teacher(xb, fetches=ts), [s.tensor for s in chosen],
-                            [s.axis for s in chosen])
-  stats = calibrate.moments(fn, x, len(chosen))
+  stats = calibrate.moments(teacher, [s.tensor for s in chosen], [s.axis for s in chosen], x)
   gd = tf.compat.v1.GraphDef()
   gd.CopyFrom(pruned.graph_def)
-  points = []
+  t = _attr(type=tf.float32.as_datatype_enum)
+  normalised, points = {}, []
   for k, (site, rank, (mean, std)) in enumerate(zip(chosen, ranks, stats)):
     p = f"{_PREFIX}/{k}"
     ref = _ref(site.tensor)
-    for node in gd.node:  # the readers of the site's output read the normalised tensor
-      node.input[:] = [f"{p}/out" if i in (ref, site.tensor) else i for i in node.input]
+    normalised[ref] = normalised[site.tensor] = f"{p}/out"
     shape = [1] * rank
     shape[site.axis] = -1
-    t = _attr(type=tf.float32.as_datatype_enum)
     axes = _const(gd, f"{p}/axes", np.array([a for a in range(rank) if a != site.axis],
                                                np.int32))
-    mean_b = _add(gd, f"{p}/mean", "Mean", (ref, axes), T=t, Tidx=_attr(
-        type=tf.int32.as_datatype_enum), keep_dims=_attr(b=True))
-    centred = _add(gd, f"{p}/centred", "Sub", (ref, mean_b), T=t)
+    centred = _add(gd, f"{p}/centred", "Sub", (ref, _mean(gd, f"{p}/mean", ref, axes)), T=t)
     square = _add(gd, f"{p}/square", "Square", (centred,), T=t)
-    var_b = _add(gd, f"{p}/variance", "Mean", (square, axes), T=t, Tidx=_attr(
-        type=tf.int32.as_datatype_enum), keep_dims=_attr(b=True))
     eps = _const(gd, f"{p}/epsilon", np.float32(EPSILON))
-    inv = _add(gd, f"{p}/rsqrt", "Rsqrt", (_add(gd, f"{p}/add_epsilon", "AddV2",
-                                                 (var_b, eps), T=t),), T=t)
+    inv = _add(gd, f"{p}/rsqrt", "Rsqrt", (_add(gd, f"{p}/add_epsilon", "AddV2", (
+        _mean(gd, f"{p}/variance", square, axes), eps), T=t),), T=t)
     gamma = _const(gd, f"{p}/gamma", np.sqrt(std ** 2 + EPSILON).astype(np.float32)
                    .reshape(shape))
     beta = _const(gd, f"{p}/beta", mean.astype(np.float32).reshape(shape))
@@ -164,6 +163,9 @@ def insert(pruned: tf_model.TFModel, logits: str, x: np.ndarray) -> Training:
                                                            (inv, gamma), T=t)), T=t)
     _add(gd, f"{p}/out", "AddV2", (scaled, beta), T=t)
     points.append(Point(site, gamma + ":0", beta + ":0"))
+  for node in gd.node:  # the readers of a site's output read the normalised tensor
+    if not node.name.startswith(_PREFIX):
+      node.input[:] = [normalised.get(i, i) for i in node.input]
   return Training(dataclasses.replace(pruned, graph_def=gd), tuple(points), tuple(skipped))
 
 
@@ -177,10 +179,8 @@ def fold(pruned: tf_model.TFModel, training: Training, values: Mapping[str, np.n
   student.assign({n: values[n] for n in names})
   for point in training.points:
     site = point.site
-    fn = calibrate.moments_fn(lambda xb, ts: student(xb, fetches=ts), [site.tensor],
-                              [site.axis])
-    mean, std = calibrate.moments(fn, x, 1)[0]
+    mean, std = calibrate.moments(student, [site.tensor], [site.axis], x)[0]
     a = values[point.gamma].reshape(-1).astype(np.float64) / np.sqrt(std ** 2 + EPSILON)
     c = values[point.beta].reshape(-1).astype(np.float64) - a * mean
-    student.assign(calibrate.rescaled(student.values(), site, a, c))
+    student.assign(calibrate.rescaled(student.values(calibrate.constants(site)), site, a, c))
   return student.model()

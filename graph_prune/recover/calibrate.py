@@ -104,41 +104,31 @@ class _Stats:
     return mean, np.sqrt(np.maximum(self.ss / self.n - mean * mean, 0.0))
 
 
-def moments_fn(call, tensors: list[str], axes: list[int]):
-  """A tf.function of a batch: per-channel count, sum and sum of squares of each
-  tensor `call(batch, tensors)` gives, reduced over every axis but its channel axis."""
+def moments(trainable: tf_trainable.Trainable, tensors: list[str], axes: list[int],
+            x: np.ndarray, batch: int = 256) -> list[tuple[np.ndarray, np.ndarray]]:
+  """Per-channel (mean, standard deviation) of each of `tensors` (reduced over every
+  axis but its channel axis in `axes`) as `trainable` computes them on all of `x`,
+  accumulated batch by batch in float64."""
   @tf.function
-  def fn(x):
-    outs = call(x, tensors)
+  def fn(xb):
     res = []
-    for t, axis in zip(outs, axes):
+    for t, axis in zip(trainable(xb, fetches=tensors), axes):
       red = [a for a in range(t.shape.rank) if a != axis]
       t = tf.cast(t, tf.float64)
       res.append((tf.cast(tf.reduce_prod(tf.gather(tf.shape(t), red)), tf.float64),
                   tf.reduce_sum(t, red), tf.reduce_sum(t * t, red)))
     return res
-  return fn
 
-
-def moments(fn, x: np.ndarray, count: int, batch: int = 256) -> list[tuple[np.ndarray, ...]]:
-  """Per-channel (mean, standard deviation) of the first `count` tensors of `fn`
-  (moments_fn) over all of `x`, accumulated batch by batch in float64."""
-  stats = None
+  stats = [_Stats() for _ in tensors]
   for i in range(0, len(x), batch):
-    res = fn(tf.constant(x[i:i + batch]))
-    stats = stats or [_Stats() for _ in res]
-    for st, (n, s, ss) in zip(stats, res):
+    for st, (n, s, ss) in zip(stats, fn(tf.constant(x[i:i + batch]))):
       st.add(float(n), s.numpy(), ss.numpy())
-  return [st.result() for st in stats[:count]]
+  return [st.result() for st in stats]
 
 
 def calibration_inputs(data: data_lib.Data, samples: int) -> np.ndarray:
   """The first `samples` training inputs (not the held-out ones)."""
-  try:
-    rows = [x for x, _ in data.train.take(samples).batch(1024).as_numpy_iterator()]
-  except tf.errors.OpError as e:
-    raise errors.InputError(f"reading recovery data '{data.spec}' failed: "
-                            f"{e.message.strip().splitlines()[0]}") from None
+  rows = data_lib.as_numpy(data.train.take(samples), data.spec)
   if not rows:
     raise errors.InputError(f"recovery data '{data.spec}' has no samples")
   return np.concatenate(rows)
@@ -155,21 +145,18 @@ def recalibrate(original: tf_model.TFModel, pruned: tf_model.TFModel,
   target = {}
   if affine:
     teacher = tf_trainable.Trainable(original, trainable=())
-    fn = moments_fn(lambda xb, ts: teacher(xb, fetches=ts), [s.tensor for s in affine],
-                    [s.axis for s in affine])
-    for site, (mean, std) in zip(affine, moments(fn, x, len(affine))):
+    for site, (mean, std) in zip(affine, moments(teacher, [s.tensor for s in affine],
+                                                 [s.axis for s in affine], x)):
       positions = kept.get(site.tensor)
       if positions is None:
         positions = np.arange(len(mean))
       target[site.tensor] = (mean[positions], std[positions])
   student = tf_trainable.Trainable(
-      pruned, trainable=sorted({c for s in sites for c in
-                                (s.weight, s.scale, s.shift, s.mean, s.variance) if c}))
+      pruned, trainable=sorted({c for s in sites for c in constants(s)}))
   adjusted = 0
   for site in sites:
-    fn = moments_fn(lambda xb, ts: student(xb, fetches=ts), [site.tensor], [site.axis])
-    mean_p, std_p = moments(fn, x, 1)[0]
-    values = student.values()
+    mean_p, std_p = moments(student, [site.tensor], [site.axis], x)[0]
+    values = student.values(constants(site))
     if site.kind == "batchnorm":
       shape = values[site.mean].shape
       student.assign({site.mean: mean_p.reshape(shape).astype(values[site.mean].dtype),
@@ -191,6 +178,11 @@ def recalibrate(original: tf_model.TFModel, pruned: tf_model.TFModel,
                len(sites), len(x))
   return student.model(), {"calibration_samples": int(len(x)), "sites": len(sites),
                            "sites_adjusted": adjusted, "skipped": skipped[:20]}
+
+
+def constants(site: Site) -> tuple[str, ...]:
+  """The constants of a site."""
+  return tuple(c for c in (site.weight, site.scale, site.shift, site.mean, site.variance) if c)
 
 
 def rescaled(values: Mapping[str, np.ndarray], site: Site, a: np.ndarray,

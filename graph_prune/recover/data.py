@@ -56,16 +56,22 @@ def load_data(model: tf_model.TFModel, options: Options, labels: bool) -> Data:
   holdout = options.holdout_samples
   if examples.count is not None:
     holdout = min(holdout, examples.count // 5)
-  try:
-    held = [x for x, _ in ds.take(holdout).batch(1024).as_numpy_iterator()]
-  except tf.errors.OpError as e:
-    raise errors.InputError(f"reading recovery data '{options.data}' failed: "
-                            f"{e.message.strip().splitlines()[0]}") from None
+  held = as_numpy(ds.take(holdout), options.data)
   held = np.concatenate(held) if held else np.zeros((0,) + tuple(want or ()), np.float32)
   count = examples.count - holdout if examples.count is not None else None
   if count == 0:
     raise errors.InputError(f"recovery data '{options.data}' has no samples left for training")
   return Data(ds.skip(holdout), held, count, options.data)
+
+
+def as_numpy(ds, spec: str) -> list[np.ndarray]:
+  """The inputs of a dataset of (x, label), in batches of up to 1024; an error reading
+  them is one line."""
+  try:
+    return [x for x, _ in ds.batch(1024).as_numpy_iterator()]
+  except tf.errors.OpError as e:
+    raise errors.InputError(f"reading recovery data '{spec}' failed: "
+                            f"{e.message.strip().splitlines()[0]}") from None
 
 
 def _input_shape(model: tf_model.TFModel):

@@ -97,10 +97,7 @@ def grow_and_prune(original: tf_model.TFModel, analysis: groups_lib.Analysis,
         c: np.where(current.get(c, True), now[c], np.where(grown.get(c, True), source[c], 0))
         .astype(now[c].dtype) for c in names})
     ckpt = os.path.join(checkpoint_dir, f"phase_{phase + 1}") if checkpoint_dir else None
-    # Each phase its own seed: the data order (and any augmentation) is a function of the
-    # seed and the step, and one seed for all would train every phase on the same batches.
-    model, doc = train.train(teacher, model, logits, data,
-                             dataclasses.replace(phase_options, seed=options.seed + phase),
+    model, doc = train.train(teacher, model, logits, data, phase_options.reseeded(phase),
                              ckpt, masks=grown,
                              step_offset=phase * options.gap_phase_steps)
     # Prune the part back to its target counts on the trained weights.

@@ -42,6 +42,13 @@ class Options:
   augment: augment_lib.Augment = augment_lib.Augment()  # training batches (recover.augment)
   batch_stats: bool = False        # train with batch statistics at folded batch norms
 
+  def reseeded(self, k: int) -> "Options":
+    """The options of the k-th of several trainings in one recovery (a gap phase, a
+    --steps increment), k = 0, 1, ...: each has a seed of its own, since the data
+    order and any augmentation are functions of the seed and the training step, and
+    one seed for all would show each the same batches."""
+    return dataclasses.replace(self, seed=self.seed + k)
+
 
 def check(options: Options) -> None:
   """Flag errors, before any work."""

@@ -105,12 +105,8 @@ class Recovery:
 
   def __call__(self, original: Any, pruned: Any, kept: Mapping[str, np.ndarray],
                checkpoint_dir: Optional[str], step: int = 1) -> tuple[Any, dict]:
-    """Recovery after increment `step` (1, ...) of --steps: each increment trains with
-    a seed of its own (the data order and any augmentation are functions of the seed
-    and the training step; one seed for all would show every increment the same
-    batches)."""
-    options = dataclasses.replace(self.options, seed=self.options.seed + step - 1)
-    return recover(original, pruned, kept, options, checkpoint_dir)
+    """Recovery after increment `step` (1, ...) of --steps, with a seed of its own."""
+    return recover(original, pruned, kept, self.options.reseeded(step - 1), checkpoint_dir)
 
   def grow_and_prune(self, original: Any, analysis, plan, replan: gap.Replan,
                      checkpoint_dir: Optional[str]) -> tuple[Any, Any, dict]:
