@@ -95,12 +95,10 @@ class Trainable(tf.Module):
         self._graph_def, input_map=input_map, return_elements=list(fetches), name="graph")
 
   def values(self, names: Optional[Sequence[str]] = None) -> dict[str, np.ndarray]:
-    """The variables' values by constant name: all, or those `names`."""
-    pairs = zip(self.weight_names, self.weights)
-    if names is not None:
-      wanted = set(names)
-      pairs = [(n, w) for n, w in pairs if n in wanted]
-    return {n: w.numpy() for n, w in pairs}
+    """The variables' values by constant name: all, or those `names` (each one of
+    the trained constants)."""
+    by_name = dict(zip(self.weight_names, self.weights))
+    return {n: by_name[n].numpy() for n in (self.weight_names if names is None else names)}
 
   def assign(self, values: Mapping[str, np.ndarray]) -> None:
     by_name = dict(zip(self.weight_names, self.weights))

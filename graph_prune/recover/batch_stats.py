@@ -153,9 +153,10 @@ def insert(pruned: tf_model.TFModel, logits: str, x: np.ndarray) -> Training:
                                                np.int32))
     centred = _add(gd, f"{p}/centred", "Sub", (ref, _mean(gd, f"{p}/mean", ref, axes)), T=t)
     square = _add(gd, f"{p}/square", "Square", (centred,), T=t)
+    var_b = _mean(gd, f"{p}/variance", square, axes)
     eps = _const(gd, f"{p}/epsilon", np.float32(EPSILON))
-    inv = _add(gd, f"{p}/rsqrt", "Rsqrt", (_add(gd, f"{p}/add_epsilon", "AddV2", (
-        _mean(gd, f"{p}/variance", square, axes), eps), T=t),), T=t)
+    inv = _add(gd, f"{p}/rsqrt", "Rsqrt", (_add(gd, f"{p}/add_epsilon", "AddV2",
+                                                 (var_b, eps), T=t),), T=t)
     gamma = _const(gd, f"{p}/gamma", np.sqrt(std ** 2 + EPSILON).astype(np.float32)
                    .reshape(shape))
     beta = _const(gd, f"{p}/beta", mean.astype(np.float32).reshape(shape))
