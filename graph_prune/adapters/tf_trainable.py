@@ -11,7 +11,7 @@ path, so a round trip without training gives back the same GraphDef bytes.
 from __future__ import annotations
 
 import functools
-from typing import Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -97,13 +97,17 @@ class Trainable(tf.Module):
   def values(self, names: Optional[Sequence[str]] = None) -> dict[str, np.ndarray]:
     """The variables' values by constant name: all, or those `names` (each one of
     the trained constants)."""
-    by_name = dict(zip(self.weight_names, self.weights))
+    by_name = self._by_name()
     return {n: by_name[n].numpy() for n in (self.weight_names if names is None else names)}
 
   def assign(self, values: Mapping[str, np.ndarray]) -> None:
-    by_name = dict(zip(self.weight_names, self.weights))
+    by_name = self._by_name()
     for name, value in values.items():
       by_name[name].assign(value)
+
+  def _by_name(self) -> dict[str, Any]:
+    """The variables by constant name."""
+    return dict(zip(self.weight_names, self.weights))
 
   def model(self) -> tf_model.TFModel:
     """The frozen model with the variables' current values in its constants."""

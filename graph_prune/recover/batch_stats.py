@@ -115,7 +115,7 @@ def sites(pruned: tf_model.TFModel, logits: str) -> tuple[list[calibrate.Site], 
       skipped.append(f"{site.node}: a batch-norm op, trained as it is")
     elif site.tensor in ends:
       skipped.append(f"{site.node}: produces the logits")
-    elif any(len(graph.consumers(c)) > 1 for c in (site.weight, site.scale, site.shift) if c):
+    elif any(len(graph.consumers(c)) > 1 for c in calibrate.constants(site)):
       skipped.append(f"{site.node}: its constants are read by other ops too")
     elif site.tensor.split(":")[0] not in top:
       skipped.append(f"{site.node}: inside a function")
