@@ -315,6 +315,8 @@ def text(doc) -> str:
       work += ", augmented: " + ", ".join(
           ["flip"] * aug["flip"] + [f"shift {aug['shift']} px"] * bool(aug["shift"])
           + [f"mixup {aug['mixup']:g}"] * bool(aug["mixup"]))
+    if r.get("dropout"):
+      work += f", dropout {r['dropout']['rate']:g} at {r['dropout']['layer']}"
     norm = r.get("batch_stats")
     if norm:
       work += (f", batch statistics at {norm['layers']} layers (folded back with "

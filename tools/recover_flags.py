@@ -57,6 +57,10 @@ RECOVER_BATCH_STATS = flags.DEFINE_bool(
     "folded back into the constants at the end with statistics of --calibration_samples "
     "training inputs. Under --strategy=mirrored each replica normalises by its own share "
     "of the batch.")
+RECOVER_DROPOUT = flags.DEFINE_float(
+    "recover_dropout", 0.0, "distill, finetune, gap: in training, drop each input of the layer "
+    "producing the logits (a dense or convolution classifier) with this probability, as "
+    "the model's own dropout did before it was frozen; 0: off.")
 RECOVER_OUTPUT = flags.DEFINE_string("recover_output", None, "Output with the class scores "
                                      "(default: the first; a Softmax's input is used).")
 
@@ -69,6 +73,8 @@ def options(cli, preprocess: preprocess_lib.Preprocess, data_dir, seed: int):
       raise errors.UsageError("--recover_augment augments recovery training; give --recover")
     if RECOVER_BATCH_STATS.value:
       raise errors.UsageError("--recover_batch_stats changes recovery training; give --recover")
+    if RECOVER_DROPOUT.value:
+      raise errors.UsageError("--recover_dropout changes recovery training; give --recover")
     return None
   # pylint: disable=g-import-not-at-top
   from graph_prune.recover import augment as augment_lib
@@ -86,4 +92,5 @@ def options(cli, preprocess: preprocess_lib.Preprocess, data_dir, seed: int):
       log_every=LOG_EVERY.value, seed=seed, output=RECOVER_OUTPUT.value,
       gap_parts=GAP_PARTS.value, gap_phase_steps=GAP_PHASE_STEPS.value,
       augment=augment_lib.parse(RECOVER_AUGMENT.value), batch_stats=RECOVER_BATCH_STATS.value,
+      dropout=RECOVER_DROPOUT.value,
       tensorboard_dir=cli.path(TENSORBOARD_DIR.value))

@@ -41,6 +41,7 @@ class Options:
   gap_phase_steps: int = 250       # gap: distillation steps per phase (one part grown)
   augment: augment_lib.Augment = augment_lib.Augment()  # training batches (recover.augment)
   batch_stats: bool = False        # train with batch statistics at folded batch norms
+  dropout: float = 0.0             # dropout rate at the classifier's input in training
 
   def reseeded(self, k: int) -> "Options":
     """The options of the k-th of several trainings in one recovery (a gap phase, a
@@ -78,5 +79,10 @@ def check(options: Options) -> None:
   if options.batch_stats and options.method not in (DISTILL, FINETUNE):
     raise errors.UsageError("--recover_batch_stats applies to --recover=distill and finetune "
                             f"(not {options.method})")
+  if not 0.0 <= options.dropout < 1.0:
+    raise errors.UsageError(f"--recover_dropout is {options.dropout}; it must be in [0, 1)")
+  if options.dropout and options.method == BN_RECALIBRATE:
+    raise errors.UsageError("--recover_dropout applies to the training recoveries (distill, "
+                            "finetune, gap), not to bn_recalibrate")
   if not 0.0 <= options.distill_weight <= 1.0:
     raise errors.UsageError(f"--distill_weight is {options.distill_weight}; it must be in [0, 1]")

@@ -6,7 +6,8 @@ distillation term by --distill_weight. Adam, linear warm-up then cosine decay.
 With --recover_augment the batches are augmented (recover.augment) before the
 teacher and the student see them, so both score the same inputs. With
 --recover_batch_stats the student normalises by batch statistics at every folded
-batch norm, folded back at the end (recover.batch_stats).
+batch norm, folded back at the end (recover.batch_stats); with --recover_dropout it
+drops inputs of its classifier (recover.dropout).
 
 The data order is a function of the seed and the step alone (seeded shuffle,
 repeat, batch, skip the steps already done), so a resumed run sees the batches an
@@ -33,6 +34,7 @@ from graph_prune.recover import augment as augment_lib
 from graph_prune.recover import batch_stats as batch_stats_lib
 from graph_prune.recover import calibrate
 from graph_prune.recover import data as data_lib
+from graph_prune.recover import dropout as dropout_lib
 from graph_prune.recover import options as options_lib
 
 tf = tf_model.tf
@@ -122,6 +124,9 @@ def train(teacher, pruned: tf_model.TFModel, logits: str,
     normalised = batch_stats_lib.insert(pruned, logits, calibration)
     net = normalised.model
     names = normalised.weights(pruned) + normalised.constants
+  if options.dropout:
+    names = names or tf_trainable.weight_constants(pruned)
+    net = dropout_lib.insert(net, logits, options.dropout)
   with strategy.scope():
     student = tf_trainable.Trainable(net, fetches=[logits], trainable=names)
     optimizer, schedule = _optimizer(options)
@@ -146,16 +151,18 @@ def train(teacher, pruned: tf_model.TFModel, logits: str,
   global_batch = options.batch_size
 
   def replica_step(x, labels):
+    replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+    seed = tf.stack([tf.constant(options.seed, tf.int64),
+                     optimizer.iterations * replicas + tf.cast(replica, tf.int64)])
     if options.augment.on:
-      replica = tf.distribute.get_replica_context().replica_id_in_sync_group
-      seed = tf.stack([tf.constant(options.seed, tf.int64),
-                       optimizer.iterations * replicas + tf.cast(replica, tf.int64)])
       x, lam, partner = augment_lib.apply(options.augment, x, seed)
     else:
       lam = partner = None
     t = teacher(x)
     with tf.GradientTape() as tape:
-      s = student(x)[0]
+      # Dropout's masks: another stream than augmentation's, from the same step seed.
+      s = (student(x, seed + tf.constant([0, 1 << 40], tf.int64)) if options.dropout
+           else student(x))[0]
       loss = tf.nn.compute_average_loss(_per_sample_loss(s, t, labels, options, lam, partner),
                                         global_batch_size=global_batch)
     grads = tape.gradient(loss, student.weights)
@@ -234,8 +241,11 @@ def train(teacher, pruned: tf_model.TFModel, logits: str,
     doc["distill_weight"] = options.distill_weight
   if options.augment.on:
     doc["augment"] = options.augment.to_json()
+  if options.dropout:
+    doc["dropout"] = {"rate": options.dropout,
+                      "layer": dropout_lib.classifier(pruned.graph_def, logits)[0]}
   if normalised is None:
-    return student.model(), doc
+    return tf_trainable.with_values(pruned, student.values()), doc
   doc["batch_stats"] = {"layers": len(normalised.points), "calibration_samples": len(calibration),
                         "skipped": list(normalised.skipped[:20])}
   return batch_stats_lib.fold(pruned, normalised, student.values(), calibration), doc
@@ -266,7 +276,8 @@ def fingerprint(pruned: tf_model.TFModel, options: options_lib.Options) -> str:
   fields = dataclasses.asdict(options)
   for key in ("checkpoint_dir", "checkpoint_every", "log_every", "tensorboard_dir"):
     fields.pop(key)
-  for key, off in (("augment", not options.augment.on), ("batch_stats", not options.batch_stats)):
+  for key, off in (("augment", not options.augment.on), ("batch_stats", not options.batch_stats),
+                   ("dropout", not options.dropout)):
     if off:  # checkpoints written before the option existed still resume
       fields.pop(key)
   h.update(repr(sorted(fields.items())).encode())

@@ -40,7 +40,8 @@ class RecoveryStep:
             f"strategy={o.strategy}" + (f", parts={o.gap_parts}, phase_steps={o.gap_phase_steps}"
                                         if o.method == "gap" else "")
             + (f", augment={o.augment.to_json()}" if o.augment.on else "")
-            + (", batch_stats" if o.batch_stats else "") + ")")
+            + (", batch_stats" if o.batch_stats else "")
+            + (f", dropout={o.dropout:g}" if o.dropout else "") + ")")
 
   def __call__(self, ctx: sweep.RunContext) -> Mapping[str, Any]:
     config, run = ctx.config, ctx.run
