@@ -1,6 +1,6 @@
 """Recovery after pruning: the trainable round trip, distillation, fine-tuning,
 batch-norm recalibration, increments, strategies, augmented batches, training with
-batch statistics, resumption and bad input.
+batch statistics and with dropout, resumption and bad input.
 
 The model is the built-in default one (trained on Fashion-MNIST); the data is the
 Fashion-MNIST training set from the Debian package.
@@ -29,6 +29,7 @@ from graph_prune.recover import augment
 from graph_prune.recover import batch_stats
 from graph_prune.recover import calibrate
 from graph_prune.recover import data as recover_data
+from graph_prune.recover import dropout
 from graph_prune.recover import options as recover_options
 from graph_prune.recover import recover
 from graph_prune.recover import train
@@ -191,6 +192,20 @@ class RecoveryTest(absltest.TestCase):
     plain, _ = self._prune("batch_stats_plain.pb", dataclasses.replace(_FAST, train_steps=1))
     ops = lambda path: [n.op for n in tf_model.load(path).graph_def.node]
     self.assertEqual(ops(out), ops(plain))
+
+  def test_finetune_with_dropout(self):
+    out, doc = self._prune("dropout.pb", dataclasses.replace(
+        _FAST, method=recover_options.FINETUNE, train_steps=200, distill_weight=0.5,
+        dropout=0.3, batch_stats=True))
+    rec = doc["recovery"]
+    self.assertEqual(rec["dropout"], {"rate": 0.3, "layer": "fmnist_vgg_bn_1/logits_1/MatMul"})
+    self.assertGreater(rec["holdout_agreement_after"], rec["holdout_agreement_before"] + 0.4)
+    self.assertGreater(self._agreement(out), self.unrecovered + 0.4)
+    self.assertTrue(doc["verify"]["passed"])
+    # Only the training graph had the dropout: the written one has the pruned graph's ops.
+    plain, _ = self._prune("dropout_plain.pb", dataclasses.replace(_FAST, train_steps=1))
+    graph = lambda path: [(n.name, n.op, list(n.input)) for n in tf_model.load(path).graph_def.node]
+    self.assertEqual(graph(out), graph(plain))
 
   def test_finetune_mixes_the_labels_of_mixed_samples(self):
     out, doc = self._prune("finetuned_mixup.pb", dataclasses.replace(
@@ -376,6 +391,59 @@ class BatchStatsTest(absltest.TestCase):
     self.assertFalse(np.array_equal(shift(frozen), shift(trained)))  # trained, folded back
 
 
+class DropoutTest(absltest.TestCase):
+  """Dropout at the classifier's input, against the classifier computed by hand."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.model = tf_model.normalise(tf_model.load(_PB))
+    cls.logits = tf_trainable.logits_tensor(cls.model)
+    cls.training, cls.layer = dropout.insert(cls.model, cls.logits, 0.3)
+    cls.x = _test_images(64)
+
+  def _logits(self, seed):
+    net = tf_trainable.Trainable(self.training, fetches=[self.logits], trainable=())
+    return net(self.x, tf.constant(seed, tf.int64))[0].numpy()
+
+  def test_finds_the_dense_layer_behind_the_logits(self):
+    self.assertEqual(self.layer, "fmnist_vgg_bn_1/logits_1/MatMul")
+    self.assertEqual(self.training.inputs, self.model.inputs + (dropout.SEED,))
+
+  def test_drops_and_rescales_the_classifier_input(self):
+    node = next(n for n in self.model.graph_def.node if n.name == self.layer)
+    h, plain = tf_trainable.Trainable(
+        self.model, fetches=[tf_model.tensor_name(node.input[0]), self.logits],
+        trainable=())(self.x)
+    h, plain = h.numpy(), plain.numpy()
+    w = tf_model.tensor_name(node.input[1])
+    w = tf_trainable.constant_values(self.model, [w])[w]
+    seed = [5, 11]
+    keep = tf.raw_ops.StatelessRandomUniform(shape=h.shape, seed=seed,
+                                             dtype=tf.float32).numpy() >= 0.3
+    self.assertAlmostEqual(keep.mean(), 0.7, delta=0.05)
+    expected = plain + (h * keep / 0.7 - h) @ w   # the logits are h @ w + bias
+    np.testing.assert_allclose(self._logits(seed), expected, rtol=0,
+                               atol=1e-4 * np.abs(expected).max())
+    self.assertGreater(np.abs(self._logits(seed) - plain).max(), 0.1)
+
+  def test_masks_are_a_function_of_the_seed(self):
+    np.testing.assert_array_equal(self._logits([5, 11]), self._logits([5, 11]))
+    self.assertGreater(np.abs(self._logits([5, 11]) - self._logits([5, 12])).max(), 0.1)
+
+  def test_logits_without_a_classifier(self):
+    import keras  # pylint: disable=g-import-not-at-top
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.ReLU()(keras.layers.Dense(3)(inputs)))
+    graph_def, _, _ = tf_model.freeze(model, [4], "x", "y")
+    path = os.path.join(self.create_tempdir().full_path, "relu.pb")
+    with open(path, "wb") as f:
+      f.write(graph_def.SerializeToString())
+    frozen = tf_model.normalise(tf_model.load(path))
+    with self.assertRaisesRegex(errors.UsageError, "do not come from a dense or convolution"):
+      dropout.insert(frozen, tf_trainable.logits_tensor(frozen), 0.3)
+
+
 class AugmentTest(absltest.TestCase):
   """The batch transforms, checked sample by sample against numpy."""
 
@@ -462,9 +530,9 @@ class ResumeTest(absltest.TestCase):
     common = [f"--in={_PB}", "--ratio=0.5", "--recover=distill", f"--recover_data={_DATA}",
               "--scale=1/255", "--recover_train_steps=120", "--checkpoint_every=40",
               "--log_every=20", "--holdout_samples=500",
-              # The augmentation is a function of the step: resumed, it draws what the
-              # uninterrupted run drew.
-              "--recover_augment=flip,shift=2,mixup=0.4"]
+              # The augmentation and the dropout masks are functions of the step: resumed,
+              # the run draws what the uninterrupted run drew.
+              "--recover_augment=flip,shift=2,mixup=0.4", "--recover_dropout=0.3"]
     ckpt = os.path.join(tmp, "ckpt")
     env = dict(os.environ, PYTHONPATH=_ROOT, TF_CPP_MIN_LOG_LEVEL="3", TF_DETERMINISTIC_OPS="1")
     proc = subprocess.Popen([*binaries.command("prune"), *common,
@@ -589,6 +657,17 @@ class BadInputTest(absltest.TestCase):
 
   def test_batch_statistics_without_recovery(self):
     self._fails("--recover_batch_stats", match="give --recover")
+
+  def test_dropout_without_recovery(self):
+    self._fails("--recover_dropout=0.3", match="give --recover")
+
+  def test_dropout_of_no_training(self):
+    self._fails("--recover=bn_recalibrate", f"--recover_data={_DATA}", "--recover_dropout=0.3",
+                match="not to bn_recalibrate")
+
+  def test_dropout_rate_of_one(self):
+    self._fails("--recover=distill", f"--recover_data={_DATA}", "--recover_dropout=1",
+                match=r"--recover_dropout is 1.0; it must be in \[0, 1\)")
 
   def test_augmentation_without_recovery(self):
     self._fails("--recover_augment=flip", match="give --recover")

@@ -78,6 +78,15 @@ class GraphView:
     """(node, input index) pairs that read `tensor`."""
     return list(self._consumers.get(tensor, ()))
 
+  def copied_from(self, tensor: str) -> list[str]:
+    """`tensor` and, through Identity nodes, each tensor it is a copy of, nearest first."""
+    chain = [tensor]
+    node = self.producer(tensor)
+    while node is not None and node.op == "Identity" and node.inputs:
+      chain.append(node.inputs[0])
+      node = self.producer(node.inputs[0])
+    return chain
+
   def is_const(self, tensor: str) -> bool:
     return tensor in self.constants
 

@@ -103,12 +103,7 @@ def sites(pruned: tf_model.TFModel, logits: str) -> tuple[list[calibrate.Site], 
   graph = tf_model.to_view(pruned)
   found, skipped = calibrate.find_sites(graph, tf_ops.REGISTRY)
   top = {n.name for n in pruned.graph_def.node}
-  ends = {logits, *pruned.outputs}  # and the tensors they copy
-  for tensor in list(ends):
-    node = graph.producer(tensor)
-    while node is not None and node.op == "Identity":
-      ends.add(node.inputs[0])
-      node = graph.producer(node.inputs[0])
+  ends = {c for t in (logits, *pruned.outputs) for c in graph.copied_from(t)}
   chosen, ranks = [], []
   for site in found:
     if site.kind != "affine":

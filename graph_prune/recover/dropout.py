@@ -20,6 +20,7 @@ import numpy as np
 
 from graph_prune import errors
 from graph_prune.adapters import tf_model
+from graph_prune.graph import view
 
 tf = tf_model.tf
 
@@ -33,41 +34,32 @@ def _attr(**kw):
   return tf.compat.v1.AttrValue(**kw)
 
 
-def classifier(graph_def, logits: str) -> tuple[str, str]:
-  """The layer producing `logits` (through Identity nodes and its bias): its node name
-  and the tensor it reads as its data input, as the node's input names it."""
-  nodes = {n.name: n for n in graph_def.node}
-
-  def producer(ref):
-    return nodes.get(tf_model.tensor_name(ref).split(":")[0])
-
-  def const(ref):
-    return getattr(producer(ref), "op", None) == "Const"
-
-  node = producer(logits)
-  while node is not None and node.op == "Identity":
-    node = producer(node.input[0])
+def classifier(graph: view.GraphView, logits: str) -> str:
+  """The node of the layer that produces `logits` (through Identity nodes and its bias)."""
+  node = graph.producer(graph.copied_from(logits)[-1])
   if node is not None and node.op in _BIAS_OPS:
-    data = [i for i in node.input[:2] if not const(i)]
-    node = producer(data[0]) if len(data) == 1 else None
-  if (node is None or node.op not in _CLASSIFIER_OPS or not const(node.input[1])
-      or (node.op == "MatMul" and node.attr["transpose_a"].b)):
+    data = [i for i in node.inputs[:2] if not graph.is_const(i)]
+    node = graph.producer(data[0]) if len(data) == 1 else None
+  if (node is None or node.op not in _CLASSIFIER_OPS or len(node.inputs) < 2
+      or not graph.is_const(node.inputs[1]) or node.attrs.get("transpose_a")):
     raise errors.UsageError(f"--recover_dropout: the logits '{logits}' do not come from a dense "
                             "or convolution layer with constant weights (and a bias); the "
                             "dropout goes at that layer's input")
-  return node.name, node.input[0]
+  return node.name
 
 
-def insert(model: tf_model.TFModel, logits: str, rate: float) -> tf_model.TFModel:
-  """The training graph with dropout at the classifier's input; it takes SEED as an
-  extra input after the model's own."""
+def insert(model: tf_model.TFModel, logits: str,
+           rate: float) -> tuple[tf_model.TFModel, str]:
+  """The training graph with dropout at the classifier's input, which takes SEED as an
+  extra input after the model's own, and the classifier's node name."""
   if not 0.0 < rate < 1.0:
     raise ValueError(f"dropout rate {rate} is not in (0, 1)")
   if any(n.name.startswith(_PREFIX) for n in model.graph_def.node):
     raise errors.InputError(f"the model already has nodes named {_PREFIX}/...")
-  layer, data = classifier(model.graph_def, logits)
+  layer = classifier(tf_model.to_view(model), logits)
   gd = tf.compat.v1.GraphDef()
   gd.CopyFrom(model.graph_def)
+  data = next(n for n in gd.node if n.name == layer).input[0]
   f32 = _attr(type=tf.float32.as_datatype_enum)
 
   def add(name, op, inputs, **attrs):
@@ -94,4 +86,4 @@ def insert(model: tf_model.TFModel, logits: str, rate: float) -> tf_model.TFMode
   for node in gd.node:
     if node.name == layer:
       node.input[0] = out
-  return dataclasses.replace(model, graph_def=gd, inputs=tuple(model.inputs) + (SEED,))
+  return dataclasses.replace(model, graph_def=gd, inputs=tuple(model.inputs) + (SEED,)), layer

@@ -117,7 +117,7 @@ def train(teacher, pruned: tf_model.TFModel, logits: str,
   if options.batch_size % replicas:
     raise errors.UsageError(f"--recover_batch_size {options.batch_size} does not split over "
                             f"{replicas} replicas; give a multiple of {replicas}")
-  normalised = calibration = None
+  normalised = calibration = classifier = None
   net, names = pruned, None
   if options.batch_stats:
     calibration = calibrate.calibration_inputs(data, options.calibration_samples)
@@ -126,7 +126,7 @@ def train(teacher, pruned: tf_model.TFModel, logits: str,
     names = normalised.weights(pruned) + normalised.constants
   if options.dropout:
     names = names or tf_trainable.weight_constants(pruned)
-    net = dropout_lib.insert(net, logits, options.dropout)
+    net, classifier = dropout_lib.insert(net, logits, options.dropout)
   with strategy.scope():
     student = tf_trainable.Trainable(net, fetches=[logits], trainable=names)
     optimizer, schedule = _optimizer(options)
@@ -242,8 +242,7 @@ def train(teacher, pruned: tf_model.TFModel, logits: str,
   if options.augment.on:
     doc["augment"] = options.augment.to_json()
   if options.dropout:
-    doc["dropout"] = {"rate": options.dropout,
-                      "layer": dropout_lib.classifier(pruned.graph_def, logits)[0]}
+    doc["dropout"] = {"rate": options.dropout, "layer": classifier}
   if normalised is None:
     return tf_trainable.with_values(pruned, student.values()), doc
   doc["batch_stats"] = {"layers": len(normalised.points), "calibration_samples": len(calibration),
