@@ -443,6 +443,12 @@ class DropoutTest(absltest.TestCase):
     with self.assertRaisesRegex(errors.UsageError, "do not come from a dense or convolution"):
       dropout.insert(frozen, tf_trainable.logits_tensor(frozen), 0.3)
 
+  def test_model_with_the_dropout_nodes_already(self):
+    # Inserted twice, the second seed and masks would clash with the first; refused.
+    with self.assertRaisesRegex(errors.InputError, "already has nodes named graph_prune_dropout"):
+      dropout.insert(self.training, self.logits, 0.3)
+    self.assertEqual(len(self.training.graph_def.node), len(self.model.graph_def.node) + 9)
+
 
 class AugmentTest(absltest.TestCase):
   """The batch transforms, checked sample by sample against numpy."""

@@ -655,6 +655,44 @@ def _drop_nodes(graph_def: tf.compat.v1.GraphDef, drop: set[str]) -> None:
   graph_def.node.extend(kept)
 
 
+def attr(**kw):
+  """An AttrValue: attr(type=...), attr(b=...), attr(shape=...), attr(tensor=...)."""
+  return tf.compat.v1.AttrValue(**kw)
+
+
+FLOAT32 = attr(type=tf.float32.as_datatype_enum)
+INT32 = attr(type=tf.int32.as_datatype_enum)
+INT64 = attr(type=tf.int64.as_datatype_enum)
+
+
+class NodeWriter:
+  """Adds nodes named PREFIX/... to a copy of a model's GraphDef (the training-time
+  additions of recovery); refuses a model that already has nodes under the prefix."""
+
+  def __init__(self, model: TFModel, prefix: str):
+    if any(n.name.startswith(prefix) for n in model.graph_def.node):
+      raise errors.InputError(f"the model already has nodes named {prefix}/...")
+    self.prefix = prefix
+    self.graph_def = tf.compat.v1.GraphDef()
+    self.graph_def.CopyFrom(model.graph_def)
+
+  def add(self, name: str, op: str, inputs: Sequence[str] = (), **attrs) -> str:
+    """Adds node PREFIX/name (attrs: AttrValues) and returns its name."""
+    node = self.graph_def.node.add(name=f"{self.prefix}/{name}", op=op, input=list(inputs))
+    for key, value in attrs.items():
+      node.attr[key].CopyFrom(value)
+    return node.name
+
+  def const(self, name: str, value: np.ndarray) -> str:
+    tensor = tf.make_tensor_proto(value)
+    return self.add(name, "Const", (), dtype=attr(type=tensor.dtype), value=attr(tensor=tensor))
+
+  def model(self, base: TFModel, extra_inputs: Sequence[str] = ()) -> TFModel:
+    """`base` with the written graph and `extra_inputs` after its own inputs."""
+    return dataclasses.replace(base, graph_def=self.graph_def,
+                               inputs=tuple(base.inputs) + tuple(extra_inputs))
+
+
 def write(model: TFModel, path: str) -> None:
   """Writes the model in its own format, atomically (temp file, then rename)."""
   graph_def = model.graph_def

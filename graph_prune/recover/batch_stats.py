@@ -24,17 +24,17 @@ batch it computes what the training graph computes.
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from typing import Mapping, Optional
 
 import numpy as np
 
 from graph_prune import errors
 from graph_prune.adapters import tf_model
 from graph_prune.adapters import tf_trainable
+from graph_prune.graph import view
 from graph_prune.ops import tf_ops
 from graph_prune.recover import calibrate
 
-tf = tf_model.tf
 
 EPSILON = 1e-3   # Keras' batch-norm epsilon
 _PREFIX = "graph_prune_batch_stats"
@@ -73,34 +73,17 @@ def _ref(tensor: str) -> str:
   return node if index == "0" else tensor
 
 
-def _attr(**kw):
-  return tf.compat.v1.AttrValue(**kw)
-
-
-def _add(graph_def, name: str, op: str, inputs, **attrs) -> str:
-  node = graph_def.node.add(name=name, op=op, input=list(inputs))
-  for key, value in attrs.items():
-    node.attr[key].CopyFrom(value)
-  return name
-
-
-def _const(graph_def, name: str, value: np.ndarray) -> str:
-  tensor = tf.make_tensor_proto(value)
-  return _add(graph_def, name, "Const", (), dtype=_attr(type=tensor.dtype), value=_attr(
-      tensor=tensor))
-
-
-def _mean(graph_def, name: str, tensor: str, axes: str) -> str:
+def _mean(w: tf_model.NodeWriter, name: str, tensor: str, axes: str) -> str:
   """A float32 mean over `axes`, the dimensions kept."""
-  return _add(graph_def, name, "Mean", (tensor, axes), T=_attr(type=tf.float32.as_datatype_enum),
-              Tidx=_attr(type=tf.int32.as_datatype_enum), keep_dims=_attr(b=True))
+  return w.add(name, "Mean", (tensor, axes), T=tf_model.FLOAT32, Tidx=tf_model.INT32,
+               keep_dims=tf_model.attr(b=True))
 
 
-def sites(pruned: tf_model.TFModel, logits: str) -> tuple[list[calibrate.Site], list[int],
-                                                          list[str]]:
+def sites(pruned: tf_model.TFModel, logits: str, graph: Optional[view.GraphView] = None
+          ) -> tuple[list[calibrate.Site], list[int], list[str]]:
   """The affine sites that get a normalisation, their tensors' ranks, and why the
-  others do not."""
-  graph = tf_model.to_view(pruned)
+  others do not. `graph`: the model's view, when the caller has it."""
+  graph = graph or tf_model.to_view(pruned)
   found, skipped = calibrate.find_sites(graph, tf_ops.REGISTRY)
   top = {n.name for n in pruned.graph_def.node}
   ends = {c for t in (logits, *pruned.outputs) for c in graph.copied_from(t)}
@@ -122,47 +105,42 @@ def sites(pruned: tf_model.TFModel, logits: str) -> tuple[list[calibrate.Site], 
   return chosen, ranks, skipped
 
 
-def insert(pruned: tf_model.TFModel, logits: str, x: np.ndarray) -> Training:
+def insert(pruned: tf_model.TFModel, logits: str, x: np.ndarray,
+           graph: Optional[view.GraphView] = None) -> Training:
   """The training graph; `x`: the calibration inputs the new scales and offsets start
-  from (each channel's standard deviation and mean on them)."""
-  chosen, ranks, skipped = sites(pruned, logits)
+  from (each channel's standard deviation and mean on them); `graph`: the pruned
+  model's view, when the caller has it."""
+  chosen, ranks, skipped = sites(pruned, logits, graph)
   if not chosen:
     raise errors.UsageError("--recover_batch_stats: the model has no per-channel shift after "
                             "a linear layer (a folded batch norm) to normalise"
                             + (f"; {skipped[0]}" if skipped else ""))
-  if any(n.name.startswith(_PREFIX) for n in pruned.graph_def.node):
-    raise errors.InputError(f"the model already has nodes named {_PREFIX}/...")
+  w = tf_model.NodeWriter(pruned, _PREFIX)
   teacher = tf_trainable.Trainable(pruned, trainable=())
   stats = calibrate.moments(teacher, [s.tensor for s in chosen], [s.axis for s in chosen], x)
-  gd = tf.compat.v1.GraphDef()
-  gd.CopyFrom(pruned.graph_def)
-  t = _attr(type=tf.float32.as_datatype_enum)
+  t = tf_model.FLOAT32
   normalised, points = {}, []
   for k, (site, rank, (mean, std)) in enumerate(zip(chosen, ranks, stats)):
-    p = f"{_PREFIX}/{k}"
     ref = _ref(site.tensor)
-    normalised[ref] = normalised[site.tensor] = f"{p}/out"
     shape = [1] * rank
     shape[site.axis] = -1
-    axes = _const(gd, f"{p}/axes", np.array([a for a in range(rank) if a != site.axis],
-                                               np.int32))
-    centred = _add(gd, f"{p}/centred", "Sub", (ref, _mean(gd, f"{p}/mean", ref, axes)), T=t)
-    square = _add(gd, f"{p}/square", "Square", (centred,), T=t)
-    var_b = _mean(gd, f"{p}/variance", square, axes)
-    eps = _const(gd, f"{p}/epsilon", np.float32(EPSILON))
-    inv = _add(gd, f"{p}/rsqrt", "Rsqrt", (_add(gd, f"{p}/add_epsilon", "AddV2",
-                                                 (var_b, eps), T=t),), T=t)
-    gamma = _const(gd, f"{p}/gamma", np.sqrt(std ** 2 + EPSILON).astype(np.float32)
-                   .reshape(shape))
-    beta = _const(gd, f"{p}/beta", mean.astype(np.float32).reshape(shape))
-    scaled = _add(gd, f"{p}/scaled", "Mul", (centred, _add(gd, f"{p}/factor", "Mul",
-                                                           (inv, gamma), T=t)), T=t)
-    _add(gd, f"{p}/out", "AddV2", (scaled, beta), T=t)
+    axes = w.const(f"{k}/axes", np.array([a for a in range(rank) if a != site.axis], np.int32))
+    centred = w.add(f"{k}/centred", "Sub", (ref, _mean(w, f"{k}/mean", ref, axes)), T=t)
+    square = w.add(f"{k}/square", "Square", (centred,), T=t)
+    var_b = _mean(w, f"{k}/variance", square, axes)
+    eps = w.const(f"{k}/epsilon", np.float32(EPSILON))
+    inv = w.add(f"{k}/rsqrt", "Rsqrt", (w.add(f"{k}/add_epsilon", "AddV2", (var_b, eps), T=t),),
+                T=t)
+    gamma = w.const(f"{k}/gamma", np.sqrt(std ** 2 + EPSILON).astype(np.float32).reshape(shape))
+    beta = w.const(f"{k}/beta", mean.astype(np.float32).reshape(shape))
+    scaled = w.add(f"{k}/scaled", "Mul", (centred, w.add(f"{k}/factor", "Mul", (inv, gamma),
+                                                          T=t)), T=t)
+    normalised[ref] = normalised[site.tensor] = w.add(f"{k}/out", "AddV2", (scaled, beta), T=t)
     points.append(Point(site, gamma + ":0", beta + ":0"))
-  for node in gd.node:  # the readers of a site's output read the normalised tensor
+  for node in w.graph_def.node:  # the readers of a site's output read the normalised tensor
     if not node.name.startswith(_PREFIX):
       node.input[:] = [normalised.get(i, i) for i in node.input]
-  return Training(dataclasses.replace(pruned, graph_def=gd), tuple(points), tuple(skipped))
+  return Training(w.model(pruned), tuple(points), tuple(skipped))
 
 
 def fold(pruned: tf_model.TFModel, training: Training, values: Mapping[str, np.ndarray],

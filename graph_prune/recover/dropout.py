@@ -14,7 +14,7 @@ with the trained constants.
 
 from __future__ import annotations
 
-import dataclasses
+from typing import Optional
 
 import numpy as np
 
@@ -28,10 +28,6 @@ _PREFIX = "graph_prune_dropout"
 SEED = f"{_PREFIX}/seed:0"   # the training graph's extra input: int64[2]
 _BIAS_OPS = ("BiasAdd", "Add", "AddV2")
 _CLASSIFIER_OPS = ("MatMul", "Conv2D")
-
-
-def _attr(**kw):
-  return tf.compat.v1.AttrValue(**kw)
 
 
 def classifier(graph: view.GraphView, logits: str) -> str:
@@ -48,42 +44,28 @@ def classifier(graph: view.GraphView, logits: str) -> str:
   return node.name
 
 
-def insert(model: tf_model.TFModel, logits: str,
-           rate: float) -> tuple[tf_model.TFModel, str]:
+def insert(model: tf_model.TFModel, logits: str, rate: float,
+           graph: Optional[view.GraphView] = None) -> tuple[tf_model.TFModel, str]:
   """The training graph with dropout at the classifier's input, which takes SEED as an
-  extra input after the model's own, and the classifier's node name."""
+  extra input after the model's own, and the classifier's node name. `graph`: the
+  model's view, when the caller has it (the classifier is found on it)."""
   if not 0.0 < rate < 1.0:
     raise ValueError(f"dropout rate {rate} is not in (0, 1)")
-  if any(n.name.startswith(_PREFIX) for n in model.graph_def.node):
-    raise errors.InputError(f"the model already has nodes named {_PREFIX}/...")
-  layer = classifier(tf_model.to_view(model), logits)
-  gd = tf.compat.v1.GraphDef()
-  gd.CopyFrom(model.graph_def)
-  data = next(n for n in gd.node if n.name == layer).input[0]
-  f32 = _attr(type=tf.float32.as_datatype_enum)
-
-  def add(name, op, inputs, **attrs):
-    node = gd.node.add(name=f"{_PREFIX}/{name}", op=op, input=list(inputs))
-    for key, value in attrs.items():
-      node.attr[key].CopyFrom(value)
-    return node.name
-
-  def const(name, value):
-    t = tf.make_tensor_proto(value)
-    return add(name, "Const", (), dtype=_attr(type=t.dtype), value=_attr(tensor=t))
-
-  seed = add("seed", "Placeholder", (), dtype=_attr(type=tf.int64.as_datatype_enum),
-             shape=_attr(shape=tf.TensorShape([2]).as_proto()))
-  shape = add("shape", "Shape", (data,), T=f32, out_type=_attr(type=tf.int32.as_datatype_enum))
-  uniform = add("uniform", "StatelessRandomUniform", (shape, seed), dtype=f32,
-                T=_attr(type=tf.int32.as_datatype_enum),
-                Tseed=_attr(type=tf.int64.as_datatype_enum))
-  keep = add("keep", "GreaterEqual", (uniform, const("rate", np.float32(rate))), T=f32)
-  mask = add("mask", "Cast", (keep,), SrcT=_attr(type=tf.bool.as_datatype_enum), DstT=f32,
-             Truncate=_attr(b=False))
-  kept = add("kept", "Mul", (data, mask), T=f32)
-  out = add("out", "Mul", (kept, const("scale", np.float32(1.0 / (1.0 - rate)))), T=f32)
-  for node in gd.node:
+  w = tf_model.NodeWriter(model, _PREFIX)
+  layer = classifier(graph or tf_model.to_view(model), logits)
+  data = next(n for n in w.graph_def.node if n.name == layer).input[0]
+  f32, i32, i64 = tf_model.FLOAT32, tf_model.INT32, tf_model.INT64
+  seed = w.add("seed", "Placeholder", dtype=i64,
+               shape=tf_model.attr(shape=tf.TensorShape([2]).as_proto()))
+  shape = w.add("shape", "Shape", (data,), T=f32, out_type=i32)
+  uniform = w.add("uniform", "StatelessRandomUniform", (shape, seed), dtype=f32, T=i32,
+                  Tseed=i64)
+  keep = w.add("keep", "GreaterEqual", (uniform, w.const("rate", np.float32(rate))), T=f32)
+  mask = w.add("mask", "Cast", (keep,), SrcT=tf_model.attr(type=tf.bool.as_datatype_enum),
+               DstT=f32, Truncate=tf_model.attr(b=False))
+  kept = w.add("kept", "Mul", (data, mask), T=f32)
+  out = w.add("out", "Mul", (kept, w.const("scale", np.float32(1.0 / (1.0 - rate)))), T=f32)
+  for node in w.graph_def.node:
     if node.name == layer:
       node.input[0] = out
-  return dataclasses.replace(model, graph_def=gd, inputs=tuple(model.inputs) + (SEED,)), layer
+  return w.model(model, (SEED,)), layer

@@ -119,14 +119,15 @@ def train(teacher, pruned: tf_model.TFModel, logits: str,
                             f"{replicas} replicas; give a multiple of {replicas}")
   normalised = calibration = classifier = None
   net, names = pruned, None
+  # The pruned graph's view, built once for the additions that look at it.
+  graph = tf_model.to_view(pruned) if options.batch_stats or options.dropout else None
   if options.batch_stats:
     calibration = calibrate.calibration_inputs(data, options.calibration_samples)
-    normalised = batch_stats_lib.insert(pruned, logits, calibration)
+    normalised = batch_stats_lib.insert(pruned, logits, calibration, graph)
     net = normalised.model
     names = normalised.weights(pruned) + normalised.constants
-  if options.dropout:
-    names = names or tf_trainable.weight_constants(pruned)
-    net, classifier = dropout_lib.insert(net, logits, options.dropout)
+  if options.dropout:  # adds scalars only: the trained weights stay those of `net`
+    net, classifier = dropout_lib.insert(net, logits, options.dropout, graph)
   with strategy.scope():
     student = tf_trainable.Trainable(net, fetches=[logits], trainable=names)
     optimizer, schedule = _optimizer(options)
