@@ -10,7 +10,11 @@ measured speedup than filters at similar accuracy) is checked by these rows.
 
   bazel run //benchmarks:prune_methods -- [--models=default,resnet] [--targets=1.5,2,3]
       [--methods=uniform,global,latency,layer,mixed,mixed_latency] [--batch_sizes=32]
-      [--recover_steps=1000] [--csv=rows.csv] [--png=plot.png]
+      [--recover_steps=1000] [--repeats=1] [--csv=rows.csv] [--png=plot.png]
+
+With --repeats=N every command runs N times (the speed each measures, and so the
+widths a budget chooses, vary from run to run on a small CPU), and a summary gives
+each method's mean and range of top-1 and measured speedup over its runs.
 
 A run the tool refuses (a target that a method cannot reach) is a row with its
 one-line error.
@@ -37,10 +41,12 @@ _METHODS = flags.DEFINE_list("methods", ["uniform", "global", "latency", "layer"
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["32"], "Batch sizes the speed is measured at.")
 _RECOVER_STEPS = flags.DEFINE_integer("recover_steps", 1000, "Distillation steps, every run.")
 _MAX_SECONDS = flags.DEFINE_float("max_seconds", 2.0, "Timing budget per candidate.")
+_REPEATS = flags.DEFINE_integer("repeats", 1, "Runs of every command (rows `run` 0..N-1).",
+                                lower_bound=1)
 _CSV = flags.DEFINE_string("csv", None, "Write the rows here.")
 _PNG = flags.DEFINE_string("png", None, "Plot accuracy against measured speedup here.")
 
-COLUMNS = ("model", "method", "target", "batch", "top1", "measured_speedup", "flops_kept",
+COLUMNS = ("model", "method", "target", "batch", "run", "top1", "measured_speedup", "flops_kept",
            "params_kept", "removed", "command_s", "error")
 
 
@@ -54,8 +60,8 @@ def _top1(path: str, report: str) -> float:
 
 
 def run_one(src: str, name: str, method: str, target: str, batch: str, work: str,
-            cache: str) -> dict:
-  out = os.path.join(work, f"{name}_{method}_{target}_b{batch}.pb")
+            cache: str, run: int = 0) -> dict:
+  out = os.path.join(work, f"{name}_{method}_{target}_b{batch}_r{run}.pb")
   report = out + ".json"
   seconds, res = tool_runs.run(
       "prune", f"--in={src}", f"--out={out}", f"--target_speedup={target}",
@@ -66,7 +72,7 @@ def run_one(src: str, name: str, method: str, target: str, batch: str, work: str
       f"--recover_train_steps={_RECOVER_STEPS.value}", "--learning_rate=2e-3", "--scale=1/255",
       f"--report={report}", "--overwrite")
   row = {"model": name, "method": method, "target": float(target), "batch": int(batch),
-         "command_s": round(seconds, 1)}
+         "run": run, "command_s": round(seconds, 1)}
   if res.returncode:
     row["error"] = tool_runs.last_line(res)
     return row
@@ -109,6 +115,24 @@ def _plot(rows: list[dict], baselines: dict, path: str) -> None:
   fig.savefig(path, dpi=100)
 
 
+def _summary(rows: list[dict]) -> None:
+  """Per model, batch, target and method: the runs that met the target, mean and
+  range of their top-1 and measured speedup."""
+  print(f"\n{'model':<10} {'method':<13} {'target':>6} {'b':>3} {'met':>5} {'top-1 mean':>10} "
+        f"{'(min-max)':>15} {'speedup mean':>12} {'(min-max)':>13}")
+  for key in dict.fromkeys((r["model"], r["batch"], r["target"], r["method"]) for r in rows):
+    runs = [r for r in rows if (r["model"], r["batch"], r["target"], r["method"]) == key]
+    ok = [r for r in runs if "error" not in r]
+    name, batch, target, method = key
+    line = f"{name:<10} {method:<13} {target:>6} {batch:>3} {len(ok):>2}/{len(runs):<2}"
+    if ok:
+      top1 = [100 * r["top1"] for r in ok]
+      speed = [r["measured_speedup"] for r in ok]
+      line += (f" {sum(top1) / len(ok):>9.2f}% ({min(top1):.2f}-{max(top1):.2f}%) "
+               f"{sum(speed) / len(ok):>11.3f}x ({min(speed):.2f}-{max(speed):.2f}x)")
+    print(line, flush=True)
+
+
 def main(argv):
   del argv
   work = tempfile.mkdtemp(prefix="gp_methods_")
@@ -122,17 +146,20 @@ def main(argv):
     print(f"{name:<10} unpruned top-1 {baselines[name]:.4f}", flush=True)
     for batch in _BATCH_SIZES.value:
       for target in _TARGETS.value:
-        for method in _METHODS.value:
-          row = run_one(src, name, method, target, batch, work, cache)
-          rows.append(row)
-          if "error" in row:
-            print(f"{name:<10} {method:<13} {target:>6} {batch:>3} refused: {row['error']}",
+        for run in range(_REPEATS.value):
+          for method in _METHODS.value:
+            row = run_one(src, name, method, target, batch, work, cache, run)
+            rows.append(row)
+            if "error" in row:
+              print(f"{name:<10} {method:<13} {target:>6} {batch:>3} refused: {row['error']}",
+                    flush=True)
+              continue
+            print(f"{name:<10} {method:<13} {target:>6} {batch:>3} {row['top1']:>7.4f} "
+                  f"{row['measured_speedup']:>8.3f} {row['flops_kept']:>6.3f} "
+                  f"{row['params_kept']:>7.3f} {row['command_s']:>6.1f}  {row['removed']}",
                   flush=True)
-            continue
-          print(f"{name:<10} {method:<13} {target:>6} {batch:>3} {row['top1']:>7.4f} "
-                f"{row['measured_speedup']:>8.3f} {row['flops_kept']:>6.3f} "
-                f"{row['params_kept']:>7.3f} {row['command_s']:>6.1f}  {row['removed']}",
-                flush=True)
+  if _REPEATS.value > 1:
+    _summary(rows)
   for name, top1 in baselines.items():
     rows.append({"model": name, "method": "unpruned", "target": 1.0, "top1": top1,
                  "measured_speedup": 1.0, "flops_kept": 1.0, "params_kept": 1.0})
