@@ -673,6 +673,7 @@ class NodeWriter:
     if any(n.name.startswith(prefix) for n in model.graph_def.node):
       raise errors.InputError(f"the model already has nodes named {prefix}/...")
     self.prefix = prefix
+    self._model = model
     self.graph_def = tf.compat.v1.GraphDef()
     self.graph_def.CopyFrom(model.graph_def)
 
@@ -687,10 +688,11 @@ class NodeWriter:
     tensor = tf.make_tensor_proto(value)
     return self.add(name, "Const", (), dtype=attr(type=tensor.dtype), value=attr(tensor=tensor))
 
-  def model(self, base: TFModel, extra_inputs: Sequence[str] = ()) -> TFModel:
-    """`base` with the written graph and `extra_inputs` after its own inputs."""
-    return dataclasses.replace(base, graph_def=self.graph_def,
-                               inputs=tuple(base.inputs) + tuple(extra_inputs))
+  def model(self, extra_inputs: Sequence[str] = ()) -> TFModel:
+    """The model written from, with the written graph and `extra_inputs` after its
+    own inputs."""
+    return dataclasses.replace(self._model, graph_def=self.graph_def,
+                               inputs=tuple(self._model.inputs) + tuple(extra_inputs))
 
 
 def write(model: TFModel, path: str) -> None:

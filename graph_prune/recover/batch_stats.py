@@ -140,7 +140,7 @@ def insert(pruned: tf_model.TFModel, logits: str, x: np.ndarray,
   for node in w.graph_def.node:  # the readers of a site's output read the normalised tensor
     if not node.name.startswith(_PREFIX):
       node.input[:] = [normalised.get(i, i) for i in node.input]
-  return Training(w.model(pruned), tuple(points), tuple(skipped))
+  return Training(w.model(), tuple(points), tuple(skipped))
 
 
 def fold(pruned: tf_model.TFModel, training: Training, values: Mapping[str, np.ndarray],

@@ -53,7 +53,8 @@ def insert(model: tf_model.TFModel, logits: str, rate: float,
     raise ValueError(f"dropout rate {rate} is not in (0, 1)")
   w = tf_model.NodeWriter(model, _PREFIX)
   layer = classifier(graph or tf_model.to_view(model), logits)
-  data = next(n for n in w.graph_def.node if n.name == layer).input[0]
+  reader = next(n for n in w.graph_def.node if n.name == layer)
+  data = reader.input[0]
   f32, i32, i64 = tf_model.FLOAT32, tf_model.INT32, tf_model.INT64
   seed = w.add("seed", "Placeholder", dtype=i64,
                shape=tf_model.attr(shape=tf.TensorShape([2]).as_proto()))
@@ -65,7 +66,5 @@ def insert(model: tf_model.TFModel, logits: str, rate: float,
                DstT=f32, Truncate=tf_model.attr(b=False))
   kept = w.add("kept", "Mul", (data, mask), T=f32)
   out = w.add("out", "Mul", (kept, w.const("scale", np.float32(1.0 / (1.0 - rate)))), T=f32)
-  for node in w.graph_def.node:
-    if node.name == layer:
-      node.input[0] = out
-  return w.model(model, (SEED,)), layer
+  reader.input[0] = out
+  return w.model((SEED,)), layer
