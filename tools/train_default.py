@@ -10,6 +10,9 @@ Writes into --out_dir (default: <workspace>/models/default, or models/resnet):
   fmnist_vgg_bn_savedmodel/      SavedModel, signature serving_default: images -> logits
   metrics.json, README.md        test accuracy of the Keras model and of both exports
 
+--augment=flip,shift=2 flips and shifts the training images (a new draw every
+batch; the ResNet reaches 93.16 % with it in 12 epochs, 92.68 % without).
+
 With --gap_compare it trains the same architecture three ways to the same pruned
 widths at the same number of steps (grow-and-prune from scratch, dense then
 pruned, small from scratch; graph_prune/zoo/gap_scratch.py), prunes each for real
@@ -49,6 +52,10 @@ _DETERMINISTIC = flags.DEFINE_boolean(
     "deterministic", False,
     "Also call tf.config.experimental.enable_op_determinism().  Off by default: it about "
     "doubles the training time on CPU, and seeded CPU runs repeat without it in practice.")
+_AUGMENT = flags.DEFINE_list(
+    "augment", [], "Augment the training images: flip (mirrored left-right, probability 1/2), "
+    "shift=N (moved by up to N pixels along each axis, edges mirrored); a new draw every "
+    "batch. None by default (the committed models were trained without).")
 _MIN_ACCURACY = flags.DEFINE_float(
     "min_accuracy", 0.92, "Fail, writing nothing, if the test accuracy is below this.")
 _GAP_COMPARE = flags.DEFINE_boolean(
@@ -74,14 +81,17 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if _GAP_COMPARE.value:
     return _gap_compare()
+  from graph_prune.recover import augment as augment_lib  # pylint: disable=g-import-not-at-top
   from graph_prune.zoo import default_model  # pylint: disable=g-import-not-at-top
   try:
+    augment = augment_lib.parse(_AUGMENT.value)
     out_dir = cli.path(_OUT_DIR.value) or _default_out_dir(
         default_model.ARCHS[_ARCH.value].out_dir)
     default_model.train(
         data_dir=cli.path(_DATA_DIR.value), out_dir=out_dir, epochs=_EPOCHS.value,
         batch_size=_BATCH_SIZE.value, learning_rate=_LEARNING_RATE.value, seed=_SEED.value,
-        deterministic=_DETERMINISTIC.value, min_accuracy=_MIN_ACCURACY.value, arch=_ARCH.value)
+        deterministic=_DETERMINISTIC.value, min_accuracy=_MIN_ACCURACY.value, arch=_ARCH.value,
+        augment=augment)
   except errors.GraphPruneError as e:
     print(f"train_default: error: {e}", file=sys.stderr)
     return 2

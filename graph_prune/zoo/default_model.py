@@ -23,6 +23,7 @@ from absl import logging
 from graph_prune import errors
 from graph_prune import files
 from graph_prune.data import idx
+from graph_prune.recover import augment as augment_lib
 
 _INPUT_NAME = "images"
 _OUTPUT_NAME = "logits"
@@ -188,12 +189,32 @@ def _accuracy(logits, labels):
 # --- Training ------------------------------------------------------------------------
 
 
+def training_stream(x, y, batch_size: int, seed: int, augment: augment_lib.Augment):
+  """Endless (images, labels) batches for fit(): every image once per pass, the
+  order reshuffled each pass, each batch augmented (augment_lib.apply) with a
+  seed of its own, so that the same image is flipped and shifted anew each
+  epoch."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  batches = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(
+      len(x), seed=seed).batch(batch_size).repeat()
+  seeds = tf.data.Dataset.random(seed=seed).batch(2)
+  return tf.data.Dataset.zip((batches, seeds)).map(
+      lambda xy, s: (augment_lib.apply(augment, xy[0], s)[0], xy[1]),
+      num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
 def train(data_dir, out_dir, epochs=3, batch_size=128, learning_rate=3e-3, seed=0,
-          deterministic=False, min_accuracy=0.92, arch="vgg"):
+          deterministic=False, min_accuracy=0.92, arch="vgg",
+          augment: augment_lib.Augment = augment_lib.Augment()):
   """Trains, exports to a staging directory, verifies, then moves the files to out_dir.
+  `augment`: flips and shifts of the training images (recover/augment.py; a new
+  random draw every batch of every epoch), none by default. Mixup is refused: the
+  loss here takes one hard label per image.
 
   Returns the metrics dict that is also written to metrics.json.
   """
+  if augment.mixup:
+    raise errors.UsageError("--augment: mixup needs soft labels; give flip and shift=N only")
   # Imported here so that --help and flag errors do not pay for importing TensorFlow.
   import keras  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -234,8 +255,13 @@ def train(data_dir, out_dir, epochs=3, batch_size=128, learning_rate=3e-3, seed=
           "epoch %d/%d: loss %.4f, train accuracy %.4f, %.0f s", epoch + 1, epochs,
           logs["loss"], logs["accuracy"], time.monotonic() - epoch_start[0]))
   wall0, cpu0 = time.monotonic(), time.process_time()
-  model.fit(x_train, y_train, batch_size=batch_size, epochs=epochs, shuffle=True, verbose=0,
-            callbacks=[log_epochs])
+  if augment.on:
+    stream = training_stream(x_train, y_train, batch_size, seed, augment)
+    model.fit(stream, epochs=epochs, steps_per_epoch=steps_per_epoch, shuffle=False, verbose=0,
+              callbacks=[log_epochs])
+  else:
+    model.fit(x_train, y_train, batch_size=batch_size, epochs=epochs, shuffle=True, verbose=0,
+              callbacks=[log_epochs])
   train_seconds = time.monotonic() - wall0
   train_cpu_seconds = time.process_time() - cpu0
   logging.info("Training took %.0f s wall, %.0f s CPU", train_seconds, train_cpu_seconds)
@@ -290,6 +316,7 @@ def train(data_dir, out_dir, epochs=3, batch_size=128, learning_rate=3e-3, seed=
         "epochs": epochs,
         "batch_size": batch_size,
         "learning_rate": learning_rate,
+        "augment": augment.to_json() if augment.on else None,
         "seed": seed,
         "deterministic_ops": deterministic,
         "train_seconds": round(train_seconds, 1),
@@ -315,6 +342,10 @@ def _readme(m, spec):
                 f"--learning_rate={m['learning_rate']} --seed={m['seed']}")
   if m["arch"] != "vgg":
     flags_used = f"--arch={m['arch']} " + flags_used
+  if m.get("augment"):
+    a = m["augment"]
+    flags_used += " --augment=" + ",".join(["flip"] * a["flip"] + [f"shift={a['shift']}"] *
+                                           bool(a["shift"]))
   if m["deterministic_ops"]:
     flags_used += " --deterministic"
   pb_name, sm_name = f"{spec.name}.pb", f"{spec.name}_savedmodel"
