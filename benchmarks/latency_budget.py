@@ -132,6 +132,7 @@ def main(argv):
                      predicted=budget.get("predicted_speedup"),
                      refinements=len(budget.get("refinements", [])) or None,
                      candidates_timed=budget.get("candidates_timed"),
+                     groups_restored=budget.get("groups_restored"),
                      profile_s=prof.get("seconds"), points_timed=prof.get("points_timed"),
                      points_cached=prof.get("points_cached"),
                      widths={g["sources"][0]: [g["channels_before"], g["channels_after"]]

@@ -243,7 +243,9 @@ def plan_for_latency(prepared: prepared_lib.Prepared, options: Any, spec: alloca
   by the miss can swing across a step for ever) until it is within the
   tolerance. The candidate chosen: of those that meet the target within the
   tolerance, the one aimed lowest (it removes least); else the closest within the
-  tolerance below the target; else the mildest that passes it by more."""
+  tolerance below the target; else the mildest that passes it by more, and then
+  groups are restored whole while the target is still met (restoring_groups; the
+  report's predicted figures stay the allocation's)."""
   what, target = budget_of(options)
   probe = options.latency
   analysis = prepared.analysis
@@ -313,12 +315,19 @@ def plan_for_latency(prepared: prepared_lib.Prepared, options: Any, spec: alloca
     if chosen[2] < -LATENCY_TOLERANCE:
       raise unmet(what, target, chosen[1], session, probe.batch,
                   "all that --allocation=latency may remove")
-  plan, m, _, predicted_speedup, _ = chosen
+  plan, m, miss, predicted_speedup, _ = chosen
   if measured is not None:
     measured.update(
         measured_doc(m, session, probe), predicted_speedup=round(predicted_speedup, 4),
         predicted_layers_ms=round(full / predicted_speedup, 4), original_layers_ms=round(full, 4),
         refinements=tries, latency_profile=profile.doc)
+  if miss > LATENCY_TOLERANCE:
+    # No aim landed within the tolerance: the measured speed jumped across it
+    # between two aims. Groups are restored whole instead, as the uniform search
+    # does (the measurement in `measured` becomes the restored plan's).
+    meter = Meter(prepared, options, session)
+    meter.trials["allocated"] = m
+    return restoring_groups(prepared, meter, plan, "allocated", measured)
   return plan
 
 
