@@ -80,6 +80,19 @@ class TrainingStreamTest(absltest.TestCase):
     self.assertLen(lines, 1, proc.stderr)
     self.assertStartsWith(lines[0], "train_default: error: --augment: mixup")
 
+  def test_gap_compare_with_augment_is_refused(self):
+    proc = subprocess.run(binaries.command("train_default") + ["--gap_compare", "--augment=flip"],
+                          capture_output=True, text=True, env=binaries.env(), timeout=300)
+    self.assertEqual(proc.returncode, 2)
+    self.assertEqual(proc.stderr.strip(),
+                     "train_default: error: --augment is not used by --gap_compare")
+
+  def test_flag_value_reads_back(self):
+    for entries in (["flip"], ["shift=3"], ["flip", "shift=2"], ["mixup=0.4"]):
+      augment = augment_lib.parse(entries)
+      self.assertEqual(augment_lib.parse(augment.flag_value().split(",")), augment)
+    self.assertEqual(augment_lib.Augment(True, 2).flag_value(), "flip,shift=2")
+
 
 if __name__ == "__main__":
   absltest.main()

@@ -80,6 +80,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if _GAP_COMPARE.value:
+    if _AUGMENT.value:
+      print("train_default: error: --augment is not used by --gap_compare", file=sys.stderr)
+      return 2
     return _gap_compare()
   from graph_prune.recover import augment as augment_lib  # pylint: disable=g-import-not-at-top
   from graph_prune.zoo import default_model  # pylint: disable=g-import-not-at-top

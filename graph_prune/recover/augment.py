@@ -55,6 +55,11 @@ class Augment:
   def to_json(self) -> dict:
     return dataclasses.asdict(self)
 
+  def flag_value(self) -> str:
+    """What parse() reads back: 'flip,shift=2,mixup=0.4' ('' when off)."""
+    return ",".join(["flip"] * self.flip + [f"shift={self.shift}"] * bool(self.shift) +
+                    [f"mixup={self.mixup:g}"] * bool(self.mixup))
+
 
 def parse(entries: Sequence[str]) -> Augment:
   """['flip', 'shift=2', 'mixup=0.4'] -> Augment; 'shift' alone is 2 pixels,

@@ -343,9 +343,7 @@ def _readme(m, spec):
   if m["arch"] != "vgg":
     flags_used = f"--arch={m['arch']} " + flags_used
   if m.get("augment"):
-    a = m["augment"]
-    flags_used += " --augment=" + ",".join(["flip"] * a["flip"] + [f"shift={a['shift']}"] *
-                                           bool(a["shift"]))
+    flags_used += " --augment=" + augment_lib.Augment(**m["augment"]).flag_value()
   if m["deterministic_ops"]:
     flags_used += " --deterministic"
   pb_name, sm_name = f"{spec.name}.pb", f"{spec.name}_savedmodel"
