@@ -10,7 +10,8 @@ measured speedup than filters at similar accuracy) is checked by these rows.
 
   bazel run //benchmarks:prune_methods -- [--models=default,resnet] [--targets=1.5,2,3]
       [--methods=uniform,global,latency,layer,mixed,mixed_latency] [--batch_sizes=32]
-      [--recover_steps=1000] [--repeats=1] [--csv=rows.csv] [--png=plot.png]
+      [--criterion=l1] [--recover_steps=1000] [--repeats=1] [--csv=rows.csv]
+      [--png=plot.png]
 
 With --repeats=N every command runs N times (the speed each measures, and so the
 widths a budget chooses, vary from run to run on a small CPU), and a summary gives
@@ -29,6 +30,7 @@ from absl import app
 from absl import flags
 
 from benchmarks import tool_runs
+from graph_prune.criteria import importance
 
 _MODELS = flags.DEFINE_list("models", ["default", "resnet"], "Built-in models: default "
                             "(VGG-style), resnet (models/resnet), or model paths.")
@@ -39,6 +41,8 @@ _METHODS = flags.DEFINE_list("methods", ["uniform", "global", "latency", "layer"
                              "mixed, mixed_latency (--mode=mixed, its filters allocated "
                              "uniformly or by the latency model).")
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["32"], "Batch sizes the speed is measured at.")
+_CRITERION = flags.DEFINE_string("criterion", "l1", "//tools:prune's --criterion, every run "
+                                 "(a calibrated one on the Fashion-MNIST calibration images).")
 _RECOVER_STEPS = flags.DEFINE_integer("recover_steps", 1000, "Distillation steps, every run.")
 _MAX_SECONDS = flags.DEFINE_float("max_seconds", 2.0, "Timing budget per candidate.")
 _REPEATS = flags.DEFINE_integer("repeats", 1, "Runs of every command (rows `run` 0..N-1).",
@@ -66,6 +70,9 @@ def run_one(src: str, name: str, method: str, target: str, batch: str, work: str
   seconds, res = tool_runs.run(
       "prune", f"--in={src}", f"--out={out}", f"--target_speedup={target}",
       *tool_runs.method_flags(method, tool_runs.FASHION_MNIST_CALIBRATION),
+      f"--criterion={_CRITERION.value}",
+      *(tool_runs.FASHION_MNIST_CALIBRATION
+        if _CRITERION.value in importance.CALIBRATED and not method.startswith("mixed") else ()),
       f"--batch_sizes={batch}", "--device=cpu", f"--max_seconds={_MAX_SECONDS.value}",
       f"--widths_cache={cache}",
       "--recover=distill", "--recover_data=fashion-mnist:train",
