@@ -70,27 +70,12 @@ ALLOCATIONS = ("uniform", "global", "latency")
 MIN_KEEP = 0.1
 
 
-# Criteria whose scores estimate the change of the loss when a unit goes: already
-# one scale across layers, so they share one mean instead of a mean per group.
-LOSS_SCALED = ("taylor",)
-
-
 def normalised(scores: importance.Scores, group_id: int) -> np.ndarray:
   """A group's scores over their mean: one scale for all groups, so that a layer is
   not cut harder only because its weights are smaller (a folded batch norm) or it
-  is wider (L2 normalisation would do that). A group scored by a LOSS_SCALED
-  criterion is divided by the mean over every unit that criterion scored, not its
-  own: a per-group mean would give every layer the same importance on average and
-  erase what the criterion measures, how much each layer's units move the loss
-  (global Taylor pruning, Molchanov et al. 2019, and HALP rank them this way)."""
+  is wider (L2 normalisation would do that)."""
   s = np.asarray(scores.per_group[group_id], np.float64)
-  used = scores.used.get(group_id)
-  if used in LOSS_SCALED:
-    pooled = [np.asarray(v, np.float64) for g, v in scores.per_group.items()
-              if scores.used.get(g) == used]
-    mean = float(np.mean(np.concatenate(pooled)))
-  else:
-    mean = float(np.mean(s)) if len(s) else 0.0
+  mean = float(np.mean(s)) if len(s) else 0.0
   return s / mean if mean > 0 else np.ones_like(s)
 
 
