@@ -30,7 +30,6 @@ from absl import app
 from absl import flags
 
 from benchmarks import tool_runs
-from graph_prune.criteria import importance
 
 _MODELS = flags.DEFINE_list("models", ["default", "resnet"], "Built-in models: default "
                             "(VGG-style), resnet (models/resnet), or model paths.")
@@ -69,10 +68,7 @@ def run_one(src: str, name: str, method: str, target: str, batch: str, work: str
   report = out + ".json"
   seconds, res = tool_runs.run(
       "prune", f"--in={src}", f"--out={out}", f"--target_speedup={target}",
-      *tool_runs.method_flags(method, tool_runs.FASHION_MNIST_CALIBRATION),
-      f"--criterion={_CRITERION.value}",
-      *(tool_runs.FASHION_MNIST_CALIBRATION
-        if _CRITERION.value in importance.CALIBRATED and not method.startswith("mixed") else ()),
+      *tool_runs.method_flags(method, tool_runs.FASHION_MNIST_CALIBRATION, _CRITERION.value),
       f"--batch_sizes={batch}", "--device=cpu", f"--max_seconds={_MAX_SECONDS.value}",
       f"--widths_cache={cache}",
       "--recover=distill", "--recover_data=fashion-mnist:train",

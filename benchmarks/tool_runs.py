@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+from graph_prune.criteria import importance
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _ENV = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
 
@@ -46,14 +48,20 @@ def last_line(res: subprocess.CompletedProcess) -> str:
   return lines[-1] if lines else f"exit {res.returncode}"
 
 
-def method_flags(method: str, calibration) -> list[str]:
-  """//tools:prune's flags for a method; `calibration` are the --calibration_*
-  flags --mode=mixed chooses its candidate on (the output error on those samples)."""
+def method_flags(method: str, calibration, criterion: str = "l1") -> list[str]:
+  """//tools:prune's flags for a method and a criterion; `calibration` are the
+  --calibration_* flags that --mode=mixed chooses its candidate on (the output
+  error on those samples) and a calibrated criterion scores on."""
   if method not in METHODS:
     raise ValueError(f"unknown method {method!r}; one of {', '.join(METHODS)}")
   if method == "layer":
-    return ["--mode=layer"]
-  if method.startswith("mixed"):
-    return ["--mode=mixed", "--allocation=" + ("latency" if method == "mixed_latency"
-                                               else "uniform"), *calibration]
-  return [f"--allocation={method}"]
+    flags = ["--mode=layer"]
+  elif method.startswith("mixed"):
+    flags = ["--mode=mixed",
+             "--allocation=" + ("latency" if method == "mixed_latency" else "uniform")]
+  else:
+    flags = [f"--allocation={method}"]
+  flags.append(f"--criterion={criterion}")
+  if method.startswith("mixed") or criterion in importance.CALIBRATED:
+    flags.extend(calibration)
+  return flags
