@@ -35,8 +35,10 @@ temporaries + outputs), the original timed against itself the same way (the
 noise floor, ideally 1.00x), and the dispatch floor (a call with the same
 weight arguments that does no work). Pruned variants that are the same graph
 (round_to 8 where every kept width is already a multiple of 8) are measured
-once. The manifest's first ratio is timed at every precision first, the other
-ratios at the first precision; --budget_s leaves out what does not fit.
+once. The manifest's first ratio (filter pruning) is timed at every precision
+first, the other ratios and the layer-mode variants (--layer_ratios of the
+preparation, each with filter pruning to the same FLOPs) at the first
+precision; --budget_s leaves out what does not fit.
 
 Precision: 'highest' is true float32 arithmetic in every convolution and
 matrix product; 'default' is JAX's default, which on Ampere and later GPUs lets
@@ -175,12 +177,25 @@ def _inputs(shape, batch, seed):
   return [rng.uniform(-1, 1, (batch, *shape[1:])).astype(np.float32) for _ in range(4)]
 
 
-def time_xla(original, pruned, batch, precision, args):
+def time_xla(original, pruned, batch, precision, args, cache=None):
+  """Times pruned against original. cache (a dict) keeps each model's weights on the
+  device and its executable for this batch and precision, keyed by the model's name in
+  the manifest, so that an original paired with several variants compiles once."""
   import jax  # pylint: disable=g-import-not-at-top
-  evs = [onnx_jax.Evaluator(original), onnx_jax.Evaluator(pruned)]
-  weights = [jax.device_put(ev.weights) for ev in evs]
-  xs = [jax.device_put(x) for x in _inputs(evs[0].input_shape, batch, args["seed"] + batch)]
-  compiled = [_compile(ev, w, xs[0], precision) for ev, w in zip(evs, weights)]
+  cache = {} if cache is None else cache
+
+  def ready(name, model):
+    key = (name, batch, precision)
+    if key not in cache:
+      ev = onnx_jax.Evaluator(model)
+      w = jax.device_put(ev.weights)
+      x = jax.device_put(_inputs(ev.input_shape, batch, args["seed"] + batch)[0])
+      cache[key] = (ev, w, _compile(ev, w, x, precision))
+    return cache[key]
+
+  (ev_a, w_a, c_a), (_, w_b, c_b) = ready(*original), ready(*pruned)
+  weights, compiled = [w_a, w_b], [c_a, c_b]
+  xs = [jax.device_put(x) for x in _inputs(ev_a.input_shape, batch, args["seed"] + batch)]
   calls = [lambda x, c=c, w=w: c(w, x)[0].block_until_ready()
            for (c, _, _), w in zip(compiled, weights)]
   a, b = _pairs(calls[0], calls[1], xs, args["seconds"], args["min_pairs"], args["max_pairs"])
@@ -280,14 +295,18 @@ def run(directory, batch_sizes, precisions, args, report):
   # The primary ratio at every precision first, then the other ratios at the first
   # precision: what is left out when the time budget runs short is the least needed.
   primary = manifest["ratios"][0]
+
+  def is_primary(p):
+    return p["ratio"] == primary and p.get("mode", "filter") == "filter"
+
   work = [(precision, batch, name, key)
           for precision in precisions for batch in batch_sizes
           for name, entry in manifest["models"].items()
-          for key, p in entry["pruned"].items() if p["ratio"] == primary]
+          for key, p in entry["pruned"].items() if is_primary(p)]
   work += [(precisions[0], batch, name, key)
            for batch in batch_sizes for name, entry in manifest["models"].items()
-           for key, p in entry["pruned"].items() if p["ratio"] != primary]
-  rows, measured = [], {}
+           for key, p in entry["pruned"].items() if not is_primary(p)]
+  rows, measured, cache = [], {}, {}
   for precision, batch, name, key in work:
     entry = manifest["models"][name]
     p = entry["pruned"][key]
@@ -308,9 +327,15 @@ def run(directory, batch_sizes, precisions, args, report):
       row.update({k: v for k, v in done.items() if k not in row})
       row["same_measurement_as"] = done["variant"]
     else:
-      row.update(time_xla(models[entry["original"]], models[p["file"]], batch, precision, args))
+      if set(cache) - {(f, batch, precision) for f in (entry["original"], p["file"])}:
+        keep = cache.get((entry["original"], batch, precision))  # the next item's original
+        cache.clear()
+        jax.clear_caches()
+        if keep:
+          cache[(entry["original"], batch, precision)] = keep
+      row.update(time_xla((entry["original"], models[entry["original"]]),
+                          (p["file"], models[p["file"]]), batch, precision, args, cache))
       measured[(p["file"], batch, precision)] = row
-      jax.clear_caches()
     report["xla"].append(row)
     rows.append(_row(name, f"{p['ratio']} / {p['label']}", batch, precision, ratio, row))
     logging.info("%s", rows[-1])
@@ -346,7 +371,7 @@ def main(argv):
       with open(_JSON.value, "w") as f:
         json.dump(report, f, indent=1, sort_keys=True)
         f.write("\n")
-  print("| model | ratio / round_to | batch | precision | FLOPs ratio | speedup median [p10-p90] | "
+  print("| model | variant | batch | precision | FLOPs ratio | speedup median [p10-p90] | "
         "efficiency | latency ms original / pruned | compile s original / pruned | "
         "original vs itself | dispatch floor ms | pairs |")
   print("|---|---|---|---|---|---|---|---|---|---|---|---|")

@@ -1,7 +1,7 @@
 """Builds, prunes and strips the models that benchmarks/gpu_xla.py times on a GPU.
 
   bazel run //benchmarks:gpu_xla_prepare -- --out_dir=DIR [--models=VGG16,ResNet50]
-      [--size=224] [--ratios=0.5] [--round_to=1,auto] [--work_dir=DIR]
+      [--size=224] [--ratios=0.5] [--round_to=1,auto] [--work_dir=DIR] [--layer_ratios=1]
 
 Runs here, with TensorFlow. For each Keras application (tests/keras_zoo.py:
 seeded random weights, calibrated batch-norm statistics, frozen) at --size:
@@ -46,6 +46,11 @@ _ROUND_TO = flags.DEFINE_list("round_to", ["1", "auto"],
 _WORK_DIR = flags.DEFINE_string("work_dir", None,
                                 "Keep the full-weight conversions here and reuse them "
                                 "(default: a temporary folder).")
+_LAYER_RATIOS = flags.DEFINE_list(
+    "layer_ratios", [],
+    "For each: --mode=layer at that ratio (the fraction of the removable blocks and layers "
+    "removed), and uniform filter pruning to the same FLOPs (round_to 1), LayerPrune's "
+    "comparison at equal FLOPs.")
 _STRIP_BYTES = flags.DEFINE_integer("strip_bytes", 1024,
                                     "Float initializers of at least this size lose their values.")
 
@@ -98,7 +103,35 @@ def _strip_model(model, min_bytes):
   return removed
 
 
-def prepare(out_dir, models, size, ratios, criterion, round_tos, min_bytes, work_dir=None):
+def _variant(doc, file, ratio, multiple, label, same, mode="filter"):
+  """A manifest entry of one pruned model from its pruning report."""
+  verify = doc.get("verify") or doc.get("layers_verify") or {}
+  out = {"file": file, "ratio": ratio, "round_to": multiple, "label": label, "mode": mode,
+         "same_model_as": same, "widths": [g["channels_after"] for g in doc.get("groups", [])],
+         "flops_before": doc["flops_before"], "flops_after": doc["flops_after"],
+         "params_before": doc["params_before"], "params_after": doc["params_after"],
+         "groups_pruned": doc.get("groups_pruned", 0),
+         "verify_max_rel_diff": verify.get("max_rel_diff")}
+  if mode == "layer":
+    layers = doc["layers"]
+    out.update(removed=layers["removed"], removable=layers["removable"],
+               needs_recovery=layers["needs_recovery"])
+  return out
+
+
+def _add_file(path, base, key, first_key, files):
+  """Records a pruned file unless an earlier variant made the same bytes; returns that
+  variant's key, or None."""
+  digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
+  same = first_key.get(digest)
+  if same is None:
+    first_key[digest] = key
+    files.append((path, base))
+  return same
+
+
+def prepare(out_dir, models, size, ratios, criterion, round_tos, min_bytes, work_dir=None,
+            layer_ratios=()):
   """Builds, prunes and strips every model; returns the manifest (also written).
 
   The full-weight ONNX conversions are kept in work_dir when given (and
@@ -107,7 +140,8 @@ def prepare(out_dir, models, size, ratios, criterion, round_tos, min_bytes, work
   import onnx  # pylint: disable=g-import-not-at-top
   from graph_prune import pipeline  # pylint: disable=g-import-not-at-top
   os.makedirs(out_dir, exist_ok=True)
-  manifest = {"size": size, "ratios": ratios, "criterion": criterion, "models": {}}
+  manifest = {"size": size, "ratios": ratios, "criterion": criterion,
+              "layer_ratios": list(layer_ratios), "models": {}}
   with tempfile.TemporaryDirectory() as tmp:
     for name in models:
       src = os.path.join(work_dir or tmp, f"{name}_{size}.onnx")
@@ -128,20 +162,29 @@ def prepare(out_dir, models, size, ratios, criterion, round_tos, min_bytes, work
           doc = pipeline.prune(src, out, pipeline.Options(
               ratio=ratio, criterion=criterion, round_to=multiple,
               round_to_how=label if value == "auto" else ""))
-          digest = hashlib.sha256(open(out, "rb").read()).hexdigest()
-          same = first_key.get(digest)
-          if same is None:
-            first_key[digest] = key
-            files.append((out, base))
-          entry["pruned"][key] = {
-              "file": entry["pruned"][same]["file"] if same else base,
-              "ratio": ratio, "round_to": multiple, "label": label,
-              "same_model_as": same,
-              "widths": [g["channels_after"] for g in doc["groups"]],
-              "flops_before": doc["flops_before"], "flops_after": doc["flops_after"],
-              "params_before": doc["params_before"], "params_after": doc["params_after"],
-              "groups_pruned": doc["groups_pruned"],
-              "verify_max_rel_diff": doc["verify"]["max_rel_diff"]}
+          same = _add_file(out, base, key, first_key, files)
+          entry["pruned"][key] = _variant(doc, entry["pruned"][same]["file"] if same else base,
+                                          ratio, multiple, label, same)
+      for ratio in layer_ratios:
+        key, base = f"layer{ratio}", f"{name}_layer{round(100 * ratio)}.onnx"
+        out = os.path.join(tmp, base)
+        logging.info("%s: --mode=layer at %s", name, ratio)
+        doc = pipeline.prune(src, out, pipeline.Options(ratio=ratio, mode="layer"))
+        same = _add_file(out, base, key, first_key, files)
+        layer = _variant(doc, entry["pruned"][same]["file"] if same else base, ratio, 1,
+                         f"layer mode, {doc['layers']['removed']} of "
+                         f"{doc['layers']['removable']} removed", same, mode="layer")
+        entry["pruned"][key] = layer
+        kept = layer["flops_after"] / layer["flops_before"]
+        key, base = f"filter_at_layer{ratio}", f"{name}_flops_of_layer{round(100 * ratio)}.onnx"
+        out = os.path.join(tmp, base)
+        logging.info("%s: uniform filter pruning to %.4f of the FLOPs", name, kept)
+        doc = pipeline.prune(src, out, pipeline.Options(target_flops=kept, criterion=criterion,
+                                                        round_to=1))
+        same = _add_file(out, base, key, first_key, files)
+        entry["pruned"][key] = _variant(
+            doc, entry["pruned"][same]["file"] if same else base, ratio, 1,
+            f"uniform filter, FLOPs of layer mode {ratio}", same, mode="filter_at_layer")
       for path, base in files:
         model = onnx.load(path)
         removed = _strip_model(model, min_bytes)
@@ -165,7 +208,8 @@ def main(argv):
   del argv
   manifest = prepare(_path(_OUT_DIR.value), _MODELS.value, _SIZE.value,
                      [float(r) for r in _RATIOS.value], _CRITERION.value, _ROUND_TO.value,
-                     _STRIP_BYTES.value, _path(_WORK_DIR.value))
+                     _STRIP_BYTES.value, _path(_WORK_DIR.value),
+                     [float(r) for r in _LAYER_RATIOS.value])
   print(json.dumps(manifest, indent=1, sort_keys=True))
 
 

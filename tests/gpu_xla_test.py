@@ -18,6 +18,7 @@ from absl.testing import absltest
 from benchmarks import gpu_xla
 from benchmarks import gpu_xla_prepare
 from benchmarks import onnx_jax
+from tests import onnx_net
 
 
 def _small_cnn(op="Relu"):
@@ -102,6 +103,36 @@ class GpuXlaTest(absltest.TestCase):
     onnx.save(model, path)
     with self.assertRaisesRegex(onnx_jax.UnsupportedError, "weights.bin"):
       onnx_jax.load(path, seed=0)
+
+  def test_prepare_layer_mode_and_filter_pruning_to_its_flops(self):
+    """--layer_ratios: a layer-mode variant and uniform filter pruning to its FLOPs,
+    both verified, stripped and in the manifest, and neither is the primary ratio."""
+    n = onnx_net.Net(seed=3)
+    x = n.op("Relu", [n.conv("x", 3, 32)])
+    for _ in range(3):
+      x = n.op("Relu", [n.op("Add", [x, n.conv(n.op("Relu", [n.conv(x, 32, 32)]), 32, 32)])])
+    model = n.model(n.dense(n.op("Flatten", [n.op("GlobalAveragePool", [x])]), (32, 4)), [4],
+                    size=16)
+    work, out = self.create_tempdir().full_path, self.create_tempdir().full_path
+    onnx.save(model, os.path.join(work, "Tiny_16.onnx"))
+    manifest = gpu_xla_prepare.prepare(out, ["Tiny"], 16, [0.5], "l1", ["1"], 1024, work,
+                                       layer_ratios=[0.5])
+    pruned = manifest["models"]["Tiny"]["pruned"]
+    self.assertEqual(sorted(pruned), ["0.5/1", "filter_at_layer0.5", "layer0.5"])
+    layer, filt = pruned["layer0.5"], pruned["filter_at_layer0.5"]
+    self.assertEqual((layer["mode"], layer["removed"], layer["removable"]), ("layer", 2, 3))
+    self.assertFalse(layer["needs_recovery"])  # residual blocks: exact
+    self.assertLess(layer["flops_after"], 0.5 * layer["flops_before"])
+    # The filter variant keeps at most the layer variant's FLOPs, and not far below.
+    self.assertLessEqual(filt["flops_after"], layer["flops_after"])
+    self.assertGreater(filt["flops_after"], 0.8 * layer["flops_after"])
+    self.assertEqual(filt["mode"], "filter_at_layer")
+    for p in pruned.values():
+      self.assertLess(p["verify_max_rel_diff"], 1e-4)
+      self.assertTrue(os.path.exists(os.path.join(out, p["file"])))
+    convs = lambda f: sum(o.op_type == "Conv" for o in onnx.load(
+        os.path.join(out, f), load_external_data=False).graph.node)
+    self.assertEqual((convs(layer["file"]), convs(filt["file"])), (3, 7))
 
   def test_evaluator_matches_onnxruntime(self):
     if importlib.util.find_spec("jax") is None:
