@@ -49,7 +49,7 @@ _WORK_DIR = flags.DEFINE_string("work_dir", None,
 _LAYER_RATIOS = flags.DEFINE_list(
     "layer_ratios", [],
     "For each: --mode=layer at that ratio (the fraction of the removable blocks and layers "
-    "removed), and uniform filter pruning to the same FLOPs (round_to 1), LayerPrune's "
+    "removed), and uniform filter pruning to the same FLOPs at every --round_to, LayerPrune's "
     "comparison at equal FLOPs.")
 _STRIP_BYTES = flags.DEFINE_integer("strip_bytes", 1024,
                                     "Float initializers of at least this size lose their values.")
@@ -176,15 +176,21 @@ def prepare(out_dir, models, size, ratios, criterion, round_tos, min_bytes, work
                          f"{doc['layers']['removable']} removed", same, mode="layer")
         entry["pruned"][key] = layer
         kept = layer["flops_after"] / layer["flops_before"]
-        key, base = f"filter_at_layer{ratio}", f"{name}_flops_of_layer{round(100 * ratio)}.onnx"
-        out = os.path.join(tmp, base)
-        logging.info("%s: uniform filter pruning to %.4f of the FLOPs", name, kept)
-        doc = pipeline.prune(src, out, pipeline.Options(target_flops=kept, criterion=criterion,
-                                                        round_to=1))
-        same = _add_file(out, base, key, first_key, files)
-        entry["pruned"][key] = _variant(
-            doc, entry["pruned"][same]["file"] if same else base, ratio, 1,
-            f"uniform filter, FLOPs of layer mode {ratio}", same, mode="filter_at_layer")
+        for value in round_tos:
+          multiple, label = _round_to(value)
+          key = f"filter_at_layer{ratio}/{value}"
+          base = f"{name}_flops_of_layer{round(100 * ratio)}_r{multiple}.onnx"
+          out = os.path.join(tmp, base)
+          logging.info("%s: uniform filter pruning to %.4f of the FLOPs, round_to %s", name,
+                       kept, label)
+          doc = pipeline.prune(src, out, pipeline.Options(
+              target_flops=kept, criterion=criterion, round_to=multiple,
+              round_to_how=label if value == "auto" else ""))
+          same = _add_file(out, base, key, first_key, files)
+          entry["pruned"][key] = _variant(
+              doc, entry["pruned"][same]["file"] if same else base, ratio, multiple,
+              f"uniform filter to the FLOPs of layer mode {ratio}, round_to {label}", same,
+              mode="filter_at_layer")
       for path, base in files:
         model = onnx.load(path)
         removed = _strip_model(model, min_bytes)

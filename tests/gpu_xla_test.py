@@ -118,8 +118,8 @@ class GpuXlaTest(absltest.TestCase):
     manifest = gpu_xla_prepare.prepare(out, ["Tiny"], 16, [0.5], "l1", ["1"], 1024, work,
                                        layer_ratios=[0.5])
     pruned = manifest["models"]["Tiny"]["pruned"]
-    self.assertEqual(sorted(pruned), ["0.5/1", "filter_at_layer0.5", "layer0.5"])
-    layer, filt = pruned["layer0.5"], pruned["filter_at_layer0.5"]
+    self.assertEqual(sorted(pruned), ["0.5/1", "filter_at_layer0.5/1", "layer0.5"])
+    layer, filt = pruned["layer0.5"], pruned["filter_at_layer0.5/1"]
     self.assertEqual((layer["mode"], layer["removed"], layer["removable"]), ("layer", 2, 3))
     self.assertFalse(layer["needs_recovery"])  # residual blocks: exact
     self.assertLess(layer["flops_after"], 0.5 * layer["flops_before"])
