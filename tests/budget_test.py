@@ -8,6 +8,7 @@ FLOPs (deterministic); the real timing through the command."""
 import json
 import os
 import subprocess
+import types
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -21,6 +22,7 @@ from graph_prune import pipeline
 from graph_prune.analysis import cost
 from graph_prune.bench import latency
 from graph_prune.calibration import samples as samples_lib
+from graph_prune.pipeline import layer_modes
 from graph_prune.verify import agreement
 from tests import binaries
 from tests import onnx_net
@@ -262,6 +264,38 @@ class MixedBudgetTest(parameterized.TestCase):
     self.assertEqual(lay["removed"], 0)
     self.assertGreater(doc["groups_pruned"], 0)
 
+  def test_short_recovery_probe_chooses_where_recovery_is_asked(self):
+    """With a recovery that has a probe, every candidate is recovered briefly and the
+    one agreeing most with the original afterwards wins, not the one losing least of
+    its outputs before recovery (the fake probe below prefers most layers removed)."""
+    src = os.path.join(os.path.dirname(__file__), "..", "models", "resnet", "fmnist_resnet_bn.pb")
+    data = os.path.join(self.tmp, "calib28.npz")
+    np.savez(data, x=np.random.default_rng(0).uniform(0, 1, (96, 28, 28, 1)).astype(np.float32))
+    calibration = samples_lib.Spec(data, samples=64, holdout=32)
+    out = os.path.join(self.tmp, "out.pb")
+    plain = pipeline.prune(src, out, pipeline.Options(
+        mode="mixed", target_flops=0.3, calibration=calibration)).to_json()["layers"]
+    self.assertEqual(plain["chosen_by"], layer_modes.OUTPUT_LOST)
+    self.assertTrue(all("probe_agreement" not in c for c in plain["candidates"]))
+    recovery = _ProbeByLayersRemoved()
+    doc = pipeline.prune(src, out, pipeline.Options(
+        mode="mixed", target_flops=0.3, calibration=calibration, recover=recovery,
+        overwrite=True)).to_json()
+    lay = doc["layers"]
+    self.assertEqual(lay["chosen_by"], layer_modes.PROBED)
+    tried = [c for c in lay["candidates"] if "output_lost" in c]
+    self.assertGreater(len(tried), 1)
+    self.assertEqual(len(recovery.probed), len(tried))
+    for c in tried:
+      self.assertEqual(c["probe_steps"], 7)
+    best = max(tried, key=lambda c: c["probe_agreement"])
+    self.assertEqual(lay["removed"], best["layers_removed"])
+    # Without the probe another candidate wins: the probe decided.
+    self.assertNotEqual(plain["removed"], lay["removed"])
+    self.assertEqual(plain["removed"], min(tried, key=lambda c: c["output_lost"])["layers_removed"])
+    self.assertTrue(doc["verify"]["passed"])
+    self.assertLessEqual(doc["budget"]["flops_kept"], 0.3)
+
   def test_probe_error(self):
     rng = np.random.default_rng(1)
     ref = rng.standard_normal((300, 10))
@@ -290,6 +324,28 @@ class MixedBudgetTest(parameterized.TestCase):
       with self.assertRaisesRegex(errors.UsageError, message, msg=str(kw)):
         pipeline.prune(src, out, pipeline.Options(mode="mixed", **kw))
     self.assertFalse(os.path.exists(out))
+
+
+class _ProbeByLayersRemoved:
+  """A recovery whose probe scores a candidate by the convolutions it lacks (more
+  removed, higher agreement), and which changes nothing."""
+
+  checkpoint_dir, grows, probe_steps = None, False, 7
+  options = types.SimpleNamespace(method="distill")
+
+  def __init__(self):
+    self.probed = []
+
+  def check(self):
+    pass
+
+  def probe(self, original, pruned):
+    convs = lambda m: sum(n.op == "Conv2D" for n in m.graph_def.node)
+    self.probed.append(convs(pruned))
+    return 1.0 - convs(pruned) / (convs(original) + 1.0), {}
+
+  def __call__(self, original, pruned, kept, checkpoint_dir, step=1):
+    return pruned, {"method": "none (test)"}
 
 
 class _LayerTime:

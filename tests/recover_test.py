@@ -224,6 +224,28 @@ class RecoveryTest(absltest.TestCase):
     self.assertLen(doc["increments"], 3)
     self.assertEqual([c.args[3].seed for c in recovered.call_args_list], [7, 8, 9])
 
+  def test_probe_is_a_short_recovery(self):
+    """--mode=mixed's probe: a fifth of the steps by default, none where the method
+    takes no steps; the agreement it returns is the short recovery's held-out one."""
+    probe = lambda **kw: recover.Recovery(dataclasses.replace(_FAST, **kw)).probe_steps
+    self.assertEqual([probe(train_steps=1000), probe(train_steps=3), probe(probe_steps=0),
+                      probe(train_steps=1000, probe_steps=40),
+                      probe(method=recover_options.BN_RECALIBRATE),
+                      probe(method=recover_options.GAP)], [200, 1, 0, 40, 0, 0])
+    with self.assertRaisesRegex(errors.UsageError, "--recover_probe_steps is -2"):
+      recover_options.check(dataclasses.replace(_FAST, probe_steps=-2))
+    out = os.path.join(self.tmp, "to_probe.pb")
+    pipeline.prune(_PB, out, pipeline.Options(ratio=0.5, overwrite=True))
+    with mock.patch.object(recover, "recover", wraps=recover.recover) as recovered:
+      agreed, doc = recover.Recovery(dataclasses.replace(
+          _FAST, train_steps=500, probe_steps=60, checkpoint_dir=self.tmp)).probe(
+              self.original, tf_model.load(out))
+    options = recovered.call_args.args[3]
+    self.assertEqual((options.train_steps, options.checkpoint_dir), (60, None))
+    self.assertEqual(doc["train_steps"], 60)
+    self.assertEqual(agreed, doc["holdout_agreement_after"])
+    self.assertGreater(agreed, doc["holdout_agreement_before"] + 0.2)
+
   def test_bn_recalibration_raises_agreement_without_training(self):
     out, doc = self._prune("recalibrated.pb", dataclasses.replace(
         _FAST, method=recover_options.BN_RECALIBRATE))

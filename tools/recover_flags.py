@@ -61,6 +61,12 @@ RECOVER_DROPOUT = flags.DEFINE_float(
     "recover_dropout", 0.0, "distill, finetune, gap: in training, drop each input of the layer "
     "producing the logits (a dense or convolution classifier) with this probability, as "
     "the model's own dropout did before it was frozen; 0: off.")
+RECOVER_PROBE_STEPS = flags.DEFINE_integer(
+    "recover_probe_steps", -1, "--mode=mixed with --recover=distill or finetune: each "
+    "candidate (a count of layers removed, filters for the rest of the budget) is recovered "
+    "for this many steps and the one that then agrees most with the original on the held-out "
+    "samples wins; -1: a fifth of --recover_train_steps; 0: no probe (the candidate whose "
+    "outputs lose least of the original's, before recovery).")
 RECOVER_OUTPUT = flags.DEFINE_string("recover_output", None, "Output with the class scores "
                                      "(default: the first; a Softmax's input is used).")
 
@@ -92,5 +98,5 @@ def options(cli, preprocess: preprocess_lib.Preprocess, data_dir, seed: int):
       log_every=LOG_EVERY.value, seed=seed, output=RECOVER_OUTPUT.value,
       gap_parts=GAP_PARTS.value, gap_phase_steps=GAP_PHASE_STEPS.value,
       augment=augment_lib.parse(RECOVER_AUGMENT.value), batch_stats=RECOVER_BATCH_STATS.value,
-      dropout=RECOVER_DROPOUT.value,
+      dropout=RECOVER_DROPOUT.value, probe_steps=RECOVER_PROBE_STEPS.value,
       tensorboard_dir=cli.path(TENSORBOARD_DIR.value))

@@ -134,6 +134,36 @@ MIXED_COUNTS = 5
 PROBE_SAMPLES = 1000
 
 
+OUTPUT_LOST = ("output_lost: the residual of the best affine map from the candidate's outputs "
+               "to the original's (fitted on calibration samples, measured on held-out ones), "
+               "relative to the original's spread; before recovery")
+PROBED = ("probe_agreement: top-1 agreement with the original on the recovery's held-out "
+          "samples after a short recovery of each candidate (--recover_probe_steps); ties "
+          "by output_lost")
+
+
+def _probe_candidates(prepared: Prepared, options: Options, candidates: list,
+                      timings: dict[str, float]) -> str:
+  """Where recovery is asked and has a probe, each candidate is recovered briefly and
+  its held-out agreement recorded in its report entry (c[4]); returns how the winner
+  is chosen (PROBED or OUTPUT_LOST)."""
+  steps = getattr(options.recover, "probe_steps", 0)
+  if len(candidates) < 2 or not steps:
+    return OUTPUT_LOST
+  t0 = time.perf_counter()
+  for _, k, prep_k, plan, try_doc in candidates:
+    pruned = filters.rewrite(prep_k, plan) if any(g.removed for g in plan.groups) else prep_k.model
+    agreed, doc = options.recover.probe(prepared.model, pruned)
+    if agreed is None:   # no held-out samples to measure on
+      return OUTPUT_LOST
+    try_doc.update(probe_agreement=round(agreed, 6), probe_steps=steps)
+    logging.info("mixed: %d layers removed: held-out agreement %.4f after %d steps", k, agreed,
+                 steps)
+    del pruned, doc
+  timings["recover_s"] += time.perf_counter() - t0
+  return PROBED
+
+
 def prune_mixed(prepared: Prepared, options: Options, timings: dict[str, float],
                 measured: dict, samples) -> tuple[Prepared, Pruned, dict]:
   """--mode=mixed: layers and filters chosen together for one budget. For each
@@ -146,7 +176,9 @@ def prune_mixed(prepared: Prepared, options: Options, timings: dict[str, float],
   longer carry (agreement.probe_error: the best affine map from its outputs to
   the original's, fitted on calibration samples, its residual on held-out ones),
   and the candidate that lost least wins: a measured proxy for what recovery can
-  give back, not a proof of accuracy. The winner is removed and
+  give back, not a proof of accuracy. Where recovery is asked (a Recovery with
+  probe_steps), each candidate is recovered for those steps instead and the one
+  that then agrees most with the original on held-out samples wins. The winner is removed and
   pruned again, each stage checked by its exact oracle (the layers against the
   original with them zeroed or the identity, the filters against the model
   without the layers masked), its speed measured beside the original, and it is
@@ -213,7 +245,7 @@ def prune_mixed(prepared: Prepared, options: Options, timings: dict[str, float],
     try_doc.update(groups_cut=sum(bool(g.removed) for g in plan.groups),
                    output_lost=round(lost, 6))
     tries.append(try_doc)
-    candidates.append((lost, k, prep_k, plan))
+    candidates.append((lost, k, prep_k, plan, try_doc))
     logging.info("mixed: %d layers removed, %d groups cut: output lost %.4f", k,
                  try_doc["groups_cut"], lost)
     del pruned, view, make
@@ -221,7 +253,11 @@ def prune_mixed(prepared: Prepared, options: Options, timings: dict[str, float],
     raise errors.UsageError(f"--target_{what}={budget_lib.budget_of(options)[1]:g} "
                             f"cannot be met by --mode=mixed: with the {counts[-1]} removable "
                             f"layers and blocks removed, the filters' budget: {last_error}")
-  _, k, prep_k, plan = min(candidates, key=lambda c: (c[0], c[1]))
+  chosen_by = _probe_candidates(prepared, options, candidates, timings)
+  if chosen_by == PROBED:
+    _, k, prep_k, plan, _ = max(candidates, key=lambda c: (c[4]["probe_agreement"], -c[0], -c[1]))
+  else:
+    _, k, prep_k, plan, _ = min(candidates, key=lambda c: (c[0], c[1]))
   del candidates
   timings["plan_and_rewrite_s"] += time.perf_counter() - t0
   chosen = ranked[:k]
@@ -238,10 +274,7 @@ def prune_mixed(prepared: Prepared, options: Options, timings: dict[str, float],
     measured.update(budget_lib.measured_doc(session.measure(result.model), session,
                                             options.latency))
   layers = _layers_doc(found, ranked, chosen, mode="mixed")
-  layers.update(candidates=tries, chosen_by="output_lost: the residual of the best affine "
-                "map from the candidate's outputs to the original's (fitted on calibration "
-                "samples, measured on held-out ones), relative to the original's spread; "
-                "before recovery",
+  layers.update(candidates=tries, chosen_by=chosen_by,
                 layers_verify=dataclasses.asdict(verifications["layers"])
                 if verifications.get("layers") else None)
   if options.recover is not None:

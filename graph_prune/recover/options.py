@@ -42,6 +42,10 @@ class Options:
   augment: augment_lib.Augment = augment_lib.Augment()  # training batches (recover.augment)
   batch_stats: bool = False        # train with batch statistics at folded batch norms
   dropout: float = 0.0             # dropout rate at the classifier's input in training
+  # --mode=mixed: steps of the short recovery that scores each candidate (held-out
+  # agreement with the original after it); -1: a fifth of train_steps; 0: none (the
+  # candidates are scored by the outputs they lose, before recovery).
+  probe_steps: int = -1
 
   def reseeded(self, k: int) -> "Options":
     """The options of the k-th of several trainings in one recovery (a gap phase, a
@@ -79,6 +83,9 @@ def check(options: Options) -> None:
   if options.batch_stats and options.method not in (DISTILL, FINETUNE):
     raise errors.UsageError("--recover_batch_stats applies to --recover=distill and finetune "
                             f"(not {options.method})")
+  if options.probe_steps < -1:
+    raise errors.UsageError(f"--recover_probe_steps is {options.probe_steps}; give -1 (a fifth "
+                            "of --recover_train_steps), 0 (no probe) or a number of steps")
   if not 0.0 <= options.dropout < 1.0:
     raise errors.UsageError(f"--recover_dropout is {options.dropout}; it must be in [0, 1)")
   if options.dropout and options.method == BN_RECALIBRATE:

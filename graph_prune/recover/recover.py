@@ -103,6 +103,26 @@ class Recovery:
   def check(self) -> None:
     options_lib.check(self.options)
 
+  @property
+  def probe_steps(self) -> int:
+    """Steps of the short recovery that scores a --mode=mixed candidate (probe); 0
+    where there is none: bn_recalibrate takes no steps and gap trains before the
+    slicing."""
+    o = self.options
+    if o.method not in (options_lib.DISTILL, options_lib.FINETUNE) or not o.train_steps:
+      return 0
+    return max(1, o.train_steps // 5) if o.probe_steps == -1 else o.probe_steps
+
+  def probe(self, original: Any, pruned: Any) -> tuple[float, dict]:
+    """A short recovery of a candidate (probe_steps, same data, schedule and seed, no
+    checkpoints): its held-out agreement with the original after it, and its report.
+    NetAdapt's short-term fine-tuning: which candidate recovers best after a few
+    steps predicts which does after all of them better than what any loses before."""
+    short = dataclasses.replace(self.options, train_steps=self.probe_steps,
+                                checkpoint_dir=None, tensorboard_dir=None)
+    _, doc = recover(original, pruned, {}, short, None)
+    return doc["holdout_agreement_after"], doc
+
   def __call__(self, original: Any, pruned: Any, kept: Mapping[str, np.ndarray],
                checkpoint_dir: Optional[str], step: int = 1) -> tuple[Any, dict]:
     """Recovery after increment `step` (1, ...) of --steps, with a seed of its own."""
