@@ -1,7 +1,7 @@
 """Builds, prunes and strips the models that benchmarks/gpu_xla.py times on a GPU.
 
   bazel run //benchmarks:gpu_xla_prepare -- --out_dir=DIR [--models=VGG16,ResNet50]
-      [--size=224] [--ratios=0.5] [--round_to=1,auto] [--work_dir=DIR] [--layer_ratios=1]
+      [--size=224] [--ratios=0.5] [--round_to=1,auto] [--work_dir=DIR] [--layer_ratios=0.75]
 
 Runs here, with TensorFlow. For each Keras application (tests/keras_zoo.py:
 seeded random weights, calibrated batch-norm statistics, frozen) at --size:

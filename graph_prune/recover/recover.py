@@ -116,8 +116,8 @@ class Recovery:
   def probe(self, original: Any, pruned: Any) -> tuple[float, dict]:
     """A short recovery of a candidate (probe_steps, same data, schedule and seed, no
     checkpoints): its held-out agreement with the original after it, and its report.
-    NetAdapt's short-term fine-tuning: which candidate recovers best after a few
-    steps predicts which does after all of them better than what any loses before."""
+    NetAdapt's short-term fine-tuning: a few steps rank the candidates by what
+    recovery gives back, which what each loses before recovery need not."""
     short = dataclasses.replace(self.options, train_steps=self.probe_steps,
                                 checkpoint_dir=None, tensorboard_dir=None)
     _, doc = recover(original, pruned, {}, short, None)
