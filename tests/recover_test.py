@@ -697,6 +697,14 @@ class BadInputTest(absltest.TestCase):
     self._fails("--recover=distill", f"--recover_data={_DATA}", "--recover_dropout=1",
                 match=r"--recover_dropout is 1.0; it must be in \[0, 1\)")
 
+  def test_probe_steps_without_recovery(self):
+    self._fails("--recover_probe_steps=50", match="give --recover")
+
+  def test_probe_steps_without_mixed_mode(self):
+    self._fails("--recover=distill", f"--recover_data={_DATA}", "--recover_probe_steps=50",
+                match="--recover_probe_steps scores the candidates of --mode=mixed; "
+                      "--mode=filter has none")
+
   def test_augmentation_without_recovery(self):
     self._fails("--recover_augment=flip", match="give --recover")
 

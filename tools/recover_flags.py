@@ -81,6 +81,9 @@ def options(cli, preprocess: preprocess_lib.Preprocess, data_dir, seed: int):
       raise errors.UsageError("--recover_batch_stats changes recovery training; give --recover")
     if RECOVER_DROPOUT.value:
       raise errors.UsageError("--recover_dropout changes recovery training; give --recover")
+    if RECOVER_PROBE_STEPS.value != -1:
+      raise errors.UsageError("--recover_probe_steps recovers --mode=mixed's candidates "
+                              "briefly; give --recover")
     return None
   # pylint: disable=g-import-not-at-top
   from graph_prune.recover import augment as augment_lib

@@ -132,6 +132,10 @@ def _check_recovery(fmt: Format, options: Options) -> None:
     raise errors.UsageError("--plan_in applies a fixed plan; it does not combine with --recover")
   if getattr(options.recover, "grows", False) and options.steps > 1:
     raise errors.UsageError("--recover=gap prunes in its own phases; leave --steps at 1")
+  probe = getattr(getattr(options.recover, "options", None), "probe_steps", -1)
+  if probe != -1 and options.mode != "mixed":
+    raise errors.UsageError(f"--recover_probe_steps scores the candidates of --mode=mixed; "
+                            f"--mode={options.mode} has none")
   options.recover.check()
 
 
