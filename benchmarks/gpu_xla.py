@@ -327,12 +327,12 @@ def run(directory, batch_sizes, precisions, args, report):
       row.update({k: v for k, v in done.items() if k not in row})
       row["same_measurement_as"] = done["variant"]
     else:
-      if set(cache) - {(f, batch, precision) for f in (entry["original"], p["file"])}:
-        keep = cache.get((entry["original"], batch, precision))  # the next item's original
-        cache.clear()
+      # Only this item's original stays compiled; the rest goes, XLA's caches with it.
+      stale = [k for k in cache if k != (entry["original"], batch, precision)]
+      for k in stale:
+        del cache[k]
+      if stale:
         jax.clear_caches()
-        if keep:
-          cache[(entry["original"], batch, precision)] = keep
       row.update(time_xla((entry["original"], models[entry["original"]]),
                           (p["file"], models[p["file"]]), batch, precision, args, cache))
       measured[(p["file"], batch, precision)] = row

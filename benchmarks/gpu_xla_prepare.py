@@ -55,12 +55,13 @@ _STRIP_BYTES = flags.DEFINE_integer("strip_bytes", 1024,
                                     "Float initializers of at least this size lose their values.")
 
 def _round_to(value):
-  """(multiple, label) for one --round_to entry."""
+  """(multiple, label, how the report says it was chosen) for one --round_to entry."""
   if value == "auto":
     from graph_prune.bench import widths  # pylint: disable=g-import-not-at-top
     m = widths.KNOWN_MULTIPLE["gpu"]
-    return m, f"auto ({m}, GPU tensor-core tiles)"
-  return int(value), value
+    label = f"auto ({m}, GPU tensor-core tiles)"
+    return m, label, label
+  return int(value), value, ""
 
 
 def _onnx_of(name, size, path):
@@ -105,13 +106,12 @@ def _strip_model(model, min_bytes):
 
 def _variant(doc, file, ratio, multiple, label, same, mode="filter"):
   """A manifest entry of one pruned model from its pruning report."""
-  verify = doc.get("verify") or doc.get("layers_verify") or {}
   out = {"file": file, "ratio": ratio, "round_to": multiple, "label": label, "mode": mode,
-         "same_model_as": same, "widths": [g["channels_after"] for g in doc.get("groups", [])],
+         "same_model_as": same, "widths": [g["channels_after"] for g in doc["groups"]],
          "flops_before": doc["flops_before"], "flops_after": doc["flops_after"],
          "params_before": doc["params_before"], "params_after": doc["params_after"],
-         "groups_pruned": doc.get("groups_pruned", 0),
-         "verify_max_rel_diff": verify.get("max_rel_diff")}
+         "groups_pruned": doc["groups_pruned"],
+         "verify_max_rel_diff": doc["verify"]["max_rel_diff"]}
   if mode == "layer":
     layers = doc["layers"]
     out.update(removed=layers["removed"], removable=layers["removable"],
@@ -120,14 +120,14 @@ def _variant(doc, file, ratio, multiple, label, same, mode="filter"):
 
 
 def _add_file(path, base, key, first_key, files):
-  """Records a pruned file unless an earlier variant made the same bytes; returns that
-  variant's key, or None."""
+  """Records a pruned file unless an earlier variant made the same bytes; returns
+  (that variant's key or None, the file name the manifest gives)."""
   digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
-  same = first_key.get(digest)
-  if same is None:
-    first_key[digest] = key
-    files.append((path, base))
-  return same
+  if digest in first_key:
+    return first_key[digest]
+  first_key[digest] = (key, base)
+  files.append((path, base))
+  return None, base
 
 
 def prepare(out_dir, models, size, ratios, criterion, round_tos, min_bytes, work_dir=None,
@@ -150,34 +150,33 @@ def prepare(out_dir, models, size, ratios, criterion, round_tos, min_bytes, work
         _onnx_of(name, size, src + ".tmp")
         os.replace(src + ".tmp", src)
       entry = {"original": f"{name}.onnx", "pruned": {}}
-      first_key = {}  # sha256 of a pruned file -> the variant that made it first
+      first_key = {}  # sha256 of a pruned file -> (the variant that made it first, its file)
       files = [(src, f"{name}.onnx")]
       for ratio in ratios:
         for value in round_tos:
-          multiple, label = _round_to(value)
+          multiple, label, how = _round_to(value)
           key = f"{ratio}/{value}"
           base = f"{name}_p{round(100 * ratio)}_r{multiple}.onnx"
           out = os.path.join(tmp, base)
           logging.info("%s: prune at %s, round_to %s", name, ratio, label)
           doc = pipeline.prune(src, out, pipeline.Options(
               ratio=ratio, criterion=criterion, round_to=multiple,
-              round_to_how=label if value == "auto" else ""))
-          same = _add_file(out, base, key, first_key, files)
-          entry["pruned"][key] = _variant(doc, entry["pruned"][same]["file"] if same else base,
-                                          ratio, multiple, label, same)
+              round_to_how=how))
+          same, file = _add_file(out, base, key, first_key, files)
+          entry["pruned"][key] = _variant(doc, file, ratio, multiple, label, same)
       for ratio in layer_ratios:
         key, base = f"layer{ratio}", f"{name}_layer{round(100 * ratio)}.onnx"
         out = os.path.join(tmp, base)
         logging.info("%s: --mode=layer at %s", name, ratio)
         doc = pipeline.prune(src, out, pipeline.Options(ratio=ratio, mode="layer"))
-        same = _add_file(out, base, key, first_key, files)
-        layer = _variant(doc, entry["pruned"][same]["file"] if same else base, ratio, 1,
+        same, file = _add_file(out, base, key, first_key, files)
+        layer = _variant(doc, file, ratio, 1,
                          f"layer mode, {doc['layers']['removed']} of "
                          f"{doc['layers']['removable']} removed", same, mode="layer")
         entry["pruned"][key] = layer
         kept = layer["flops_after"] / layer["flops_before"]
         for value in round_tos:
-          multiple, label = _round_to(value)
+          multiple, label, how = _round_to(value)
           key = f"filter_at_layer{ratio}/{value}"
           base = f"{name}_flops_of_layer{round(100 * ratio)}_r{multiple}.onnx"
           out = os.path.join(tmp, base)
@@ -185,10 +184,10 @@ def prepare(out_dir, models, size, ratios, criterion, round_tos, min_bytes, work
                        kept, label)
           doc = pipeline.prune(src, out, pipeline.Options(
               target_flops=kept, criterion=criterion, round_to=multiple,
-              round_to_how=label if value == "auto" else ""))
-          same = _add_file(out, base, key, first_key, files)
+              round_to_how=how))
+          same, file = _add_file(out, base, key, first_key, files)
           entry["pruned"][key] = _variant(
-              doc, entry["pruned"][same]["file"] if same else base, ratio, multiple,
+              doc, file, ratio, multiple,
               f"uniform filter to the FLOPs of layer mode {ratio}, round_to {label}", same,
               mode="filter_at_layer")
       for path, base in files:
